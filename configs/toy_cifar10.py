@@ -1,0 +1,114 @@
+r"""The paper's toy model on CIFAR-10 (Table 1, first row): both training stages.
+
+Pretrain the backbone, then train GAttANet (d = 16) on it, frozen:
+
+  python -m train.main --config configs/toy_cifar10.py --workdir workdirs/toy10_backbone \
+      --config.stage=backbone
+  python -m train.main --config configs/toy_cifar10.py --workdir workdirs/toy10_attention \
+      --config.backbone_checkpoint=workdirs/toy10_backbone
+
+The data is tfds 'local_cifar10', prepared without TensorFlow from a local copy:
+
+  python -m train.prepare_data --source ../shared/data/cifar10-jpeg.tar.xz --name local_cifar10
+
+Shrunk for a CPU check: ``--config configs/toy_cifar10.py:smoke``. Print parameter counts and
+sites: ``python -m train.summary --config configs/toy_cifar10.py [--config.attention.d=32]``.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    # 'backbone' pretrains the backbone from scratch; 'attention' trains only GAttANet's attention
+    # system on the frozen backbone found at `backbone_checkpoint`.
+    config.stage = "attention"
+    # Seed of parameter initialisation, data order, augmentation and dropout.
+    config.seed = 0
+    # Backbone workdir (or a checkpoint directory inside one) for the attention stage.
+    config.backbone_checkpoint = ""
+    # Set by the ':smoke' argument: a few steps of tiny data-sized work for a CPU check.
+    config.smoke = False
+
+    config.dataset = ml_collections.ConfigDict()
+    # tfds name: 'local_cifar10' / 'local_cifar100' (prepared by train.prepare_data), a tfds
+    # dataset prepared elsewhere ('cifar10', 'cifar100'), or 'embedded' (generated, no download).
+    config.dataset.name = "local_cifar10"
+    # tfds data directory; empty means tfds' default (~/tensorflow_datasets or $TFDS_DATA_DIR).
+    config.dataset.data_dir = ""
+    # Number of classes (sets the logits layer).
+    config.dataset.num_classes = 10
+    # Fraction of the train split held out as validation for early stopping and best checkpoints.
+    config.dataset.validation_fraction = 0.1
+    # Examples of each split to use (0 = all); for quick checks.
+    config.dataset.max_train_examples = 0
+    config.dataset.max_test_examples = 0
+
+    config.model = ml_collections.ConfigDict()
+    # Backbone architecture: 'toy' (the paper's 5-layer CNN).
+    config.model.backbone = "toy"
+    # Channels of the toy model's conv layers and units of its hidden dense layer.
+    config.model.features = (32, 64, 128)
+    config.model.hidden = 256
+    # Dropout after each pooling of the toy model (backbone training only; frozen = off).
+    config.model.dropout_rate = 0.2
+    # Attention sites: module paths of the backbone, in lesion-notation order ('cccdd').
+    config.model.sites = ("conv1", "conv2", "conv3", "dense1", "logits")
+    # Computation dtype: 'float32' or 'bfloat16' (parameters stay float32).
+    config.model.dtype = "float32"
+
+    config.attention = ml_collections.ConfigDict()
+    # Attention dimension d of keys and queries (Table 1: 16 for CIFAR-10).
+    config.attention.d = 16
+    # Dropout on keys and queries during attention training (the paper: 0.25).
+    config.attention.dropout_rate = 0.25
+    # Initial alpha of every site; 0 makes the untrained model exactly the backbone.
+    config.attention.alpha_init = 0.0
+
+    # Backbone pretraining recipe (section 2.0.3): Adam with defaults, batch 128, augmentation,
+    # early stopping with patience 50 epochs, at most 500 epochs.
+    config.backbone_training = ml_collections.ConfigDict()
+    config.backbone_training.learning_rate = 1e-3
+    config.backbone_training.weight_decay = 0.0  # L2 coefficient added to the loss
+    config.backbone_training.batch_size = 128
+    config.backbone_training.num_epochs = 500
+    config.backbone_training.patience = 50  # epochs without a better validation accuracy
+    config.backbone_training.augment = True  # rotation 0-20 deg, shifts 0-20 %, horizontal flip
+
+    # Attention training recipe: Adam lr 1e-3, L2 1e-5, batch 128, patience 500, at most 1000
+    # epochs. The backbone is frozen: the optimizer sees only the attention variables.
+    config.attention_training = ml_collections.ConfigDict()
+    config.attention_training.learning_rate = 1e-3
+    config.attention_training.weight_decay = 1e-5
+    config.attention_training.batch_size = 128
+    config.attention_training.num_epochs = 1000
+    config.attention_training.patience = 500
+    # The paper does not say; Keras' ImageDataGenerator suggests the same augmentation as above.
+    config.attention_training.augment = True
+
+    # Checkpoints and logging.
+    config.checkpoint_every_epochs = 1  # periodic saves (the best-by-validation one is kept too)
+    config.keep_checkpoints = 3  # periodic checkpoints kept besides the best one
+    config.eval_batch_size = 1000
+    config.log_every_steps = 50
+
+    if arg:
+        apply_arg(config, arg)
+    return config
+
+
+def apply_arg(config: ml_collections.ConfigDict, arg: str) -> None:
+    """Config-file arguments: 'smoke' shrinks everything for a CPU check."""
+    for word in arg.split(","):
+        if word == "smoke":
+            config.smoke = True
+            config.dataset.max_train_examples = 512
+            config.dataset.max_test_examples = 256
+            for t in (config.backbone_training, config.attention_training):
+                t.batch_size = 32
+                t.num_epochs = 1
+                t.patience = 1
+            config.eval_batch_size = 128
+            config.log_every_steps = 5
+        else:
+            raise ValueError(f"unknown config argument {word!r}; known: 'smoke'")

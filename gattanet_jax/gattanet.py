@@ -1,0 +1,115 @@
+"""The two-pass GAttANet forward as a pure function of (attention variables, backbone variables,
+images).
+
+Pass 1 runs the frozen backbone unmodulated and records every site's output; the attention system
+turns those into keys, queries, q_avg and agreement maps. Pass 2 runs the backbone again with
+every site's output multiplied by (1 + alpha_i * gatta_i). The logits of pass 2 are the prediction.
+
+Gradients flow only into the attention variables: the backbone's variables and the pass-1
+activations are wrapped in ``stop_gradient``, so differentiating this function costs a backward
+pass for input gradients through pass 2 and nothing more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from gattanet_jax import agreement as agr
+from gattanet_jax import sites as sites_lib
+from gattanet_jax.attention import Attention, AttentionSystem
+
+
+@flax.struct.dataclass
+class Output:
+    """What ``two_pass`` returns. ``attention`` is None unless internals were requested;
+    ``updates`` holds new values of the attention system's non-parameter collections (e.g. batch
+    statistics) after a training pass, and is empty otherwise."""
+
+    logits: jax.Array
+    attention: Attention | None
+    updates: dict
+
+
+def _lesion_factors(lesion, sites: Sequence[sites_lib.SiteSpec]):
+    """Static per-site flags for a lesion string, or a traced (n_sites,) mask for an array."""
+    if lesion is None or isinstance(lesion, str):
+        return sites_lib.lesion_mask(lesion, sites), None
+    mask = jnp.asarray(lesion, jnp.float32)
+    if mask.shape != (len(sites),):
+        raise ValueError(f"a lesion mask must have shape ({len(sites)},), got {mask.shape}")
+    return (True,) * len(sites), mask
+
+
+def two_pass(
+    backbone: nn.Module,
+    attention: AttentionSystem,
+    attention_vars,
+    backbone_vars,
+    images: jax.Array,
+    *,
+    train: bool = False,
+    rng: jax.Array | None = None,
+    lesion: str | jax.Array | None = None,
+    return_internals: bool = False,
+) -> Output:
+    """GAttANet's two-pass forward.
+
+    Args:
+      backbone: a Flax module called as ``backbone.apply(vars, images, train=False)``; it is run
+        in inference mode (frozen: no dropout, stored batch statistics) in both passes.
+      attention: the attention system; its ``sites`` are module paths of the backbone.
+      attention_vars: the attention system's variables (``init_attention``).
+      backbone_vars: the backbone's variables.
+      images: (B, H, W, C) input batch.
+      train: enables key/query dropout (and updates of attention batch statistics).
+      rng: PRNG key for the dropout; needed when ``train`` and the dropout rate is above 0.
+      lesion: the paper's notation, one character per site ('cccdd', 'c.cdd', '.....'): '.'
+        removes a site's modulation (its query still enters q_avg). A float array of shape
+        (n_sites,) does the same inside a trace (1 = modulated, 0 = removed), e.g. under vmap.
+      return_internals: also return keys, queries, q_avg, gatta and alpha per site.
+    """
+    sites = attention.sites
+    names = [s.name for s in sites]
+    flags, mask = _lesion_factors(lesion, sites)
+    backbone_vars = jax.lax.stop_gradient(backbone_vars)
+
+    # Pass 1: unmodulated; its activations are constants for the attention system.
+    _, acts = sites_lib.record(lambda: backbone.apply(backbone_vars, images, train=False), names)
+    acts = jax.lax.stop_gradient(acts)
+
+    if train and attention.dropout_rate > 0 and rng is None:
+        raise ValueError("two_pass(train=True) needs an rng for key/query dropout")
+    rngs = {"dropout": rng} if rng is not None else {}
+    mutable = [c for c in attention_vars if c != "params"] if train else []
+    if mutable:
+        att, updates = attention.apply(
+            attention_vars, acts, train=train, rngs=rngs, mutable=mutable
+        )
+    else:
+        att, updates = attention.apply(attention_vars, acts, train=train, rngs=rngs), {}
+
+    # Pass 2: each modulated site's output is scaled by (1 + alpha * gatta) from pass 1.
+    factors = {}
+    for i, (site, on) in enumerate(zip(sites, flags, strict=True)):
+        if not on:
+            continue
+        alpha = att.alpha[site.name] if mask is None else att.alpha[site.name] * mask[i]
+        factors[site.name] = agr.modulation(att.gatta[site.name], alpha, site.kind)
+
+    def scale(name, y):
+        return y * factors[name].astype(y.dtype)
+
+    with sites_lib.intercept_sites(list(factors), scale) as seen:
+        logits = backbone.apply(backbone_vars, images, train=False)
+    sites_lib.check_seen(seen)
+    return Output(logits=logits, attention=att if return_internals else None, updates=updates)
+
+
+def backbone_logits(backbone: nn.Module, backbone_vars, images: jax.Array) -> jax.Array:
+    """The plain backbone's logits in inference mode, for comparison with ``two_pass``."""
+    return backbone.apply(backbone_vars, images, train=False)

@@ -1,0 +1,203 @@
+"""Attention sites: which backbone layers talk to the attention system, and how.
+
+A site is a submodule of the backbone, named by its module path ('conv1', 'layer2/1', ...).
+Its *output* (the value its ``__call__`` returns) is what the attention system reads and
+modulates. The backbone knows nothing of this: we reach its layers through
+``flax.linen.intercept_methods``, entered inside whatever function is traced, so it works
+under ``jit``, ``grad`` and ``vmap``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteSpec:
+    """One attention site: module path, 'conv' or 'dense', and its output shape without batch."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+
+    @property
+    def channels(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def code(self) -> str:
+        """The site's letter in the paper's lesion notation."""
+        return "c" if self.kind == "conv" else "d"
+
+
+def module_name(module: nn.Module) -> str:
+    return "/".join(str(p) for p in module.path)
+
+
+@contextlib.contextmanager
+def intercept_sites(
+    names: Sequence[str], fn: Callable[[str, jax.Array], jax.Array]
+) -> Iterator[dict[str, int]]:
+    """Within the context, replace the output y of every site in ``names`` by ``fn(name, y)``.
+
+    Only the outermost ``__call__`` of a module counts: where a module's ``__call__`` chains to a
+    parent class's (``super().__call__``), the inner call's output is an intermediate value and
+    is left alone, so each site is seen exactly once per forward pass.
+
+    Yields a dict counting how often each site was seen; callers check it with ``check_seen``.
+    """
+    wanted = frozenset(names)
+    seen: dict[str, int] = {n: 0 for n in names}
+    active: set[int] = set()
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or id(module) in active:
+            return next_fun(*args, **kwargs)
+        name = module_name(module)
+        if name not in wanted:
+            return next_fun(*args, **kwargs)
+        active.add(id(module))
+        try:
+            out = next_fun(*args, **kwargs)
+        finally:
+            active.discard(id(module))
+        seen[name] += 1
+        if seen[name] > 1:
+            raise ValueError(
+                f"attention site {name!r} ran more than once in one forward pass; a site must "
+                "be a module that is called once (a module applied twice shares its path)"
+            )
+        return fn(name, out)
+
+    with nn.intercept_methods(interceptor):
+        yield seen
+
+
+def check_seen(seen: Mapping[str, int]) -> None:
+    missing = [n for n, c in seen.items() if c == 0]
+    if missing:
+        raise ValueError(f"attention sites {missing} never ran in the backbone's forward pass")
+
+
+def record(apply_fn: Callable[[], jax.Array], names: Sequence[str]) -> tuple[jax.Array, dict]:
+    """Runs ``apply_fn()`` and returns its output and every site's output."""
+    outputs: dict[str, jax.Array] = {}
+
+    def keep(name, y):
+        outputs[name] = y
+        return y
+
+    with intercept_sites(names, keep) as seen:
+        out = apply_fn()
+    check_seen(seen)
+    return out, outputs
+
+
+def _all_module_outputs(backbone: nn.Module, variables, images) -> dict[str, tuple]:
+    """Shapes of every submodule's outermost ``__call__`` output, in call order."""
+    found: dict[str, tuple] = {}
+    active: set[int] = set()
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or id(module) in active or not module.path:
+            return next_fun(*args, **kwargs)
+        active.add(id(module))
+        try:
+            out = next_fun(*args, **kwargs)
+        finally:
+            active.discard(id(module))
+        if isinstance(out, jax.Array | jax.ShapeDtypeStruct) or hasattr(out, "shape"):
+            found.setdefault(module_name(module), tuple(out.shape))
+        return out
+
+    def run(v, x):
+        with nn.intercept_methods(interceptor):
+            return backbone.apply(v, x)
+
+    jax.eval_shape(run, variables, images)
+    return found
+
+
+def available_sites(backbone: nn.Module, variables, image_shape: Sequence[int]) -> dict[str, tuple]:
+    """Every submodule path that could be a site, with its output shape at batch 1."""
+    images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    return _all_module_outputs(backbone, variables, images)
+
+
+def resolve_sites(
+    backbone: nn.Module, variables, image_shape: Sequence[int], names: Sequence[str]
+) -> tuple[SiteSpec, ...]:
+    """SiteSpecs for ``names``, in the order given; a clear error for names that are not modules."""
+    if not names:
+        raise ValueError("at least one attention site is needed")
+    if len(set(names)) != len(names):
+        raise ValueError(f"attention sites are listed twice: {list(names)}")
+    outputs = available_sites(backbone, variables, image_shape)
+    specs = []
+    for name in names:
+        if name not in outputs:
+            close = difflib.get_close_matches(name, list(outputs), n=3)
+            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise ValueError(
+                f"unknown attention site {name!r}.{hint} Available sites (module paths of "
+                f"{type(backbone).__name__}): {', '.join(outputs)}"
+            )
+        shape = outputs[name][1:]
+        if len(shape) == 3:
+            kind = "conv"
+        elif len(shape) == 1:
+            kind = "dense"
+        else:
+            raise ValueError(
+                f"attention site {name!r} outputs shape {outputs[name]}; a site must output "
+                "(batch, H, W, C) (conv) or (batch, C) (dense)"
+            )
+        specs.append(SiteSpec(name, kind, tuple(shape)))
+    return tuple(specs)
+
+
+def lesion_mask(lesion: str | None, sites: Sequence[SiteSpec]) -> tuple[bool, ...]:
+    """Parses the paper's lesion notation into one flag per site (True = modulated).
+
+    One character per site, in site order: 'c' (a conv site) or 'd' (a dense site) keeps the
+    site's modulation, '.' removes it. ``None`` modulates every site. A removed site still sends
+    its query to q_avg; it only receives no modulation.
+    """
+    expected = "".join(s.code for s in sites)
+    if lesion is None:
+        return (True,) * len(sites)
+    if not isinstance(lesion, str) or len(lesion) != len(sites):
+        raise ValueError(
+            f"lesion {lesion!r} must have one character per site ({len(sites)} sites, "
+            f"full model {expected!r})"
+        )
+    flags = []
+    for ch, site in zip(lesion, sites, strict=True):
+        if ch == ".":
+            flags.append(False)
+        elif ch == site.code:
+            flags.append(True)
+        else:
+            raise ValueError(
+                f"lesion {lesion!r}: character {ch!r} at site {site.name!r} ({site.kind}) must be "
+                f"{site.code!r} or '.'; the full model is {expected!r}"
+            )
+    return tuple(flags)
+
+
+def lesion_string(mask: Sequence[bool], sites: Sequence[SiteSpec]) -> str:
+    return "".join(s.code if m else "." for m, s in zip(mask, sites, strict=True))
+
+
+def as_mask_array(mask: Sequence[bool]) -> np.ndarray:
+    return np.asarray(mask, dtype=np.float32)

@@ -1,0 +1,284 @@
+"""The two-pass forward, the interceptor, the attention tree and their composition with JAX."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import gattanet_jax as gj
+from tests import reference as ref
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def make(
+    num_classes=10,
+    d=16,
+    features=(32, 64, 128),
+    hidden=256,
+    size=32,
+    seed=0,
+    alpha=0.3,
+    dtype=jnp.float32,
+):
+    backbone = gj.ToyCNN(num_classes, features=features, hidden=hidden, dtype=dtype)
+    x = jnp.zeros((1, size, size, 3))
+    bv = jax.jit(backbone.init)(jax.random.key(seed), x)
+    sites = gj.resolve_sites(backbone, bv, (size, size, 3), gj.TOY_SITES)
+    attention = gj.AttentionSystem(sites, d=d, alpha_init=alpha)
+    av = gj.init_attention(attention, jax.random.key(seed + 1))
+    return backbone, bv, attention, perturb(av, seed + 2)
+
+
+def perturb(tree, seed):
+    """Random biases and per-site alphas, so that nothing hides behind zeros or equal values."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: a + 0.1 * rng.normal(size=a.shape).astype(a.dtype), tree)
+
+
+def jitted(backbone, attention, **static):
+    """two_pass compiled with its modules and static options bound (eager dispatch is slow)."""
+    return jax.jit(functools.partial(gj.two_pass, backbone, attention, **static))
+
+
+def to_numpy(tree):
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def images(batch, size=32, seed=3):
+    return jax.random.uniform(jax.random.key(seed), (batch, size, size, 3))
+
+
+@pytest.mark.parametrize(("batch", "d"), [(2, 16), (3, 5)])
+def test_two_pass_matches_numpy_step_by_step(batch, d):
+    backbone, bv, attention, av = make(d=d)
+    x = images(batch)
+    out = jitted(backbone, attention, return_internals=True)(av, bv, x)
+    sites = [(s.name, s.kind) for s in attention.sites]
+    att_np = {k.replace(".", "/"): v for k, v in to_numpy(av["params"]).items()}
+    logits, q_avg, gatta = ref.gattanet_toy(to_numpy(bv["params"]), att_np, np.asarray(x), sites)
+    assert rel_err(out.logits, logits) < 1e-5
+    assert rel_err(out.attention.q_avg, q_avg) < 1e-5
+    for name, _ in sites:
+        assert rel_err(out.attention.gatta[name], gatta[name]) < 1e-5
+    # And the modulation really changed something.
+    assert rel_err(gj.backbone_logits(backbone, bv, x), logits) > 1e-3
+
+
+def test_lesions_match_numpy():
+    backbone, bv, attention, av = make()
+    x = images(2)
+    sites = [(s.name, s.kind) for s in attention.sites]
+    att_np = {k: v for k, v in to_numpy(av["params"]).items()}
+    for lesion in ("c.cdd", "cccd.", "...d."):
+        out = jitted(backbone, attention, lesion=lesion)(av, bv, x)
+        logits, _, _ = ref.gattanet_toy(
+            to_numpy(bv["params"]), att_np, np.asarray(x), sites, lesion
+        )
+        assert rel_err(out.logits, logits) < 1e-5, lesion
+        mask = jnp.asarray([c != "." for c in lesion], jnp.float32)
+        traced = jax.jit(lambda m: gj.two_pass(backbone, attention, av, bv, x, lesion=m).logits)
+        assert rel_err(traced(mask), logits) < 1e-5, lesion
+
+
+def test_alpha_zero_and_full_lesion_equal_the_backbone_exactly():
+    backbone, bv, attention, av = make()
+    x = images(4)
+    base = jax.jit(gj.backbone_logits, static_argnums=0)(backbone, bv, x)
+    zero = jax.tree.map(lambda a: jnp.zeros_like(a) if a.ndim == 0 else a, av)
+    np.testing.assert_array_equal(jitted(backbone, attention)(zero, bv, x).logits, base)
+    np.testing.assert_array_equal(
+        jitted(backbone, attention, lesion=".....")(av, bv, x).logits, base
+    )
+    # Eagerly too.
+    np.testing.assert_array_equal(
+        gj.two_pass(backbone, attention, zero, bv, x).logits, gj.backbone_logits(backbone, bv, x)
+    )
+
+
+@pytest.mark.parametrize(
+    ("num_classes", "d", "expected"),
+    [(10, 16, 15_845), (100, 16, 18_725), (100, 32, 37_445), (100, 64, 74_885)],
+)
+def test_attention_parameter_counts_match_table_1(num_classes, d, expected):
+    _, bv, _, av = make(num_classes=num_classes, d=d)
+    assert gj.count_params(av) == expected
+    assert set(av) == {"params"}
+    assert gj.count_params(bv) == {10: 620_362, 100: 643_492}[num_classes]
+
+
+def test_attention_tree_is_separate_and_named_by_site():
+    _, bv, _, av = make()
+    assert sorted(av["params"]) == sorted(gj.TOY_SITES)
+    assert sorted(av["params"]["conv2"]) == ["K", "K_bias", "Q", "Q_bias", "alpha"]
+    assert av["params"]["conv2"]["K"].shape == (64, 16)
+    assert av["params"]["logits"]["Q"].shape == (10, 16)
+    backbone_leaves = {id(x) for x in jax.tree_util.tree_leaves(bv)}
+    assert not backbone_leaves & {id(x) for x in jax.tree_util.tree_leaves(av)}
+
+
+def tiny(seed=0, d=3, dtype=jnp.float32):
+    return make(d=d, features=(2, 3, 2), hidden=4, num_classes=3, size=8, seed=seed, dtype=dtype)
+
+
+def test_gradients_reach_every_attention_parameter_and_match_finite_differences():
+    with jax.enable_x64(True):
+        backbone, bv, attention, av = tiny(dtype=jnp.float64)
+        bv = jax.tree.map(lambda a: a.astype(jnp.float64), bv)
+        av = jax.tree.map(lambda a: a.astype(jnp.float64), av)
+        x = images(2, size=8).astype(jnp.float64)
+        labels = jnp.array([0, 2])
+
+        def loss(av):
+            logits = gj.two_pass(backbone, attention, av, bv, x).logits
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+        loss = jax.jit(loss)
+        check_grads(loss, (av,), order=1, modes=["rev"], eps=1e-6, atol=1e-7, rtol=1e-6)
+        grads = jax.grad(loss)(av)
+        for site in gj.TOY_SITES:
+            for name in ("K", "Q", "K_bias", "Q_bias", "alpha"):
+                assert np.any(np.asarray(grads["params"][site][name]) != 0), (site, name)
+
+
+def test_backbone_gets_no_gradient():
+    backbone, bv, attention, av = tiny()
+    x = images(2, size=8)
+
+    def loss(bv, av):
+        return jnp.sum(gj.two_pass(backbone, attention, av, bv, x).logits ** 2)
+
+    g_backbone = jax.jit(jax.grad(loss))(bv, av)
+    assert all(np.all(np.asarray(g) == 0) for g in jax.tree_util.tree_leaves(g_backbone))
+
+
+def test_jit_grad_vmap_compose_over_a_stack_of_attention_trees():
+    backbone, bv, attention, _ = tiny()
+    x = images(3, size=8)
+    stack = [tiny(seed=s)[3] for s in range(4)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *stack)
+
+    def loss(av):
+        return jnp.mean(gj.two_pass(backbone, attention, av, bv, x).logits ** 2)
+
+    values, grads = jax.jit(jax.vmap(jax.value_and_grad(loss)))(stacked)
+    single = jax.jit(jax.value_and_grad(loss))
+    for i, av in enumerate(stack):
+        v, g = single(av)
+        assert rel_err(values[i], v) < 1e-5
+        member = jax.tree.map(lambda a, i=i: a[i], grads)
+        assert rel_err(flat(member), flat(g)) < 1e-5
+
+
+def flat(tree):
+    return np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])
+
+
+def test_vmap_over_lesion_masks():
+    backbone, bv, attention, av = tiny()
+    x = images(3, size=8)
+    lesions = ("cccdd", ".ccdd", "cccd.")
+    masks = jnp.array([[c != "." for c in s] for s in lesions], jnp.float32)
+    per_lesion = jax.jit(
+        jax.vmap(lambda m: gj.two_pass(backbone, attention, av, bv, x, lesion=m).logits)
+    )(masks)
+    for i, s in enumerate(lesions):
+        expected = jitted(backbone, attention, lesion=s)(av, bv, x).logits
+        assert rel_err(per_lesion[i], expected) < 1e-5
+
+
+def test_training_mode_applies_key_query_dropout():
+    backbone, bv, attention, av = tiny()
+    x = images(4, size=8)
+    with pytest.raises(ValueError, match="needs an rng"):
+        gj.two_pass(backbone, attention, av, bv, x, train=True)
+    train = jitted(backbone, attention, train=True)
+    a = train(av, bv, x, rng=jax.random.key(1))
+    b = train(av, bv, x, rng=jax.random.key(2))
+    c = jitted(backbone, attention)(av, bv, x)
+    assert not np.allclose(a.logits, b.logits)
+    assert not np.allclose(a.logits, c.logits)
+
+
+class ChainedSite(nn.Dense):
+    """A site whose __call__ chains to its parent's, and which is called inside a parent."""
+
+    def __call__(self, x):
+        return 2.0 * super().__call__(x)
+
+
+class Nested(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = x.reshape(x.shape[0], -1)
+        x = ChainedSite(5, name="chained")(x)
+        return Inner(name="block")(x)
+
+
+class Inner(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="out")(nn.relu(x))
+
+
+def test_chained_call_is_modulated_once_and_nested_paths_work():
+    backbone = Nested()
+    bv = backbone.init(jax.random.key(0), jnp.zeros((1, 2, 2, 1)))
+    sites = gj.resolve_sites(backbone, bv, (2, 2, 1), ["chained", "block/out"])
+    assert [s.kind for s in sites] == ["dense", "dense"]
+    attention = gj.AttentionSystem(sites, d=2, alpha_init=0.5)
+    av = gj.init_attention(attention, jax.random.key(1))
+    x = jax.random.normal(jax.random.key(2), (3, 2, 2, 1))
+    out = jitted(backbone, attention, return_internals=True)(av, bv, x)
+    # By hand: the chained site's final output (after x2) is modulated once.
+    p = bv["params"]
+    h = 2.0 * (x.reshape(3, -1) @ p["chained"]["kernel"] + p["chained"]["bias"])
+    assert np.allclose(
+        out.attention.keys["chained"][..., 0] - av["params"]["chained"]["K_bias"][0],
+        h * av["params"]["chained"]["K"][:, 0],
+        atol=1e-5,
+    )
+    h = h * (1 + 0.5 * out.attention.gatta["chained"])
+    y = nn.relu(h) @ p["block"]["out"]["kernel"] + p["block"]["out"]["bias"]
+    y = y * (1 + 0.5 * out.attention.gatta["block/out"])
+    np.testing.assert_allclose(out.logits, y, rtol=1e-5)
+
+
+def test_interceptor_inside_jit_takes_effect():
+    backbone, bv, attention, av = tiny()
+    x = images(2, size=8)
+    f = jax.jit(lambda av: gj.two_pass(backbone, attention, av, bv, x).logits)
+    assert rel_err(f(av), gj.two_pass(backbone, attention, av, bv, x).logits) < 1e-5
+    assert not np.allclose(f(av), gj.backbone_logits(backbone, bv, x))
+
+
+def test_unknown_site_lists_the_available_ones():
+    backbone = gj.ToyCNN(10)
+    bv = backbone.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(
+        ValueError, match=r"unknown attention site 'conv4'.*conv1, .*dense1, logits"
+    ):
+        gj.resolve_sites(backbone, bv, (32, 32, 3), ["conv1", "conv4"])
+    with pytest.raises(ValueError, match="Did you mean 'dense1'"):
+        gj.resolve_sites(backbone, bv, (32, 32, 3), ["dens1"])
+
+
+@pytest.mark.parametrize(
+    ("lesion", "match"),
+    [
+        ("cccd", "one character per site"),
+        ("cccdx", "'x' at site 'logits'"),
+        ("dcccd", "'d' at site 'conv1'"),
+    ],
+)
+def test_bad_lesion_strings(lesion, match):
+    backbone, bv, attention, av = tiny()
+    with pytest.raises(ValueError, match=match):
+        gj.two_pass(backbone, attention, av, bv, images(1, size=8), lesion=lesion)

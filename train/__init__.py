@@ -1,0 +1,1 @@
+"""The training tool: entry points (``main``, ``summary``, ``prepare_data``) and their library."""

@@ -1,0 +1,49 @@
+"""Builds the backbone and the attention system from a config."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from gattanet_jax import AttentionSystem, ToyCNN, resolve_sites
+from gattanet_jax.sites import SiteSpec
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    return tuple(config.dataset.get("image_shape", (32, 32, 3)))
+
+
+def build_backbone(config: ml_collections.ConfigDict):
+    m = config.model
+    if m.dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}")
+    if m.backbone == "toy":
+        return ToyCNN(
+            num_classes=config.dataset.num_classes,
+            features=tuple(m.features),
+            hidden=m.hidden,
+            dropout_rate=m.dropout_rate,
+            dtype=DTYPES[m.dtype],
+        )
+    raise ValueError(f"config.model.backbone must be 'toy', got {m.backbone!r}")
+
+
+def backbone_shapes(backbone, config: ml_collections.ConfigDict):
+    """The backbone's variables as shapes only (no computation)."""
+    x = jnp.zeros((1, *image_shape(config)), jnp.float32)
+    return jax.eval_shape(lambda: backbone.init(jax.random.key(0), x))
+
+
+def build_attention(config: ml_collections.ConfigDict, backbone, backbone_vars) -> AttentionSystem:
+    a = config.attention
+    if not isinstance(a.d, int) or a.d <= 0:
+        raise ValueError(f"config.attention.d must be a positive integer, got {a.d!r}")
+    if not 0.0 <= a.dropout_rate < 1.0:
+        raise ValueError(f"config.attention.dropout_rate must be in [0, 1), got {a.dropout_rate}")
+    sites: tuple[SiteSpec, ...] = resolve_sites(
+        backbone, backbone_vars, image_shape(config), tuple(config.model.sites)
+    )
+    return AttentionSystem(sites, d=a.d, dropout_rate=a.dropout_rate, alpha_init=a.alpha_init)
