@@ -6,13 +6,15 @@ python -m train.summary --config configs/toy_cifar10.py [--config.attention.d=32
 from __future__ import annotations
 
 import json
+import sys
 
 import jax
 from absl import app
 from ml_collections import config_flags
 
 from gattanet_jax import count_params
-from train import models
+from train import cli, models
+from train.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 
@@ -41,8 +43,12 @@ def summarize(config) -> dict:
 
 def main(argv):
     del argv
-    print(json.dumps(summarize(_CONFIG.value)))
+    try:
+        print(json.dumps(summarize(_CONFIG.value)))
+    except (UserError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

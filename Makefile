@@ -1,0 +1,24 @@
+# Quick start: `make demo` runs the main job on the embedded dataset; `make test` runs the tests.
+# Each makes the virtual environment it needs (.venv) on first use.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+.PHONY: demo test lint venv
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/python -m train.main --config configs/demo.py --workdir workdirs/demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(VENV)/bin/python -m pytest

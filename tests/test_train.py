@@ -1,0 +1,161 @@
+"""train_and_evaluate end to end: both stages, resume, and clear errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import toy_cifar10
+from train import checkpoints, train
+from train.errors import UserError
+
+
+def tiny_config(stage="backbone", epochs=2, **dataset):
+    config = toy_cifar10.get_config("smoke")
+    config.stage = stage
+    config.dataset.name = "embedded"
+    config.dataset.max_train_examples = 160
+    config.dataset.max_test_examples = 64
+    config.dataset.update(dataset)
+    config.model.features = (4, 8, 8)
+    config.model.hidden = 16
+    for t in (config.backbone_training, config.attention_training):
+        t.batch_size = 32
+        t.num_epochs = epochs
+        t.patience = 10
+    config.eval_batch_size = 50
+    return config
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(leaves(a), leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def backbone_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("backbone")
+    state, results = train.train_and_evaluate(tiny_config(), str(workdir))
+    return workdir, state, results
+
+
+def test_backbone_stage_writes_results_and_checkpoints(backbone_run):
+    workdir, _, results = backbone_run
+    saved = json.loads((workdir / "results.json").read_text())
+    assert saved["stage"] == "backbone" and saved["epochs"] == 2 and saved["steps"] == 8
+    assert 0.0 <= saved["test_accuracy"] <= 1.0
+    assert saved == results
+    assert (workdir / "best").is_dir() and (workdir / "checkpoints" / "2").is_dir()
+    assert list((workdir / "tensorboard").iterdir())
+
+
+def test_resume_equals_an_uninterrupted_run(backbone_run, tmp_path):
+    _, state, results = backbone_run
+    train.train_and_evaluate(tiny_config(epochs=1), str(tmp_path))
+    resumed_state, resumed = train.train_and_evaluate(tiny_config(epochs=2), str(tmp_path))
+    assert_trees_equal(resumed_state["state"]["params"], state["state"]["params"])
+    assert resumed["test_accuracy"] == results["test_accuracy"]
+    assert resumed["steps"] == results["steps"]
+
+
+def test_attention_stage_trains_only_the_attention_tree(backbone_run, tmp_path):
+    backbone_dir, _, _ = backbone_run
+    best = checkpoints.manager(backbone_dir / "best", keep=1, create=False)
+    before = best.restore(best.latest_step())
+    config = tiny_config("attention", epochs=1)
+    config.backbone_checkpoint = str(backbone_dir)
+    state, results = train.train_and_evaluate(config, str(tmp_path))
+    assert results["trainable_params"] == train.count_params(state["params"]) < 2_000
+    assert sorted(state["params"]) == ["conv1", "conv2", "conv3", "dense1", "logits"]
+    assert "backbone_test_accuracy" in results and "alpha" in results
+    opt_state_leaves = jax.tree.leaves(state["state"]["opt_state"])
+    assert sum(x.size for x in opt_state_leaves) < 2 * 2_000 + 10  # Adam moments of attention
+    after = best.restore(best.latest_step())
+    assert_trees_equal(after, before)
+
+
+def test_attention_stage_without_a_backbone_checkpoint(tmp_path):
+    config = tiny_config("attention")
+    config.backbone_checkpoint = str(tmp_path / "nowhere")
+    with pytest.raises(UserError, match=r"backbone checkpoint .* not found"):
+        train.train_and_evaluate(config, str(tmp_path / "wd"))
+
+
+def test_checkpoint_of_an_incompatible_config_lists_the_mismatches(backbone_run, tmp_path):
+    backbone_dir, _, _ = backbone_run
+    config = tiny_config("attention")
+    config.backbone_checkpoint = str(backbone_dir)
+    config.model.hidden = 24
+    with pytest.raises(
+        UserError,
+        match=r"does not fit this config: .*dense1/kernel: checkpoint "
+        r"\(128, 16\), model \(128, 24\)",
+    ):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_both_stages_in_one_command(tmp_path):
+    config = tiny_config("both", epochs=1)
+    _, results = train.train_and_evaluate(config, str(tmp_path))
+    assert (tmp_path / "backbone" / "results.json").exists()
+    assert results["stage"] == "attention"
+    assert results["backbone_stage"]["stage"] == "backbone"
+
+
+def test_batch_larger_than_the_data(tmp_path):
+    config = tiny_config()
+    config.backbone_training.batch_size = 1024
+    with pytest.raises(UserError, match="batch size 1024 exceeds"):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_unknown_config_field_suggests_the_right_one(tmp_path):
+    r = run_cli(
+        "train.main",
+        "--config",
+        "configs/toy_cifar10.py",
+        "--workdir",
+        str(tmp_path),
+        "--config.attention.dd=3",
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: unknown config field 'attention.dd'; did you mean 'attention.d'?"
+    )
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_missing_dataset_is_one_line(tmp_path):
+    r = run_cli(
+        "train.main",
+        "--config",
+        "configs/toy_cifar10.py",
+        "--workdir",
+        str(tmp_path / "wd"),
+        f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+        "--config.stage=backbone",
+    )
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: dataset 'local_cifar10' split 'train' is not prepared in ")
+    assert "Traceback" not in r.stderr
+
+
+def test_summary_prints_table_1_counts():
+    r = run_cli("train.summary", "--config", "configs/toy_cifar100.py", "--config.attention.d=32")
+    out = json.loads(r.stdout)
+    assert out["backbone_params"] == 643_492 and out["attention_params"] == 37_445
+    assert [s["kind"] for s in out["sites"]] == ["conv", "conv", "conv", "dense", "dense"]

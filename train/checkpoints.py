@@ -1,0 +1,97 @@
+"""Orbax checkpoints of a workdir.
+
+A workdir holds two managers:
+  checkpoints/  the full training state (parameters, optimizer, counters) every few epochs,
+                keep-N; rerunning a command resumes from its latest step.
+  best/         the model variables with the best validation accuracy so far (one kept): what
+                the final evaluation uses and what the attention stage loads as its backbone.
+Orbax writes each step to a temporary directory and renames it when complete, so a crash during
+a save leaves the previous step as the latest.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from train.errors import UserError
+
+
+def manager(directory: str | os.PathLike, keep: int, create: bool = True):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=create,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=create,
+    )
+    return ocp.CheckpointManager(
+        Path(directory).absolute(), options=options, item_handlers=ocp.StandardCheckpointHandler()
+    )
+
+
+def describe(tree) -> dict[str, tuple]:
+    """'path/to/leaf' -> shape, for every array leaf of a tree (arrays, shapes or metadata)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        out[name] = tuple(getattr(leaf, "shape", np.shape(leaf)))
+    return out
+
+
+def mismatches(expected, found) -> list[str]:
+    """Human-readable differences between two trees' names and shapes."""
+    want, have = describe(expected), describe(found)
+    lines = [f"missing {n} {want[n]}" for n in want if n not in have]
+    lines += [f"unexpected {n} {have[n]}" for n in have if n not in want]
+    lines += [
+        f"{n}: checkpoint {have[n]}, model {want[n]}"
+        for n in want
+        if n in have and want[n] != have[n]
+    ]
+    return lines
+
+
+def restore(mngr, step: int, abstract, what: str):
+    """Restores ``step`` into the structure of ``abstract``; a clear error if they differ."""
+    try:
+        found = mngr.item_metadata(step)
+    except Exception as e:
+        raise UserError(f"cannot read the {what} at {mngr.directory}/{step}: {e}") from None
+    found = getattr(found, "tree", found)
+    diff = mismatches(abstract, found) if found is not None else []
+    if diff:
+        raise UserError(
+            f"the {what} at {mngr.directory}/{step} does not fit this config: "
+            + "; ".join(diff[:12])
+            + (f"; and {len(diff) - 12} more" if len(diff) > 12 else "")
+        )
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
+    return mngr.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def save(mngr, step: int, tree) -> None:
+    mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
+    mngr.wait_until_finished()
+
+
+def find_model_checkpoint(path: str) -> tuple[str, int]:
+    """A backbone (or attention) workdir, its best/ or checkpoints/ directory, or a step
+    directory -> (manager directory of best variables, step)."""
+    p = Path(path).expanduser()
+    if not path or not p.exists():
+        raise UserError(
+            f"backbone checkpoint {path!r} not found; train one with --config.stage=backbone "
+            "and pass its workdir as --config.backbone_checkpoint"
+        )
+    if (p / "best").is_dir():
+        p = p / "best"
+    if p.name.isdigit() and p.parent.is_dir():
+        return str(p.parent), int(p.name)
+    steps = sorted(int(c.name) for c in p.iterdir() if c.name.isdigit()) if p.is_dir() else []
+    if not steps:
+        raise UserError(f"no complete checkpoint in {p} (expected a workdir with best/ inside)")
+    return str(p), steps[-1]

@@ -1,0 +1,188 @@
+"""Datasets as in-memory uint8 arrays: tfds data sources, or the embedded generated dataset.
+
+CIFAR-sized datasets fit in accelerator memory, so the training loop keeps them there and picks,
+augments and normalises batches inside the compiled step (``train.augment``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+import numpy as np
+
+from train.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # (N, H, W, C) uint8
+    labels: np.ndarray  # (N,) int32
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, n: int) -> Split:
+        return Split(self.images[:n], self.labels[:n]) if n else self
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    train: Split
+    validation: Split
+    test: Split
+    num_classes: int
+    class_names: tuple[str, ...]
+
+
+# --- the embedded dataset: coloured shapes on noisy backgrounds, generated here ------------
+
+EMBEDDED_CLASSES = (
+    "disk", "square", "diamond", "ring", "cross",
+    "hbar", "vbar", "triangle", "x", "two_dots",
+)  # fmt: skip
+
+
+def _shape_masks(label, dx, dy, r):
+    ax, ay = np.abs(dx), np.abs(dy)
+    dist2 = dx**2 + dy**2
+    masks = [
+        dist2 < r**2,
+        np.maximum(ax, ay) < r,
+        ax + ay < r,
+        (dist2 < r**2) & (dist2 > (0.55 * r) ** 2),
+        ((ax < r / 3) & (ay < r)) | ((ay < r / 3) & (ax < r)),
+        (ay < r / 3) & (ax < r),
+        (ax < r / 3) & (ay < r),
+        (dy > -r) & (dy < r) & (ax < (dy + r) / 2),
+        (np.abs(ax - ay) < r / 4) & (np.maximum(ax, ay) < r),
+        ((dx - r / 2) ** 2 + dy**2 < (r / 2.5) ** 2) | ((dx + r / 2) ** 2 + dy**2 < (r / 2.5) ** 2),
+    ]
+    return np.select([label == i for i in range(len(masks))], masks)
+
+
+def embedded_split(n: int, seed: int, size: int = 32) -> Split:
+    """``n`` images of ten shape classes at random positions, sizes and colours, with noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(EMBEDDED_CLASSES), n)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    cx = rng.uniform(10, size - 10, (n, 1, 1))
+    cy = rng.uniform(10, size - 10, (n, 1, 1))
+    r = rng.uniform(5, 9, (n, 1, 1))
+    mask = _shape_masks(labels[:, None, None], xx - cx, yy - cy, r)
+    # A dark shape on a light background or the reverse, in random hues, with pixel noise.
+    dark = rng.uniform(0, 100, (n, 1, 1, 3))
+    light = rng.uniform(155, 255, (n, 1, 1, 3))
+    swap = rng.random((n, 1, 1, 1)) < 0.5
+    colour, background = np.where(swap, dark, light), np.where(swap, light, dark)
+    images = np.where(mask[..., None], colour, background)
+    images = images + rng.normal(0, 25, images.shape)
+    return Split(np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int32))
+
+
+def embedded(num_train: int = 10_000, num_test: int = 2_000) -> dict[str, Split]:
+    return {"train": embedded_split(num_train, 1), "test": embedded_split(num_test, 2)}
+
+
+# --- tfds --------------------------------------------------------------------------------------
+
+
+def _data_dir(config: ml_collections.ConfigDict) -> str:
+    import tensorflow_datasets as tfds
+
+    return (
+        config.dataset.data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR
+    )
+
+
+def read_tfds(name: str, data_dir: str) -> tuple[dict[str, Split], tuple[str, ...]]:
+    """Reads a prepared tfds dataset's 'train' and 'test' splits through ``tfds.data_source``.
+
+    Never downloads: a dataset that is not prepared in ``data_dir`` is an error that says how
+    to prepare it.
+    """
+    import tensorflow_datasets as tfds
+
+    from train import tfds_builders  # registers local_cifar10 and local_cifar100
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise UserError(f"unknown tfds dataset {name!r}") from None
+    splits = {}
+    for split in ("train", "test"):
+        try:
+            source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception:
+            how = (
+                f"python -m train.prepare_data --source <archive or folder> --name {name} "
+                f"--data_dir {data_dir}"
+                if name in tfds_builders.BUILDERS
+                else f"tfds build {name} --data_dir {data_dir} (on a machine that can download)"
+            )
+            raise UserError(
+                f"dataset {name!r} split {split!r} is not prepared in {data_dir}; "
+                f"prepare it with: {how}"
+            ) from None
+        splits[split] = _read_all(source)
+    info = builder.info
+    names = info.metadata.get("class_names", None) if info.metadata else None
+    return splits, tuple(names or info.features["label"].names)
+
+
+def _read_all(source, chunk: int = 5000) -> Split:
+    images, labels = [], []
+    for start in range(0, len(source), chunk):
+        keys = list(range(start, min(start + chunk, len(source))))
+        try:
+            rows = source.__getitems__(keys)
+        except TypeError:  # tfds.testing.mock_data's source reads one record at a time
+            rows = [source[k] for k in keys]
+        images.extend(np.asarray(r["image"]) for r in rows)
+        labels.extend(int(r["label"]) for r in rows)
+    return Split(np.stack(images).astype(np.uint8), np.asarray(labels, np.int32))
+
+
+# --- assembling train / validation / test -----------------------------------------------------
+
+
+def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Holds out ``fraction`` of train (a fixed random subset) for early stopping."""
+    if not 0.0 <= fraction < 1.0:
+        raise UserError(f"config.dataset.validation_fraction must be in [0, 1), got {fraction}")
+    order = np.random.default_rng(seed).permutation(len(train))
+    n_val = round(len(train) * fraction)
+    val, rest = order[:n_val], np.sort(order[n_val:])
+    return Split(train.images[rest], train.labels[rest]), Split(
+        train.images[val], train.labels[val]
+    )
+
+
+def load(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> Data:
+    name = config.dataset.name
+    if name == "embedded":
+        splits, names = embedded(), EMBEDDED_CLASSES
+    else:
+        splits, names = read_tfds(name, _data_dir(config))
+    num_classes = config.dataset.num_classes
+    for split_name, split in splits.items():
+        if split.images.shape[1:] != tuple(image_shape):
+            raise UserError(
+                f"dataset {name!r} split {split_name!r} has images of shape "
+                f"{split.images.shape[1:]}, the model expects {tuple(image_shape)}"
+            )
+        bad = (split.labels < 0) | (split.labels >= num_classes)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise UserError(
+                f"dataset {name!r} split {split_name!r}: label {split.labels[i]} of "
+                f"example {i} is outside [0, {num_classes}) (config.dataset."
+                "num_classes)"
+            )
+    train = splits["train"].take(config.dataset.max_train_examples)
+    test = splits["test"].take(config.dataset.max_test_examples)
+    train, validation = carve_validation(train, config.dataset.validation_fraction, seed=1234)
+    if len(train) == 0 or len(test) == 0:
+        raise UserError(f"dataset {name!r} has an empty train or test split")
+    return Data(train, validation, test, num_classes, tuple(names))

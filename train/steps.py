@@ -1,0 +1,88 @@
+"""Compiled steps: module-level pure functions, static choices bound with functools.partial.
+
+The dataset lives on the device; a step receives the epoch's permutation and its index in the
+epoch, picks its batch, augments it and updates the state, so per step the host sends a scalar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from train.augment import augment, to_float
+
+LossFn = Callable[[dict, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def l2_penalty(params, names: tuple[str, ...]) -> jax.Array:
+    """sum of w^2 over leaves whose name is in ``names`` (Keras' l2 regularizer without the
+    coefficient)."""
+    total = jnp.zeros((), jnp.float32)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if str(getattr(path[-1], "key", "")) in names:
+            total = total + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+    return total
+
+
+def epoch_permutation(seed_key: jax.Array, epoch: jax.Array, n: int) -> jax.Array:
+    """The data order of an epoch: a function of the seed and the epoch only, so resuming from
+    an epoch boundary replays exactly the same batches."""
+    return jax.random.permutation(jax.random.fold_in(seed_key, epoch), n)
+
+
+def train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    do_augment: bool,
+    batch_size: int,
+    seed_key: jax.Array,
+    state: dict,
+    images: jax.Array,
+    labels: jax.Array,
+    perm: jax.Array,
+    index: jax.Array,
+):
+    """One optimisation step on batch ``index`` of the epoch ordered by ``perm``."""
+    idx = jax.lax.dynamic_slice_in_dim(perm, index * batch_size, batch_size)
+    x, y = images[idx], labels[idx]
+    key = jax.random.fold_in(jax.random.fold_in(seed_key, 1), state["step"])
+    k_aug, k_drop = jax.random.split(key)
+    x = augment(k_aug, x) if do_augment else to_float(x)
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], x, y, k_drop)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    grad_norm = optax.global_norm(grads)
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+        "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+    }
+    new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+    return new_state, metrics
+
+
+def eval_batch(
+    logits_fn: Callable[[dict, jax.Array], jax.Array],
+    batch_size: int,
+    params: dict,
+    images: jax.Array,
+    labels: jax.Array,
+    start: jax.Array,
+):
+    """Summed loss and correct count of batch [start, start + batch_size), padded at the end."""
+    n = labels.shape[0]
+    idx = start + jnp.arange(batch_size)
+    valid = idx < n
+    idx = jnp.minimum(idx, n - 1)
+    logits = logits_fn(params, to_float(images[idx]))
+    y = labels[idx]
+    loss = jnp.sum(jnp.where(valid, cross_entropy(logits, y), 0.0))
+    correct = jnp.sum(jnp.where(valid, jnp.argmax(logits, -1) == y, False))
+    return loss, correct

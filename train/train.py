@@ -1,0 +1,366 @@
+"""``train_and_evaluate``: both training stages on one code path.
+
+stage='backbone'   trains the backbone from scratch (all its parameters).
+stage='attention'  loads a frozen backbone and trains only GAttANet's attention tree; the
+                   optimizer never sees the backbone's variables.
+stage='both'       the first into <workdir>/backbone, then the second into <workdir>/attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from absl import logging
+
+from gattanet_jax import count_params, init_attention, two_pass
+from train import checkpoints, input_pipeline, models, steps
+from train.errors import UserError
+
+STAGES = ("backbone", "attention", "both")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What differs between the stages."""
+
+    stage: str
+    params: dict  # initial trainable parameters
+    loss_fn: steps.LossFn  # (params, x, y, rng) -> (loss, logits), training mode
+    logits_fn: Callable[[dict, jax.Array], jax.Array]  # (params, x) -> logits, inference
+    recipe: ml_collections.ConfigDict  # backbone_training or attention_training
+    frozen_params: int
+    baseline_logits_fn: Callable[[jax.Array], jax.Array] | None = None  # the frozen backbone
+
+
+def backbone_task(config, backbone, rng) -> Task:
+    x = jnp.zeros((1, *models.image_shape(config)), jnp.float32)
+    params = jax.jit(backbone.init)(rng, x)["params"]
+    wd = config.backbone_training.weight_decay
+
+    def loss_fn(params, x, y, rng):
+        logits = backbone.apply({"params": params}, x, train=True, rngs={"dropout": rng})
+        loss = jnp.mean(steps.cross_entropy(logits, y))
+        return loss + wd * steps.l2_penalty(params, ("kernel",)), logits
+
+    def logits_fn(params, x):
+        return backbone.apply({"params": params}, x, train=False)
+
+    return Task("backbone", params, loss_fn, logits_fn, config.backbone_training, 0)
+
+
+def load_backbone(config, backbone) -> dict:
+    directory, step = checkpoints.find_model_checkpoint(config.backbone_checkpoint)
+    abstract = {"variables": models.backbone_shapes(backbone, config)}
+    mngr = checkpoints.manager(directory, keep=1, create=False)
+    restored = checkpoints.restore(mngr, step, abstract, "backbone checkpoint")
+    logging.info("frozen backbone from %s/%d", directory, step)
+    return restored["variables"]
+
+
+def attention_task(config, backbone, rng) -> Task:
+    backbone_vars = load_backbone(config, backbone)
+    attention = models.build_attention(config, backbone, backbone_vars)
+    params = init_attention(attention, rng)["params"]
+    wd = config.attention_training.weight_decay
+
+    def loss_fn(params, x, y, rng):
+        out = two_pass(
+            backbone, attention, {"params": params}, backbone_vars, x, train=True, rng=rng
+        )
+        loss = jnp.mean(steps.cross_entropy(out.logits, y))
+        return loss + wd * steps.l2_penalty(params, ("K", "Q")), out.logits
+
+    def logits_fn(params, x):
+        return two_pass(backbone, attention, {"params": params}, backbone_vars, x).logits
+
+    def baseline(x):
+        return backbone.apply(backbone_vars, x, train=False)
+
+    return Task(
+        "attention",
+        params,
+        loss_fn,
+        logits_fn,
+        config.attention_training,
+        count_params(backbone_vars),
+        baseline,
+    )
+
+
+def check_config(config) -> None:
+    if config.stage not in STAGES:
+        raise UserError(f"config.stage must be one of {STAGES}, got {config.stage!r}")
+    for name in ("backbone_training", "attention_training"):
+        t = config[name]
+        for field in ("batch_size", "num_epochs", "patience"):
+            if not isinstance(t[field], int) or t[field] <= 0:
+                raise UserError(
+                    f"config.{name}.{field} must be a positive integer, got {t[field]!r}"
+                )
+        if not t.learning_rate > 0:
+            raise UserError(f"config.{name}.learning_rate must be positive, got {t.learning_rate}")
+
+
+def prepare_workdir(workdir: str, config) -> Path:
+    path = Path(workdir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"workdir {path} is not writable: {e.strerror}") from None
+    (path / "config.json").write_text(config.to_json_best_effort(indent=2))
+    return path
+
+
+def evaluate(task: Task, params, split, batch_size: int, logits_fn=None) -> dict:
+    fn = logits_fn or task.logits_fn
+    step = jax.jit(functools.partial(steps.eval_batch, fn, batch_size))
+    loss = correct = 0.0
+    for start in range(0, len(split), batch_size):
+        batch_loss, batch_correct = step(params, split.images, split.labels, jnp.int32(start))
+        loss, correct = loss + batch_loss, correct + batch_correct
+    n = len(split)
+    return {"accuracy": float(correct) / n, "loss": float(loss) / n}
+
+
+def _baseline_fn(task):
+    return lambda params, x: task.baseline_logits_fn(x)
+
+
+class Writer:
+    """TensorBoard event files in the workdir (written by process 0 only)."""
+
+    def __init__(self, path: Path):
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(str(path / "tensorboard"))
+
+    def scalars(self, step: int, values: dict) -> None:
+        for k, v in values.items():
+            self._writer.add_scalar(k, float(v), step)
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
+
+
+def train_stage(config, workdir: str) -> tuple[dict, dict]:
+    """Trains one stage in ``workdir``, resuming from its latest checkpoint if there is one."""
+    start_time = time.time()
+    path = prepare_workdir(workdir, config)
+    backbone = models.build_backbone(config)
+    data = input_pipeline.load(config, models.image_shape(config))
+    seed_key = jax.random.key(config.seed)
+    init_key = jax.random.fold_in(seed_key, 0)
+    task = (backbone_task if config.stage == "backbone" else attention_task)(
+        config, backbone, init_key
+    )
+    recipe = task.recipe
+    batch = recipe.batch_size
+    steps_per_epoch = len(data.train) // batch
+    if steps_per_epoch == 0:
+        raise UserError(f"batch size {batch} exceeds the {len(data.train)} training examples")
+
+    tx = optax.adam(recipe.learning_rate, eps=1e-7)  # Keras' Adam defaults
+    state = {"params": task.params, "opt_state": tx.init(task.params), "step": jnp.int32(0)}
+    meta = {"epoch": 0, "best_val": -1.0, "bad_epochs": 0, "done": False}
+    trainable = count_params(task.params)
+    print(
+        f"[{config.stage}] trainable parameters: {trainable:,}; frozen: {task.frozen_params:,}; "
+        f"train/val/test: {len(data.train)}/{len(data.validation)}/{len(data.test)}"
+    )
+
+    ckpt = checkpoints.manager(path / "checkpoints", keep=config.keep_checkpoints)
+    best = checkpoints.manager(path / "best", keep=1)
+    if ckpt.latest_step() is not None:
+        restored = checkpoints.restore(
+            ckpt,
+            ckpt.latest_step(),
+            {"state": state, "meta": _meta_arrays(meta)},
+            "checkpoint in this workdir",
+        )
+        state, meta = restored["state"], _meta_values(restored["meta"])
+        print(f"[{config.stage}] resumed from epoch {meta['epoch']} (step {int(state['step'])})")
+
+    images, labels = jax.device_put(data.train.images), jax.device_put(data.train.labels)
+    step_fn = jax.jit(
+        functools.partial(steps.train_step, task.loss_fn, tx, recipe.augment, batch, seed_key),
+        donate_argnums=(0,),
+    )
+    perm_fn = jax.jit(steps.epoch_permutation, static_argnums=2)
+    writer = Writer(path)
+    epoch_times = []
+    while not meta["done"] and meta["epoch"] < recipe.num_epochs:
+        t0 = time.time()
+        epoch = meta["epoch"]
+        perm = perm_fn(jax.random.fold_in(seed_key, 2), jnp.int32(epoch), len(data.train))
+        sums = {"loss": 0.0, "accuracy": 0.0}
+        bar = tqdm.tqdm(
+            range(steps_per_epoch),
+            desc=f"[{config.stage}] epoch {epoch + 1}",
+            leave=False,
+            disable=not sys.stderr.isatty(),
+            mininterval=1.0,
+        )
+        for i in bar:
+            state, metrics = step_fn(state, images, labels, perm, jnp.int32(i))
+            sums = {k: sums[k] + metrics[k] for k in sums}
+            if i % config.log_every_steps == 0 and not bool(metrics["finite"]):
+                sums["loss"] = float("nan")
+                break
+        sums = {k: float(v) / steps_per_epoch for k, v in sums.items()}
+        if not math.isfinite(sums["loss"]):
+            last = ckpt.latest_step()
+            raise UserError(
+                f"non-finite loss in epoch {epoch + 1} (step {int(state['step'])}); nothing was "
+                f"saved from it; last good checkpoint: "
+                f"{f'{ckpt.directory}/{last}' if last is not None else 'none'}"
+            )
+        val = (
+            evaluate(task, state["params"], data.validation, config.eval_batch_size)
+            if len(data.validation)
+            else {"accuracy": sums["accuracy"], "loss": sums["loss"]}
+        )
+        meta["epoch"] = epoch + 1
+        improved = val["accuracy"] > meta["best_val"]
+        if improved:
+            meta["best_val"], meta["bad_epochs"] = val["accuracy"], 0
+            checkpoints.save(best, meta["epoch"], {"variables": _variables(task, state)})
+        else:
+            meta["bad_epochs"] += 1
+        if meta["bad_epochs"] >= recipe.patience:
+            meta["done"] = True
+        epoch_times.append(time.time() - t0)
+        if (
+            meta["done"]
+            or meta["epoch"] % config.checkpoint_every_epochs == 0
+            or (meta["epoch"] == recipe.num_epochs)
+        ):
+            checkpoints.save(ckpt, meta["epoch"], {"state": state, "meta": _meta_arrays(meta)})
+        remaining = (recipe.num_epochs - meta["epoch"]) * float(np.mean(epoch_times[-5:]))
+        print(
+            f"[{config.stage}] epoch {meta['epoch']}/{recipe.num_epochs} "
+            f"loss {sums['loss']:.4f} acc {sums['accuracy']:.4f} val_acc {val['accuracy']:.4f}"
+            f"{' *' if improved else ''} | {steps_per_epoch / epoch_times[-1]:.1f} steps/s, "
+            f"ETA {_duration(remaining)} (at most)",
+            flush=True,
+        )
+        writer.scalars(
+            int(state["step"]),
+            {
+                "train/loss": sums["loss"],
+                "train/accuracy": sums["accuracy"],
+                "val/accuracy": val["accuracy"],
+                "val/loss": val["loss"],
+                "steps_per_s": steps_per_epoch / epoch_times[-1],
+            },
+        )
+    if meta["done"]:
+        print(
+            f"[{config.stage}] early stopping: no better validation accuracy for "
+            f"{recipe.patience} epochs"
+        )
+    writer.close()
+    return _finish(config, task, state, data, best, path, meta, start_time)
+
+
+def _finish(config, task, state, data, best, path, meta, start_time):
+    """Evaluates the best variables on the test split and writes results.json."""
+    best_vars = checkpoints.restore(
+        best, best.latest_step(), {"variables": _variables(task, state)}, "best checkpoint"
+    )
+    params = best_vars["variables"]["params"]
+    test = evaluate(task, params, data.test, config.eval_batch_size)
+    results = {
+        "stage": config.stage,
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "best_validation_accuracy": meta["best_val"],
+        "best_epoch": best.latest_step(),
+        "epochs": meta["epoch"],
+        "steps": int(state["step"]),
+        "early_stopped": bool(meta["done"]),
+        "trainable_params": count_params(params),
+        "frozen_params": task.frozen_params,
+        "wall_time_s": round(time.time() - start_time, 1),
+    }
+    if task.baseline_logits_fn is not None:
+        base = evaluate(task, params, data.test, config.eval_batch_size, _baseline_fn(task))
+        results["backbone_test_accuracy"] = base["accuracy"]
+        results["backbone_test_loss"] = base["loss"]
+        results["alpha"] = {k: float(v["alpha"]) for k, v in params.items()}
+    (path / "results.json").write_text(json.dumps(results, indent=2))
+    line = f"[{config.stage}] test accuracy {results['test_accuracy']:.4f}"
+    if "backbone_test_accuracy" in results:
+        line += f" (frozen backbone alone: {results['backbone_test_accuracy']:.4f})"
+    print(line + f"; results in {path / 'results.json'}", flush=True)
+    return {"params": params, "state": state}, results
+
+
+def _variables(task, state):
+    return {"params": state["params"]}
+
+
+def _meta_arrays(meta):
+    return {
+        "epoch": np.int32(meta["epoch"]),
+        "best_val": np.float64(meta["best_val"]),
+        "bad_epochs": np.int32(meta["bad_epochs"]),
+        "done": np.int32(meta["done"]),
+    }
+
+
+def _meta_values(meta):
+    return {
+        "epoch": int(meta["epoch"]),
+        "best_val": float(meta["best_val"]),
+        "bad_epochs": int(meta["bad_epochs"]),
+        "done": bool(meta["done"]),
+    }
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else (f"{seconds // 60}m{seconds % 60:02d}s")
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+    """Runs ``config.stage`` in ``workdir``; returns (final state, metrics)."""
+    check_config(config)
+    if config.stage != "both":
+        return train_stage(config, workdir)
+    backbone_dir = os.path.join(workdir, "backbone")
+    with config.unlocked():
+        first = ml_collections.ConfigDict(config.to_dict())
+        first.stage = "backbone"
+        second = ml_collections.ConfigDict(config.to_dict())
+        second.stage = "attention"
+        second.backbone_checkpoint = backbone_dir
+    _, backbone_results = train_stage(first, backbone_dir)
+    state, results = train_stage(second, os.path.join(workdir, "attention"))
+    results = dict(results, backbone_stage=backbone_results)
+    print(
+        f"backbone test accuracy {backbone_results['test_accuracy']:.4f} -> with GAttANet "
+        f"{results['test_accuracy']:.4f}"
+    )
+    return state, results
