@@ -138,3 +138,35 @@ def modulate(acts: jax.Array, gatta: jax.Array, alpha: jax.Array, kind: str) -> 
     else:
         chex.assert_equal_shape([gatta, acts])
     return acts * modulation(gatta, alpha, kind).astype(acts.dtype)
+
+
+# --- the same quantities without materialising keys and queries ------------------------------
+# Without dropout, Eqs. 1-4 are linear in K and Q, so the mean query of a site and its agreement
+# map follow from the activations directly: mean_x(A(x) Q + b) = mean_x(A(x)) Q + b and
+# k(x) . q_avg = A(x) . (K q_avg) + b . q_avg. Inference uses these (a (B, C) vector per site
+# instead of a (B, H, W, d) map); tests check them against the definitions above.
+
+
+def mean_query(acts: jax.Array, kernel: jax.Array, bias: jax.Array, kind: str) -> jax.Array:
+    """``site_query(project(acts, kernel, bias, kind))`` without the per-position queries."""
+    if kind == "conv":
+        return conv_project(jnp.mean(acts, axis=tuple(range(1, acts.ndim - 1))), kernel, bias)
+    if kind == "dense":
+        chex.assert_rank(acts, 2)
+        return jnp.einsum("bc,cd->bd", acts, kernel) / acts.shape[1] + bias
+    raise ValueError(f"site kind must be 'conv' or 'dense', got {kind!r}")
+
+
+def agreement_from_acts(
+    acts: jax.Array, kernel: jax.Array, bias: jax.Array, q_avg: jax.Array, kind: str
+) -> jax.Array:
+    """``agreement(project(acts, kernel, bias, kind), q_avg)`` without the per-position keys."""
+    chex.assert_rank(q_avg, 2)
+    per_channel = jnp.einsum("cd,bd->bc", kernel, q_avg)  # K q_avg, one value per channel
+    offset = jnp.einsum("d,bd->b", bias, q_avg)
+    if kind == "conv":
+        spatial = (None,) * (acts.ndim - 2)
+        return jnp.einsum("b...c,bc->b...", acts, per_channel) + offset[(slice(None), *spatial)]
+    if kind == "dense":
+        return acts * per_channel + offset[:, None]
+    raise ValueError(f"site kind must be 'conv' or 'dense', got {kind!r}")

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from gattanet_jax import agreement as agr
+from gattanet_jax import dropout
 from gattanet_jax.sites import SiteSpec
 
 
@@ -34,26 +35,27 @@ def param_name(site_name: str) -> str:
     return site_name.replace("/", ".")
 
 
-class SiteProjection(nn.Module):
-    """K and Q of one site, with biases and alpha (Eqs. 1-2)."""
+class SiteParams(nn.Module):
+    """The parameters of one site: K and Q (c x d) with their biases (d), and alpha."""
 
-    kind: str
+    channels: int
     d: int
     alpha_init: float = 0.0
     kernel_init: nn.initializers.Initializer = nn.initializers.glorot_uniform()
 
     @nn.compact
-    def __call__(self, acts: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        c = acts.shape[-1]
-        dtype = acts.dtype
-        kernel_k = self.param("K", self.kernel_init, (c, self.d), jnp.float32)
-        bias_k = self.param("K_bias", nn.initializers.zeros_init(), (self.d,), jnp.float32)
-        kernel_q = self.param("Q", self.kernel_init, (c, self.d), jnp.float32)
-        bias_q = self.param("Q_bias", nn.initializers.zeros_init(), (self.d,), jnp.float32)
-        alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), (), jnp.float32)
-        keys = agr.project(acts, kernel_k.astype(dtype), bias_k.astype(dtype), self.kind)
-        queries = agr.project(acts, kernel_q.astype(dtype), bias_q.astype(dtype), self.kind)
-        return keys, queries, alpha
+    def __call__(self) -> dict[str, jax.Array]:
+        c, d = self.channels, self.d
+        zeros = nn.initializers.zeros_init()
+        return {
+            "K": self.param("K", self.kernel_init, (c, d), jnp.float32),
+            "K_bias": self.param("K_bias", zeros, (d,), jnp.float32),
+            "Q": self.param("Q", self.kernel_init, (c, d), jnp.float32),
+            "Q_bias": self.param("Q_bias", zeros, (d,), jnp.float32),
+            "alpha": self.param(
+                "alpha", nn.initializers.constant(self.alpha_init), (), jnp.float32
+            ),
+        }
 
 
 class AttentionSystem(nn.Module):
@@ -72,15 +74,44 @@ class AttentionSystem(nn.Module):
     alpha_init: float = 0.0
 
     @nn.compact
-    def __call__(self, site_acts: Mapping[str, jax.Array], train: bool = False) -> Attention:
-        keys, queries, alpha = {}, {}, {}
-        drop = nn.Dropout(self.dropout_rate, deterministic=not train)
+    def __call__(
+        self, site_acts: Mapping[str, jax.Array], train: bool = False, internals: bool = True
+    ) -> Attention:
+        """Keys, queries, q_avg and agreement maps from the sites' pass-1 activations.
+
+        With ``internals=False`` outside training, keys and queries are not materialised (the
+        returned dicts are empty) and q_avg and gatta come from the activations directly.
+        """
+        use_dropout = train and self.dropout_rate > 0
+        materialise = internals or use_dropout
+        key = self.make_rng("dropout") if use_dropout else None
+        params, keys, queries, means = {}, {}, {}, []
+        for i, site in enumerate(self.sites):
+            p = SiteParams(site.channels, self.d, self.alpha_init, name=param_name(site.name))()
+            acts = site_acts[site.name]
+            p = {k: v.astype(acts.dtype) if v.ndim else v for k, v in p.items()}
+            params[site.name] = p
+            if materialise:
+                k = agr.project(acts, p["K"], p["K_bias"], site.kind)
+                q = agr.project(acts, p["Q"], p["Q_bias"], site.kind)
+                if use_dropout:
+                    k = dropout.dropout(jax.random.fold_in(key, 2 * i), k, self.dropout_rate)
+                    q = dropout.dropout(jax.random.fold_in(key, 2 * i + 1), q, self.dropout_rate)
+                keys[site.name], queries[site.name] = k, q
+                means.append(agr.site_query(q))
+            else:
+                means.append(agr.mean_query(acts, p["Q"], p["Q_bias"], site.kind))
+        q_avg = jnp.mean(jnp.stack(means), axis=0)  # Eq. 3
+        gatta = {}
         for site in self.sites:
-            proj = SiteProjection(site.kind, self.d, self.alpha_init, name=param_name(site.name))
-            k, q, a = proj(site_acts[site.name])
-            keys[site.name], queries[site.name], alpha[site.name] = drop(k), drop(q), a
-        q_avg = agr.global_query([queries[s.name] for s in self.sites])
-        gatta = {s.name: agr.agreement(keys[s.name], q_avg) for s in self.sites}
+            if materialise:
+                gatta[site.name] = agr.agreement(keys[site.name], q_avg)
+            else:
+                p = params[site.name]
+                gatta[site.name] = agr.agreement_from_acts(
+                    site_acts[site.name], p["K"], p["K_bias"], q_avg, site.kind
+                )
+        alpha = {name: p["alpha"] for name, p in params.items()}
         return Attention(keys=keys, queries=queries, q_avg=q_avg, gatta=gatta, alpha=alpha)
 
 

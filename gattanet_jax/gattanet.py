@@ -88,10 +88,18 @@ def two_pass(
     mutable = [c for c in attention_vars if c != "params"] if train else []
     if mutable:
         att, updates = attention.apply(
-            attention_vars, acts, train=train, rngs=rngs, mutable=mutable
+            attention_vars,
+            acts,
+            train=train,
+            internals=return_internals,
+            rngs=rngs,
+            mutable=mutable,
         )
     else:
-        att, updates = attention.apply(attention_vars, acts, train=train, rngs=rngs), {}
+        att = attention.apply(
+            attention_vars, acts, train=train, internals=return_internals, rngs=rngs
+        )
+        updates = {}
 
     # Pass 2: each modulated site's output is scaled by (1 + alpha * gatta) from pass 1.
     factors = {}

@@ -71,3 +71,37 @@ def test_shape_errors_are_caught():
         agr.agreement(np.zeros((2, 3, 5)), np.zeros((2, 4)))
     with pytest.raises(ValueError, match="'conv' or 'dense'"):
         agr.project(np.zeros((1, 3)), np.zeros((3, 2)), None, "attn")
+
+
+@pytest.mark.parametrize(("shape", "kind"), [((2, 5, 4, 6), "conv"), ((3, 9), "dense")])
+def test_shortcuts_equal_the_definitions(shape, kind):
+    rng = np.random.default_rng(7)
+    d = 5
+    acts = rng.normal(size=shape).astype(np.float32)
+    kernel_k, kernel_q = (rng.normal(size=(shape[-1], d)).astype(np.float32) for _ in range(2))
+    bias_k, bias_q = (rng.normal(size=(d,)).astype(np.float32) for _ in range(2))
+    q_avg = rng.normal(size=(shape[0], d)).astype(np.float32)
+    queries = agr.project(acts, kernel_q, bias_q, kind)
+    assert rel_err(agr.mean_query(acts, kernel_q, bias_q, kind), agr.site_query(queries)) < 1e-5
+    keys = agr.project(acts, kernel_k, bias_k, kind)
+    fast = agr.agreement_from_acts(acts, kernel_k, bias_k, q_avg, kind)
+    assert rel_err(fast, agr.agreement(keys, q_avg)) < 1e-5
+
+
+def test_dropout_masks_keep_the_right_fraction_and_follow_the_key():
+    import jax
+
+    from gattanet_jax import dropout
+
+    key = jax.random.key(0)
+    mask = np.asarray(dropout.keep_mask(key, (1000, 1000), 0.25))
+    assert abs(mask.mean() - 0.75) < 0.002
+    # Neighbouring elements are independent: P(both kept) = 0.75^2.
+    assert abs((mask[:, 1:] & mask[:, :-1]).mean() - 0.5625) < 0.002
+    again = np.asarray(dropout.keep_mask(key, (1000, 1000), 0.25))
+    other = np.asarray(dropout.keep_mask(jax.random.key(1), (1000, 1000), 0.25))
+    np.testing.assert_array_equal(mask, again)
+    assert (mask != other).mean() > 0.3
+    x = np.ones((4, 4), np.float32)
+    y = np.asarray(dropout.dropout(key, x, 0.25))
+    assert set(np.unique(y)) <= {0.0, np.float32(1 / 0.75)}

@@ -153,8 +153,13 @@ def test_prepare_without_tensorflow_and_read_back_through_data_source(tmp_path):
     splits, names = input_pipeline.read_tfds("local_cifar10", data_dir)
     assert names == tuple(sorted(CLASSES))
     expected, _ = sources.read_source(root)
-    np.testing.assert_array_equal(splits["train"].images, expected["train"][0])
-    np.testing.assert_array_equal(splits["test"].labels, expected["test"][1])
+    for name in ("train", "test"):  # tfds shuffles on writing: compare the sets of examples
+        images, labels = expected[name]
+        assert examples(splits[name].images, splits[name].labels) == examples(images, labels)
+
+
+def examples(images, labels):
+    return sorted(zip(labels.tolist(), (a.tobytes() for a in images), strict=True))
 
 
 def test_missing_dataset_names_the_directory_and_the_fix(tmp_path):
@@ -169,7 +174,7 @@ def test_named_tfds_dataset_through_mock_data(tmp_path):
         splits, names = input_pipeline.read_tfds("cifar10", str(tmp_path))
     assert splits["train"].images.shape == (24, 32, 32, 3)
     assert splits["train"].images.dtype == np.uint8
-    assert names[0] == "airplane"
+    assert len(names) == 10  # real names come with the prepared data, not the mock
 
 
 def test_validation_is_carved_from_train_without_overlap():

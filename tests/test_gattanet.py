@@ -72,6 +72,15 @@ def test_two_pass_matches_numpy_step_by_step(batch, d):
     assert rel_err(gj.backbone_logits(backbone, bv, x), logits) > 1e-3
 
 
+def test_inference_without_internals_takes_the_shortcut_and_agrees():
+    backbone, bv, attention, av = make(d=7)
+    x = images(3)
+    full = jitted(backbone, attention, return_internals=True)(av, bv, x)
+    fast = jitted(backbone, attention)(av, bv, x)
+    assert rel_err(fast.logits, full.logits) < 1e-5
+    assert fast.attention is None and set(full.attention.keys) == set(gj.TOY_SITES)
+
+
 def test_lesions_match_numpy():
     backbone, bv, attention, av = make()
     x = images(2)

@@ -37,9 +37,16 @@ def describe(tree) -> dict[str, tuple]:
     """'path/to/leaf' -> shape, for every array leaf of a tree (arrays, shapes or metadata)."""
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        name = "/".join(_key_name(k) for k in path)
         out[name] = tuple(getattr(leaf, "shape", np.shape(leaf)))
     return out
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey (namedtuples), SequenceKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
 
 def mismatches(expected, found) -> list[str]:

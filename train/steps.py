@@ -58,7 +58,7 @@ def train_step(
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], x, y, k_drop)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),

@@ -46,15 +46,34 @@ class Task:
     baseline_logits_fn: Callable[[jax.Array], jax.Array] | None = None  # the frozen backbone
 
 
-def backbone_task(config, backbone, rng) -> Task:
-    x = jnp.zeros((1, *models.image_shape(config)), jnp.float32)
-    params = jax.jit(backbone.init)(rng, x)["params"]
-    wd = config.backbone_training.weight_decay
+def backbone_loss_fn(backbone, weight_decay: float) -> steps.LossFn:
+    """The backbone's own training loss: all its parameters train, dropout on."""
 
     def loss_fn(params, x, y, rng):
         logits = backbone.apply({"params": params}, x, train=True, rngs={"dropout": rng})
         loss = jnp.mean(steps.cross_entropy(logits, y))
-        return loss + wd * steps.l2_penalty(params, ("kernel",)), logits
+        return loss + weight_decay * steps.l2_penalty(params, ("kernel",)), logits
+
+    return loss_fn
+
+
+def attention_loss_fn(backbone, attention, backbone_vars, weight_decay: float) -> steps.LossFn:
+    """GAttANet's training loss: a function of the attention parameters only."""
+
+    def loss_fn(params, x, y, rng):
+        out = two_pass(
+            backbone, attention, {"params": params}, backbone_vars, x, train=True, rng=rng
+        )
+        loss = jnp.mean(steps.cross_entropy(out.logits, y))
+        return loss + weight_decay * steps.l2_penalty(params, ("K", "Q")), out.logits
+
+    return loss_fn
+
+
+def backbone_task(config, backbone, rng) -> Task:
+    x = jnp.zeros((1, *models.image_shape(config)), jnp.float32)
+    params = jax.jit(backbone.init)(rng, x)["params"]
+    loss_fn = backbone_loss_fn(backbone, config.backbone_training.weight_decay)
 
     def logits_fn(params, x):
         return backbone.apply({"params": params}, x, train=False)
@@ -75,14 +94,9 @@ def attention_task(config, backbone, rng) -> Task:
     backbone_vars = load_backbone(config, backbone)
     attention = models.build_attention(config, backbone, backbone_vars)
     params = init_attention(attention, rng)["params"]
-    wd = config.attention_training.weight_decay
-
-    def loss_fn(params, x, y, rng):
-        out = two_pass(
-            backbone, attention, {"params": params}, backbone_vars, x, train=True, rng=rng
-        )
-        loss = jnp.mean(steps.cross_entropy(out.logits, y))
-        return loss + wd * steps.l2_penalty(params, ("K", "Q")), out.logits
+    loss_fn = attention_loss_fn(
+        backbone, attention, backbone_vars, config.attention_training.weight_decay
+    )
 
     def logits_fn(params, x):
         return two_pass(backbone, attention, {"params": params}, backbone_vars, x).logits
@@ -319,10 +333,10 @@ def _variables(task, state):
 
 def _meta_arrays(meta):
     return {
-        "epoch": np.int32(meta["epoch"]),
-        "best_val": np.float64(meta["best_val"]),
-        "bad_epochs": np.int32(meta["bad_epochs"]),
-        "done": np.int32(meta["done"]),
+        "epoch": np.asarray(meta["epoch"], np.int32),
+        "best_val": np.asarray(meta["best_val"], np.float64),
+        "bad_epochs": np.asarray(meta["bad_epochs"], np.int32),
+        "done": np.asarray(meta["done"], np.int32),
     }
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks.step`` (train and inference steps) and its peers."""

@@ -1,0 +1,175 @@
+r"""Times GAttANet's steps against the backbone's own, on the default device.
+
+  python -m benchmarks.step --backbone toy --batch 128 [--dtype float32|bfloat16] \
+      [--peer torch] [--json]
+
+Every time is a median over ``--repeats`` runs after ``--warmup`` runs (compilation excluded),
+of the same compiled functions the training loop uses. Keys: benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+import gattanet_jax as gj
+from train import steps
+from train.train import attention_loss_fn, backbone_loss_fn
+
+_BACKBONE = flags.DEFINE_enum("backbone", "toy", ["toy"], "Backbone to time.")
+_BATCH = flags.DEFINE_integer("batch", 128, "Batch size.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
+_D = flags.DEFINE_integer("d", 16, "Attention dimension.")
+_PEER = flags.DEFINE_enum("peer", None, ["torch"], "Also time a peer implementation.")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed runs per measurement.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed runs before timing.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+
+
+def median_seconds(fn, *args, repeats: int, warmup: int) -> float:
+    """Median wall time of ``fn(*args)`` with the result waited for; ``fn`` returns new args
+    for the next call when it is a step (state threading), else its outputs are dropped."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def time_step(step_fn, state, data, repeats, warmup):
+    """Times a donated-state train step, threading the state through the calls."""
+    holder = {"state": state}
+
+    def call(i):
+        holder["state"], metrics = step_fn(holder["state"], *data, jnp.int32(i % 1))
+        return metrics["loss"]
+
+    for i in range(warmup):
+        jax.block_until_ready(call(i))
+    times = []
+    for i in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(call(i))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def compiled_stats(jitted, *args) -> dict:
+    compiled = jitted.lower(*args).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    mem = compiled.memory_analysis()
+    return {
+        "flops": float(cost.get("flops", float("nan"))) if cost else float("nan"),
+        "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0)) if mem else None,
+    }
+
+
+def build(batch: int, dtype: str, d: int):
+    backbone = gj.ToyCNN(10, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    x = jnp.zeros((1, 32, 32, 3))
+    backbone_vars = jax.jit(backbone.init)(jax.random.key(0), x)
+    sites = gj.resolve_sites(backbone, backbone_vars, (32, 32, 3), gj.TOY_SITES)
+    attention = gj.AttentionSystem(sites, d=d, alpha_init=0.01)
+    attention_vars = gj.init_attention(attention, jax.random.key(1))
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8))
+    labels = jnp.asarray(rng.integers(0, 10, (batch,)), jnp.int32)
+    return backbone, backbone_vars, attention, attention_vars, images, labels
+
+
+def run(batch: int, dtype: str, d: int, repeats: int, warmup: int, peer: str | None) -> dict:
+    backbone, bv, attention, av, images, labels = build(batch, dtype, d)
+    perm = jnp.arange(batch)
+    data = (images, labels, perm)
+    seed = jax.random.key(0)
+    tx = optax.adam(1e-3, eps=1e-7)
+    results = {}
+
+    def step_and_state(loss_fn, params):
+        fn = jax.jit(
+            functools.partial(steps.train_step, loss_fn, tx, False, batch, seed),
+            donate_argnums=(0,),
+        )
+        state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+        return fn, state
+
+    bb_step, bb_state = step_and_state(backbone_loss_fn(backbone, 0.0), bv["params"])
+    results["backbone_train_step"] = compiled_stats(bb_step, bb_state, *data, jnp.int32(0))
+    results["backbone_train_step_s"] = time_step(bb_step, bb_state, data, repeats, warmup)
+
+    at_loss = attention_loss_fn(backbone, attention, bv, 1e-5)
+    at_step, at_state = step_and_state(at_loss, av["params"])
+    results["attention_step"] = compiled_stats(at_step, at_state, *data, jnp.int32(0))
+    results["attention_step_s"] = time_step(at_step, at_state, data, repeats, warmup)
+
+    x = images.astype(jnp.float32) / 255.0
+    eval_fn = jax.jit(lambda av, x: gj.two_pass(backbone, attention, av, bv, x).logits)
+    results["eval_forward_s"] = median_seconds(eval_fn, av, x, repeats=repeats, warmup=warmup)
+    fwd = jax.jit(lambda x: backbone.apply(bv, x))
+    results["backbone_forward_s"] = median_seconds(fwd, x, repeats=repeats, warmup=warmup)
+
+    results["attention_images_per_s"] = batch / results["attention_step_s"]
+    results["eval_images_per_s"] = batch / results["eval_forward_s"]
+    results["attention_over_backbone_train"] = (
+        results["attention_step_s"] / results["backbone_train_step_s"]
+    )
+    bb_mem, at_mem = (
+        results["backbone_train_step"]["temp_bytes"],
+        results["attention_step"]["temp_bytes"],
+    )
+    if bb_mem:
+        results["attention_over_backbone_temp_memory"] = at_mem / bb_mem
+    device = jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        results["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
+    if peer == "torch":
+        from benchmarks import torch_peer
+
+        threads = os.cpu_count() or 1
+        results["peer_torch_attention_step_s"] = torch_peer.attention_step_seconds(
+            batch, d, repeats, warmup, threads
+        )
+        results["attention_over_peer_torch"] = (
+            results["attention_step_s"] / results["peer_torch_attention_step_s"]
+        )
+    results["config"] = {
+        "backbone": "toy",
+        "batch": batch,
+        "dtype": dtype,
+        "d": d,
+        "repeats": repeats,
+        "device": str(device),
+        "device_kind": device.device_kind,
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+    }
+    return results
+
+
+def main(argv):
+    del argv
+    results = run(_BATCH.value, _DTYPE.value, _D.value, _REPEATS.value, _WARMUP.value, _PEER.value)
+    if _JSON.value:
+        print(json.dumps(results, indent=1))
+        return
+    for k, v in results.items():
+        print(f"{k:40s} {v}")
+
+
+if __name__ == "__main__":
+    app.run(main)
