@@ -31,16 +31,16 @@ _BATCH = flags.DEFINE_integer("batch", 128, "Batch size.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 
 
-def steps_per_second(step_fn, state, images, labels, n_steps: int, batch: int) -> float:
+def steps_per_second(step_fn, state, frozen, images, labels, n_steps: int, batch: int) -> float:
     n = labels.shape[0]
     perm = jax.jit(steps.epoch_permutation, static_argnums=2)(jax.random.key(0), 0, n)
     per_epoch = n // batch
     for i in range(3):  # warm-up (compilation)
-        state, m = step_fn(state, images, labels, perm, jnp.int32(i))
+        state, m = step_fn(state, frozen, images, labels, perm, jnp.int32(i))
     jax.block_until_ready(m)
     t = time.perf_counter()
     for i in range(n_steps):
-        state, m = step_fn(state, images, labels, perm, jnp.int32(i % per_epoch))
+        state, m = step_fn(state, frozen, images, labels, perm, jnp.int32(i % per_epoch))
     jax.block_until_ready(m)
     return n_steps / (time.perf_counter() - t)
 
@@ -57,9 +57,10 @@ def main(argv):
     )
     backbone, bv, attention, av, _, _ = build(_BATCH.value, "float32", 16)
     if _STAGE.value == "attention":
-        loss_fn, params = attention_loss_fn(backbone, attention, bv, 1e-5), av["params"]
+        loss_fn, params, frozen = attention_loss_fn(backbone, attention, 1e-5), av["params"], bv
     else:
-        loss_fn, params = backbone_loss_fn(backbone, 0.0), bv["params"]
+        loss_fn, frozen = backbone_loss_fn(backbone, 0.0), {}
+        params = jax.tree.map(jnp.copy, bv["params"])
     tx = optax.adam(1e-3)
     step_fn = jax.jit(
         functools.partial(steps.train_step, loss_fn, tx, True, _BATCH.value, jax.random.key(0)),
@@ -74,7 +75,7 @@ def main(argv):
         state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
         images, labels = jax.device_put(split.images), jax.device_put(split.labels)
         out[f"{name}_steps_per_s"] = steps_per_second(
-            step_fn, state, images, labels, _STEPS.value, _BATCH.value
+            step_fn, state, frozen, images, labels, _STEPS.value, _BATCH.value
         )
     synthetic_mean = (out["synthetic_steps_per_s"] + out["synthetic_again_steps_per_s"]) / 2
     out["cifar10_over_synthetic"] = out["cifar10_steps_per_s"] / synthetic_mean

@@ -86,20 +86,23 @@ def two_pass(
         raise ValueError("two_pass(train=True) needs an rng for key/query dropout")
     rngs = {"dropout": rng} if rng is not None else {}
     mutable = [c for c in attention_vars if c != "params"] if train else []
-    if mutable:
-        att, updates = attention.apply(
+
+    def run_attention(attention_vars, acts, rngs):
+        return attention.apply(
             attention_vars,
             acts,
             train=train,
             internals=return_internals,
             rngs=rngs,
-            mutable=mutable,
+            mutable=mutable or False,
         )
-    else:
-        att = attention.apply(
-            attention_vars, acts, train=train, internals=return_internals, rngs=rngs
-        )
-        updates = {}
+
+    if train:
+        # Keys, queries and dropout masks are cheap to recompute and large to keep (one d-vector
+        # per position): the backward pass recomputes them instead of storing them.
+        run_attention = jax.checkpoint(run_attention)
+    result = run_attention(attention_vars, acts, rngs)
+    att, updates = result if mutable else (result, {})
 
     # Pass 2: each modulated site's output is scaled by (1 + alpha * gatta) from pass 1.
     factors = {}

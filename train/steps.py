@@ -14,7 +14,8 @@ import optax
 
 from train.augment import augment, to_float
 
-LossFn = Callable[[dict, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+# (trainable params, frozen variables, images, labels, rng) -> (loss, logits)
+LossFn = Callable[[dict, dict, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -44,18 +45,25 @@ def train_step(
     batch_size: int,
     seed_key: jax.Array,
     state: dict,
+    frozen: dict,
     images: jax.Array,
     labels: jax.Array,
     perm: jax.Array,
     index: jax.Array,
 ):
-    """One optimisation step on batch ``index`` of the epoch ordered by ``perm``."""
+    """One optimisation step on batch ``index`` of the epoch ordered by ``perm``.
+
+    ``frozen`` (the frozen backbone's variables, or empty) is an argument rather than a closure
+    constant, so large backbones are not baked into the compiled program.
+    """
     idx = jax.lax.dynamic_slice_in_dim(perm, index * batch_size, batch_size)
     x, y = images[idx], labels[idx]
     key = jax.random.fold_in(jax.random.fold_in(seed_key, 1), state["step"])
     k_aug, k_drop = jax.random.split(key)
     x = augment(k_aug, x) if do_augment else to_float(x)
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], x, y, k_drop)
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], frozen, x, y, k_drop
+    )
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.tree.norm(grads)
@@ -69,9 +77,10 @@ def train_step(
 
 
 def eval_batch(
-    logits_fn: Callable[[dict, jax.Array], jax.Array],
+    logits_fn: Callable[[dict, dict, jax.Array], jax.Array],
     batch_size: int,
     params: dict,
+    frozen: dict,
     images: jax.Array,
     labels: jax.Array,
     start: jax.Array,
@@ -81,7 +90,7 @@ def eval_batch(
     idx = start + jnp.arange(batch_size)
     valid = idx < n
     idx = jnp.minimum(idx, n - 1)
-    logits = logits_fn(params, to_float(images[idx]))
+    logits = logits_fn(params, frozen, to_float(images[idx]))
     y = labels[idx]
     loss = jnp.sum(jnp.where(valid, cross_entropy(logits, y), 0.0))
     correct = jnp.sum(jnp.where(valid, jnp.argmax(logits, -1) == y, False))

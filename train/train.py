@@ -40,16 +40,17 @@ class Task:
     stage: str
     params: dict  # initial trainable parameters
     loss_fn: steps.LossFn  # (params, x, y, rng) -> (loss, logits), training mode
-    logits_fn: Callable[[dict, jax.Array], jax.Array]  # (params, x) -> logits, inference
+    logits_fn: Callable[[dict, dict, jax.Array], jax.Array]  # (params, frozen, x) -> logits
     recipe: ml_collections.ConfigDict  # backbone_training or attention_training
-    frozen_params: int
-    baseline_logits_fn: Callable[[jax.Array], jax.Array] | None = None  # the frozen backbone
+    frozen: dict  # the frozen backbone's variables (attention stage), else empty
+    baseline_logits_fn: Callable[[dict, dict, jax.Array], jax.Array] | None = None
 
 
 def backbone_loss_fn(backbone, weight_decay: float) -> steps.LossFn:
     """The backbone's own training loss: all its parameters train, dropout on."""
 
-    def loss_fn(params, x, y, rng):
+    def loss_fn(params, frozen, x, y, rng):
+        del frozen
         logits = backbone.apply({"params": params}, x, train=True, rngs={"dropout": rng})
         loss = jnp.mean(steps.cross_entropy(logits, y))
         return loss + weight_decay * steps.l2_penalty(params, ("kernel",)), logits
@@ -57,13 +58,11 @@ def backbone_loss_fn(backbone, weight_decay: float) -> steps.LossFn:
     return loss_fn
 
 
-def attention_loss_fn(backbone, attention, backbone_vars, weight_decay: float) -> steps.LossFn:
-    """GAttANet's training loss: a function of the attention parameters only."""
+def attention_loss_fn(backbone, attention, weight_decay: float) -> steps.LossFn:
+    """GAttANet's training loss; ``frozen`` holds the backbone's variables (no gradient)."""
 
-    def loss_fn(params, x, y, rng):
-        out = two_pass(
-            backbone, attention, {"params": params}, backbone_vars, x, train=True, rng=rng
-        )
+    def loss_fn(params, frozen, x, y, rng):
+        out = two_pass(backbone, attention, {"params": params}, frozen, x, train=True, rng=rng)
         loss = jnp.mean(steps.cross_entropy(out.logits, y))
         return loss + weight_decay * steps.l2_penalty(params, ("K", "Q")), out.logits
 
@@ -75,10 +74,11 @@ def backbone_task(config, backbone, rng) -> Task:
     params = jax.jit(backbone.init)(rng, x)["params"]
     loss_fn = backbone_loss_fn(backbone, config.backbone_training.weight_decay)
 
-    def logits_fn(params, x):
+    def logits_fn(params, frozen, x):
+        del frozen
         return backbone.apply({"params": params}, x, train=False)
 
-    return Task("backbone", params, loss_fn, logits_fn, config.backbone_training, 0)
+    return Task("backbone", params, loss_fn, logits_fn, config.backbone_training, {})
 
 
 def load_backbone(config, backbone) -> dict:
@@ -94,15 +94,14 @@ def attention_task(config, backbone, rng) -> Task:
     backbone_vars = load_backbone(config, backbone)
     attention = models.build_attention(config, backbone, backbone_vars)
     params = init_attention(attention, rng)["params"]
-    loss_fn = attention_loss_fn(
-        backbone, attention, backbone_vars, config.attention_training.weight_decay
-    )
+    loss_fn = attention_loss_fn(backbone, attention, config.attention_training.weight_decay)
 
-    def logits_fn(params, x):
-        return two_pass(backbone, attention, {"params": params}, backbone_vars, x).logits
+    def logits_fn(params, frozen, x):
+        return two_pass(backbone, attention, {"params": params}, frozen, x).logits
 
-    def baseline(x):
-        return backbone.apply(backbone_vars, x, train=False)
+    def baseline(params, frozen, x):
+        del params
+        return backbone.apply(frozen, x, train=False)
 
     return Task(
         "attention",
@@ -110,7 +109,7 @@ def attention_task(config, backbone, rng) -> Task:
         loss_fn,
         logits_fn,
         config.attention_training,
-        count_params(backbone_vars),
+        backbone_vars,
         baseline,
     )
 
@@ -147,14 +146,12 @@ def evaluate(task: Task, params, split, batch_size: int, logits_fn=None) -> dict
     step = jax.jit(functools.partial(steps.eval_batch, fn, batch_size))
     loss = correct = 0.0
     for start in range(0, len(split), batch_size):
-        batch_loss, batch_correct = step(params, split.images, split.labels, jnp.int32(start))
+        batch_loss, batch_correct = step(
+            params, task.frozen, split.images, split.labels, jnp.int32(start)
+        )
         loss, correct = loss + batch_loss, correct + batch_correct
     n = len(split)
     return {"accuracy": float(correct) / n, "loss": float(loss) / n}
-
-
-def _baseline_fn(task):
-    return lambda params, x: task.baseline_logits_fn(x)
 
 
 class Writer:
@@ -196,7 +193,8 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
     meta = {"epoch": 0, "best_val": -1.0, "bad_epochs": 0, "done": False}
     trainable = count_params(task.params)
     print(
-        f"[{config.stage}] trainable parameters: {trainable:,}; frozen: {task.frozen_params:,}; "
+        f"[{config.stage}] trainable parameters: {trainable:,}; frozen: "
+        f"{count_params(task.frozen):,}; "
         f"train/val/test: {len(data.train)}/{len(data.validation)}/{len(data.test)}"
     )
 
@@ -233,7 +231,7 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
             mininterval=1.0,
         )
         for i in bar:
-            state, metrics = step_fn(state, images, labels, perm, jnp.int32(i))
+            state, metrics = step_fn(state, task.frozen, images, labels, perm, jnp.int32(i))
             sums = {k: sums[k] + metrics[k] for k in sums}
             if i % config.log_every_steps == 0 and not bool(metrics["finite"]):
                 sums["loss"] = float("nan")
@@ -311,11 +309,11 @@ def _finish(config, task, state, data, best, path, meta, start_time):
         "steps": int(state["step"]),
         "early_stopped": bool(meta["done"]),
         "trainable_params": count_params(params),
-        "frozen_params": task.frozen_params,
+        "frozen_params": count_params(task.frozen),
         "wall_time_s": round(time.time() - start_time, 1),
     }
     if task.baseline_logits_fn is not None:
-        base = evaluate(task, params, data.test, config.eval_batch_size, _baseline_fn(task))
+        base = evaluate(task, params, data.test, config.eval_batch_size, task.baseline_logits_fn)
         results["backbone_test_accuracy"] = base["accuracy"]
         results["backbone_test_loss"] = base["loss"]
         results["alpha"] = {k: float(v["alpha"]) for k, v in params.items()}
