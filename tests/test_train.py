@@ -101,6 +101,17 @@ def test_checkpoint_of_an_incompatible_config_lists_the_mismatches(backbone_run,
         train.train_and_evaluate(config, str(tmp_path))
 
 
+def test_rerun_with_an_incompatible_config_overwrites_nothing(backbone_run):
+    workdir, _, _ = backbone_run
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    config = tiny_config()
+    config.model.features = (4, 8, 12)
+    with pytest.raises(UserError, match=r"conv3/kernel: checkpoint \(3, 3, 8, 8\), model"):
+        train.train_and_evaluate(config, str(workdir))
+    after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    assert after == before
+
+
 def test_both_stages_in_one_command(tmp_path):
     config = tiny_config("both", epochs=1)
     _, results = train.train_and_evaluate(config, str(tmp_path))

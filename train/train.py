@@ -128,7 +128,7 @@ def check_config(config) -> None:
             raise UserError(f"config.{name}.learning_rate must be positive, got {t.learning_rate}")
 
 
-def prepare_workdir(workdir: str, config) -> Path:
+def prepare_workdir(workdir: str) -> Path:
     path = Path(workdir).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,6 @@ def prepare_workdir(workdir: str, config) -> Path:
         probe.unlink()
     except OSError as e:
         raise UserError(f"workdir {path} is not writable: {e.strerror}") from None
-    (path / "config.json").write_text(config.to_json_best_effort(indent=2))
     return path
 
 
@@ -174,7 +173,7 @@ class Writer:
 def train_stage(config, workdir: str) -> tuple[dict, dict]:
     """Trains one stage in ``workdir``, resuming from its latest checkpoint if there is one."""
     start_time = time.time()
-    path = prepare_workdir(workdir, config)
+    path = prepare_workdir(workdir)
     backbone = models.build_backbone(config)
     data = input_pipeline.load(config, models.image_shape(config))
     seed_key = jax.random.key(config.seed)
@@ -210,6 +209,8 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
         state, meta = restored["state"], _meta_values(restored["meta"])
         print(f"[{config.stage}] resumed from epoch {meta['epoch']} (step {int(state['step'])})")
 
+    # Written only once the workdir's checkpoints are known to fit this config.
+    (path / "config.json").write_text(config.to_json_best_effort(indent=2))
     images, labels = jax.device_put(data.train.images), jax.device_put(data.train.labels)
     step_fn = jax.jit(
         functools.partial(steps.train_step, task.loss_fn, tx, recipe.augment, batch, seed_key),
