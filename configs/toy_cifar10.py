@@ -83,7 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.attention_training.batch_size = 128
     config.attention_training.num_epochs = 1000
     config.attention_training.patience = 500
-    # The paper does not say; Keras' ImageDataGenerator suggests the same augmentation as above.
+    # The paper does not say; the same augmentation as above is our guess. On the embedded demo
+    # data, augmentation in this stage hurt (see configs/demo.py): worth checking on CIFAR.
     config.attention_training.augment = True
 
     # Checkpoints and logging.
