@@ -97,10 +97,6 @@ def two_pass(
             mutable=mutable or False,
         )
 
-    if train:
-        # Keys, queries and dropout masks are cheap to recompute and large to keep (one d-vector
-        # per position): the backward pass recomputes them instead of storing them.
-        run_attention = jax.checkpoint(run_attention)
     result = run_attention(attention_vars, acts, rngs)
     att, updates = result if mutable else (result, {})
 
