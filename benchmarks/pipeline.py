@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from benchmarks.step import build
+from benchmarks.common import build
 from configs import toy_cifar10
 from train import input_pipeline, steps
 from train.train import attention_loss_fn, backbone_loss_fn
@@ -72,7 +72,8 @@ def main(argv):
         ("cifar10", real),
         ("synthetic_again", synthetic),
     ):
-        state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+        fresh = jax.tree.map(jnp.copy, params)  # each run donates its own copy
+        state = {"params": fresh, "opt_state": tx.init(fresh), "step": jnp.int32(0)}
         images, labels = jax.device_put(split.images), jax.device_put(split.labels)
         out[f"{name}_steps_per_s"] = steps_per_second(
             step_fn, state, frozen, images, labels, _STEPS.value, _BATCH.value

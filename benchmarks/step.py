@@ -22,6 +22,7 @@ import optax
 from absl import app, flags
 
 import gattanet_jax as gj
+from benchmarks.common import build
 from train import steps
 from train.train import attention_loss_fn, backbone_loss_fn
 
@@ -75,19 +76,6 @@ def compiled_stats(jitted, *args) -> dict:
         "flops": float(cost.get("flops", float("nan"))) if cost else float("nan"),
         "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0)) if mem else None,
     }
-
-
-def build(batch: int, dtype: str, d: int):
-    backbone = gj.ToyCNN(10, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
-    x = jnp.zeros((1, 32, 32, 3))
-    backbone_vars = jax.jit(backbone.init)(jax.random.key(0), x)
-    sites = gj.resolve_sites(backbone, backbone_vars, (32, 32, 3), gj.TOY_SITES)
-    attention = gj.AttentionSystem(sites, d=d, alpha_init=0.01)
-    attention_vars = gj.init_attention(attention, jax.random.key(1))
-    rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8))
-    labels = jnp.asarray(rng.integers(0, 10, (batch,)), jnp.int32)
-    return backbone, backbone_vars, attention, attention_vars, images, labels
 
 
 def run(batch: int, dtype: str, d: int, repeats: int, warmup: int, peer: str | None) -> dict:
