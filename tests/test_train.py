@@ -120,6 +120,24 @@ def test_both_stages_in_one_command(tmp_path):
     assert results["backbone_stage"]["stage"] == "backbone"
 
 
+def test_diverging_learning_rate_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
+    train.train_and_evaluate(tiny_config(epochs=1), str(tmp_path))
+    saved = [*(tmp_path / "checkpoints").rglob("*"), *(tmp_path / "best").rglob("*")]
+    before = {p: p.read_bytes() for p in saved if p.is_file()}
+    config = tiny_config(epochs=3)
+    config.backbone_training.learning_rate = 1e30
+    with pytest.raises(
+        UserError,
+        match=r"non-finite loss or gradient at step (\d+) \(epoch 2\)"
+        r".*last good checkpoint: .*checkpoints/1$",
+    ) as err:
+        train.train_and_evaluate(config, str(tmp_path))
+    assert int(err.value.args[0].split("step ")[1].split()[0]) > 4  # after epoch 1's 4 steps
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p in before}
+    assert after == before
+    assert not (tmp_path / "checkpoints" / "2").exists()
+
+
 def test_batch_larger_than_the_data(tmp_path):
     config = tiny_config()
     config.backbone_training.batch_size = 1024

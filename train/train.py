@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -231,20 +230,14 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
             disable=not sys.stderr.isatty(),
             mininterval=1.0,
         )
+        first_step, finite = int(state["step"]), []
         for i in bar:
             state, metrics = step_fn(state, task.frozen, images, labels, perm, jnp.int32(i))
             sums = {k: sums[k] + metrics[k] for k in sums}
-            if i % config.log_every_steps == 0 and not bool(metrics["finite"]):
-                sums["loss"] = float("nan")
-                break
+            finite.append(metrics["finite"])  # read back only at the checks: no sync per step
+            if (i + 1) % config.log_every_steps == 0 or i + 1 == steps_per_epoch:
+                _check_finite(finite, first_step, epoch, ckpt)
         sums = {k: float(v) / steps_per_epoch for k, v in sums.items()}
-        if not math.isfinite(sums["loss"]):
-            last = ckpt.latest_step()
-            raise UserError(
-                f"non-finite loss in epoch {epoch + 1} (step {int(state['step'])}); nothing was "
-                f"saved from it; last good checkpoint: "
-                f"{f'{ckpt.directory}/{last}' if last is not None else 'none'}"
-            )
         val = (
             evaluate(task, state["params"], data.validation, config.eval_batch_size)
             if len(data.validation)
@@ -324,6 +317,20 @@ def _finish(config, task, state, data, best, path, meta, start_time):
         line += f" (frozen backbone alone: {results['backbone_test_accuracy']:.4f})"
     print(line + f"; results in {path / 'results.json'}", flush=True)
     return {"params": params, "state": state}, results
+
+
+def _check_finite(finite: list, first_step: int, epoch: int, ckpt) -> None:
+    """Stops at the first non-finite loss or gradient, naming its step; nothing is saved."""
+    flags = np.asarray(jax.device_get(finite))
+    if flags.all():
+        return
+    step = first_step + int(np.argmin(flags)) + 1
+    last = ckpt.latest_step()
+    where = f"{ckpt.directory}/{last}" if last is not None else "none yet"
+    raise UserError(
+        f"non-finite loss or gradient at step {step} (epoch {epoch + 1}); stopped without saving "
+        f"anything from this epoch; last good checkpoint: {where}"
+    )
 
 
 def _variables(task, state):
