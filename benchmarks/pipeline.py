@@ -73,7 +73,7 @@ def main(argv):
         ("synthetic_again", synthetic),
     ):
         fresh = jax.tree.map(jnp.copy, params)  # each run donates its own copy
-        state = {"params": fresh, "opt_state": tx.init(fresh), "step": jnp.int32(0)}
+        state = steps.init_state(fresh, tx)
         images, labels = jax.device_put(split.images), jax.device_put(split.labels)
         out[f"{name}_steps_per_s"] = steps_per_second(
             step_fn, state, frozen, images, labels, _STEPS.value, _BATCH.value

@@ -91,7 +91,7 @@ def run(batch: int, dtype: str, d: int, repeats: int, warmup: int, peer: str | N
             functools.partial(steps.train_step, loss_fn, tx, False, batch, seed),
             donate_argnums=(0,),
         )
-        state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+        state = steps.init_state(params, tx)
         return fn, state
 
     # The backbone's own step trains (and donates) a copy of its parameters.

@@ -92,6 +92,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3  # periodic checkpoints kept besides the best one
     config.eval_batch_size = 1000
     config.log_every_steps = 50
+    # A non-finite loss or gradient: 'stop' (name the step and the last good checkpoint) or
+    # 'skip' (drop that update, count it in results.json's skipped_updates, go on).
+    config.on_nonfinite = "stop"
 
     if arg:
         apply_arg(config, arg)

@@ -1,11 +1,14 @@
 """Test setup: 8 forced host devices for the multi-device tests, and cheaper compilation.
 
-Tests compile many small programs and run each briefly, so LLVM skips its expensive passes.
+Tests compile many small programs and run each briefly, so LLVM skips its expensive passes, and
+compiled programs go to a persistent cache made fresh for each session: many tests (and the
+training subprocesses, which inherit the environment) compile the same steps again.
 (--xla_backend_optimization_level=0 would compile faster still, but miscompiles some float64
 gradients into NaN with jaxlib 0.10.2: not used.) Benchmarks and training keep XLA's defaults.
 """
 
 import os
+import tempfile
 
 os.environ.setdefault(
     "XLA_FLAGS",
@@ -13,3 +16,5 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="gattanet-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")

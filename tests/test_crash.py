@@ -1,4 +1,5 @@
-"""A training process killed with SIGKILL and rerun ends bit-identical to an uninterrupted run."""
+"""A training process killed with SIGKILL (at a random moment, or in the middle of a checkpoint
+write) and rerun ends bit-identical to an uninterrupted run."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from train import checkpoints
 
@@ -34,10 +36,27 @@ def final_params(workdir):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def test_kill_9_at_a_random_moment_then_rerun_equals_an_uninterrupted_run(tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    straight = tmp_path / "straight"
-    subprocess.run(command(straight), check=True, capture_output=True, timeout=600, env=env)
+ENV = dict(os.environ, PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    subprocess.run(command(workdir), check=True, capture_output=True, timeout=600, env=ENV)
+    return workdir
+
+
+def assert_same_run(straight, crashed):
+    a = json.loads((straight / "results.json").read_text())
+    b = json.loads((crashed / "results.json").read_text())
+    for key in ("test_accuracy", "test_loss", "best_validation_accuracy", "best_epoch", "steps"):
+        assert a[key] == b[key], key
+    for x, y in zip(final_params(straight), final_params(crashed), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_kill_9_at_a_random_moment_then_rerun_equals_an_uninterrupted_run(straight, tmp_path):
+    env = ENV
 
     crashed = tmp_path / "crashed"
     proc = subprocess.Popen(
@@ -54,11 +73,34 @@ def test_kill_9_at_a_random_moment_then_rerun_equals_an_uninterrupted_run(tmp_pa
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (crashed / "results.json").exists(), "the run finished before it was killed"
-    subprocess.run(command(crashed), check=True, capture_output=True, timeout=600, env=env)
+    r = subprocess.run(command(crashed), capture_output=True, timeout=600, env=env, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_run(straight, crashed)
 
-    a = json.loads((straight / "results.json").read_text())
-    b = json.loads((crashed / "results.json").read_text())
-    for key in ("test_accuracy", "test_loss", "best_validation_accuracy", "best_epoch", "steps"):
-        assert a[key] == b[key], key
-    for x, y in zip(final_params(straight), final_params(crashed), strict=True):
-        np.testing.assert_array_equal(x, y)
+
+# checkpoints/1: best/1 is already complete when the periodic save of the same epoch dies.
+@pytest.mark.parametrize("target, n", [("checkpoints", 1), ("checkpoints", 3), ("best", 2)])
+def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_as_latest(
+    straight, tmp_path, target, n
+):
+    crashed = tmp_path / "crashed"
+    killer = [sys.executable, "tests/kill_during_save.py", target, str(n)]
+    r = subprocess.run(
+        killer + command(crashed)[3:], capture_output=True, timeout=600, env=ENV, text=True
+    )
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert list((crashed / target).glob("*.orbax-checkpoint-tmp*")), "no half-written step"
+    complete = checkpoints.manager(crashed / target, keep=3, create=False).latest_step()
+    if target == "checkpoints":
+        assert complete == (n - 1 or None)  # the previous complete one, or none at all
+    else:
+        assert complete is not None
+    if complete:
+        assert (crashed / target / str(complete) / "_CHECKPOINT_METADATA").exists()
+    assert not (crashed / "results.json").exists()
+    r = subprocess.run(command(crashed), capture_output=True, timeout=600, env=ENV, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    if target == "checkpoints" and n > 1:
+        assert f"resumed from epoch {n - 1} " in r.stdout
+    assert not list((crashed / target).glob("*.orbax-checkpoint-tmp*"))
+    assert_same_run(straight, crashed)

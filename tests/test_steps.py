@@ -34,7 +34,7 @@ def test_attention_step_compiles_once_donates_state_and_leaves_the_backbone_alon
     labels = jnp.arange(16, dtype=jnp.int32) % 3
     perm = jnp.arange(16)
     backbone_before = jax.tree.map(np.asarray, bv)
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+    state = steps.init_state(params, tx)
     for i in range(4):
         old = state
         state, metrics = step(state, bv, images, labels, perm, jnp.int32(i))

@@ -11,6 +11,7 @@ a save leaves the previous step as the latest.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -81,8 +82,19 @@ def restore(mngr, step: int, abstract, what: str):
 
 
 def save(mngr, step: int, tree) -> None:
-    mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
-    mngr.wait_until_finished()
+    """Saves ``step``; a failed write (a full disk, a lost mount) is one clear line naming the
+    complete checkpoint that is still there."""
+    try:
+        mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
+        mngr.wait_until_finished()
+    except OSError as e:
+        mngr.reload()
+        kept = mngr.latest_step()
+        where = f"{mngr.directory}/{kept}" if kept is not None else "none"
+        raise UserError(
+            f"could not write checkpoint {step} to {mngr.directory}: {e.strerror or e}; the last "
+            f"complete checkpoint is {where}; free space and rerun the same command to resume"
+        ) from None
 
 
 def find_model_checkpoint(path: str) -> tuple[str, int]:
@@ -102,3 +114,13 @@ def find_model_checkpoint(path: str) -> tuple[str, int]:
     if not steps:
         raise UserError(f"no complete checkpoint in {p} (expected a workdir with best/ inside)")
     return str(p), steps[-1]
+
+
+def digest(directory: str | os.PathLike, step: int) -> str:
+    """sha256 over the names and bytes of every file of a checkpoint step."""
+    root = Path(directory) / str(step)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        h.update(f.read_bytes())
+    return h.hexdigest()

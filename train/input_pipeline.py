@@ -7,6 +7,7 @@ augments and normalises batches inside the compiled step (``train.augment``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import ml_collections
@@ -81,8 +82,18 @@ def embedded_split(n: int, seed: int, size: int = 32) -> Split:
     return Split(np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int32))
 
 
+@functools.lru_cache(maxsize=2)
+def _embedded_cached(num_train: int, num_test: int) -> tuple[Split, Split]:
+    splits = embedded_split(num_train, 1), embedded_split(num_test, 2)
+    for split in splits:  # shared between calls: read-only
+        split.images.flags.writeable = split.labels.flags.writeable = False
+    return splits
+
+
 def embedded(num_train: int = 10_000, num_test: int = 2_000) -> dict[str, Split]:
-    return {"train": embedded_split(num_train, 1), "test": embedded_split(num_test, 2)}
+    """The embedded dataset: generated once per process, deterministic."""
+    train, test = _embedded_cached(num_train, num_test)
+    return {"train": train, "test": test}
 
 
 # --- tfds --------------------------------------------------------------------------------------

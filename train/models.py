@@ -8,6 +8,7 @@ import ml_collections
 
 from gattanet_jax import AttentionSystem, ToyCNN, resolve_sites
 from gattanet_jax.sites import SiteSpec
+from train.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -19,7 +20,7 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 def build_backbone(config: ml_collections.ConfigDict):
     m = config.model
     if m.dtype not in DTYPES:
-        raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}")
+        raise UserError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}")
     if m.backbone == "toy":
         return ToyCNN(
             num_classes=config.dataset.num_classes,
@@ -28,7 +29,7 @@ def build_backbone(config: ml_collections.ConfigDict):
             dropout_rate=m.dropout_rate,
             dtype=DTYPES[m.dtype],
         )
-    raise ValueError(f"config.model.backbone must be 'toy', got {m.backbone!r}")
+    raise UserError(f"config.model.backbone must be 'toy', got {m.backbone!r}")
 
 
 def backbone_shapes(backbone, config: ml_collections.ConfigDict):
@@ -38,12 +39,21 @@ def backbone_shapes(backbone, config: ml_collections.ConfigDict):
 
 
 def build_attention(config: ml_collections.ConfigDict, backbone, backbone_vars) -> AttentionSystem:
+    """The attention system over ``config.model.sites``; a bad site list is a UserError."""
     a = config.attention
     if not isinstance(a.d, int) or a.d <= 0:
-        raise ValueError(f"config.attention.d must be a positive integer, got {a.d!r}")
+        raise UserError(f"config.attention.d must be a positive integer, got {a.d!r}")
     if not 0.0 <= a.dropout_rate < 1.0:
-        raise ValueError(f"config.attention.dropout_rate must be in [0, 1), got {a.dropout_rate}")
-    sites: tuple[SiteSpec, ...] = resolve_sites(
-        backbone, backbone_vars, image_shape(config), tuple(config.model.sites)
-    )
+        raise UserError(f"config.attention.dropout_rate must be in [0, 1), got {a.dropout_rate}")
+    try:
+        sites: tuple[SiteSpec, ...] = resolve_sites(
+            backbone, backbone_vars, image_shape(config), tuple(config.model.sites)
+        )
+    except ValueError as e:
+        raise UserError(f"config.model.sites: {e}") from None
     return AttentionSystem(sites, d=a.d, dropout_rate=a.dropout_rate, alpha_init=a.alpha_init)
+
+
+def attention_from_shapes(config: ml_collections.ConfigDict, backbone) -> AttentionSystem:
+    """build_attention without weights (shapes only): checks a config before data is read."""
+    return build_attention(config, backbone, backbone_shapes(backbone, config))

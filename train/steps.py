@@ -6,6 +6,7 @@ epoch, picks its batch, augments it and updates the state, so per step the host 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -38,6 +39,17 @@ def epoch_permutation(seed_key: jax.Array, epoch: jax.Array, n: int) -> jax.Arra
     return jax.random.permutation(jax.random.fold_in(seed_key, epoch), n)
 
 
+def init_state(params: dict, tx: optax.GradientTransformation) -> dict:
+    """The training state: parameters, optimizer state, the step and the count of skipped
+    (non-finite) updates."""
+    return {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.int32(0),
+        "skipped": jnp.int32(0),
+    }
+
+
 def train_step(
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
@@ -50,11 +62,16 @@ def train_step(
     labels: jax.Array,
     perm: jax.Array,
     index: jax.Array,
+    *,
+    skip_nonfinite: bool = False,
 ):
     """One optimisation step on batch ``index`` of the epoch ordered by ``perm``.
 
     ``frozen`` (the frozen backbone's variables, or empty) is an argument rather than a closure
-    constant, so large backbones are not baked into the compiled program.
+    constant, so large backbones are not baked into the compiled program. With
+    ``skip_nonfinite`` an update whose loss or gradient is not finite is dropped (parameters and
+    optimizer state stay as they were) and counted in ``state['skipped']``; the step counter
+    advances either way, so the data order and RNG streams do not depend on skips.
     """
     idx = jax.lax.dynamic_slice_in_dim(perm, index * batch_size, batch_size)
     x, y = images[idx], labels[idx]
@@ -67,12 +84,20 @@ def train_step(
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.tree.norm(grads)
-    metrics = {
-        "loss": loss,
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
-        "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y), "finite": finite}
+    if skip_nonfinite:
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        params = keep(params, state["params"])
+        opt_state = keep(opt_state, state["opt_state"])
+        metrics["loss"] = jnp.where(finite, loss, 0.0)
+        metrics["accuracy"] = jnp.where(finite, metrics["accuracy"], 0.0)
+    new_state = {
+        "params": params,
+        "opt_state": opt_state,
+        "step": state["step"] + 1,
+        "skipped": state["skipped"] + (~finite).astype(jnp.int32),
     }
-    new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
     return new_state, metrics
 
 

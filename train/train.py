@@ -26,10 +26,8 @@ import tqdm
 from absl import logging
 
 from gattanet_jax import count_params, init_attention, two_pass
-from train import checkpoints, input_pipeline, models, steps
+from train import checkpoints, guards, input_pipeline, models, steps, validate
 from train.errors import UserError
-
-STAGES = ("backbone", "attention", "both")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +41,7 @@ class Task:
     recipe: ml_collections.ConfigDict  # backbone_training or attention_training
     frozen: dict  # the frozen backbone's variables (attention stage), else empty
     baseline_logits_fn: Callable[[dict, dict, jax.Array], jax.Array] | None = None
+    backbone_source: tuple[str, int, str] | None = None  # (directory, step, sha256)
 
 
 def backbone_loss_fn(backbone, weight_decay: float) -> steps.LossFn:
@@ -80,17 +79,19 @@ def backbone_task(config, backbone, rng) -> Task:
     return Task("backbone", params, loss_fn, logits_fn, config.backbone_training, {})
 
 
-def load_backbone(config, backbone) -> dict:
+def load_backbone(config, backbone) -> tuple[dict, tuple[str, int, str]]:
+    """The frozen backbone's variables and where they came from: (directory, step, sha256)."""
     directory, step = checkpoints.find_model_checkpoint(config.backbone_checkpoint)
     abstract = {"variables": models.backbone_shapes(backbone, config)}
     mngr = checkpoints.manager(directory, keep=1, create=False)
+    sha = checkpoints.digest(directory, step)
     restored = checkpoints.restore(mngr, step, abstract, "backbone checkpoint")
     logging.info("frozen backbone from %s/%d", directory, step)
-    return restored["variables"]
+    return restored["variables"], (directory, step, sha)
 
 
 def attention_task(config, backbone, rng) -> Task:
-    backbone_vars = load_backbone(config, backbone)
+    backbone_vars, source = load_backbone(config, backbone)
     attention = models.build_attention(config, backbone, backbone_vars)
     params = init_attention(attention, rng)["params"]
     loss_fn = attention_loss_fn(backbone, attention, config.attention_training.weight_decay)
@@ -110,38 +111,18 @@ def attention_task(config, backbone, rng) -> Task:
         config.attention_training,
         backbone_vars,
         baseline,
+        source,
     )
 
 
-def check_config(config) -> None:
-    if config.stage not in STAGES:
-        raise UserError(f"config.stage must be one of {STAGES}, got {config.stage!r}")
-    for name in ("backbone_training", "attention_training"):
-        t = config[name]
-        for field in ("batch_size", "num_epochs", "patience"):
-            if not isinstance(t[field], int) or t[field] <= 0:
-                raise UserError(
-                    f"config.{name}.{field} must be a positive integer, got {t[field]!r}"
-                )
-        if not t.learning_rate > 0:
-            raise UserError(f"config.{name}.learning_rate must be positive, got {t.learning_rate}")
-
-
-def prepare_workdir(workdir: str) -> Path:
-    path = Path(workdir).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"workdir {path} is not writable: {e.strerror}") from None
-    return path
+@functools.lru_cache(maxsize=16)
+def _eval_step(logits_fn, batch_size: int):
+    """One compiled evaluation step per (logits function, batch size), reused across epochs."""
+    return jax.jit(functools.partial(steps.eval_batch, logits_fn, batch_size))
 
 
 def evaluate(task: Task, params, split, batch_size: int, logits_fn=None) -> dict:
-    fn = logits_fn or task.logits_fn
-    step = jax.jit(functools.partial(steps.eval_batch, fn, batch_size))
+    step = _eval_step(logits_fn or task.logits_fn, batch_size)
     loss = correct = 0.0
     for start in range(0, len(split), batch_size):
         batch_loss, batch_correct = step(
@@ -172,8 +153,10 @@ class Writer:
 def train_stage(config, workdir: str) -> tuple[dict, dict]:
     """Trains one stage in ``workdir``, resuming from its latest checkpoint if there is one."""
     start_time = time.time()
-    path = prepare_workdir(workdir)
+    path = validate.prepare_workdir(workdir)
     backbone = models.build_backbone(config)
+    if config.stage == "attention":  # site names and d are checked before any data is read
+        models.attention_from_shapes(config, backbone)
     data = input_pipeline.load(config, models.image_shape(config))
     seed_key = jax.random.key(config.seed)
     init_key = jax.random.fold_in(seed_key, 0)
@@ -187,7 +170,7 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
         raise UserError(f"batch size {batch} exceeds the {len(data.train)} training examples")
 
     tx = optax.adam(recipe.learning_rate, eps=1e-7)  # Keras' Adam defaults
-    state = {"params": task.params, "opt_state": tx.init(task.params), "step": jnp.int32(0)}
+    state = steps.init_state(task.params, tx)
     meta = {"epoch": 0, "best_val": -1.0, "bad_epochs": 0, "done": False}
     trainable = count_params(task.params)
     print(
@@ -207,12 +190,31 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
         )
         state, meta = restored["state"], _meta_values(restored["meta"])
         print(f"[{config.stage}] resumed from epoch {meta['epoch']} (step {int(state['step'])})")
+    # A crash between a best/ save and the periodic save of the same epoch leaves best/ ahead of
+    # the state resumed from (or started afresh); the deterministic replay writes it again.
+    for ahead in [s for s in best.all_steps() if s > meta["epoch"]]:
+        best.delete(ahead)
+        print(f"[{config.stage}] removed best/{ahead}: written after the last complete checkpoint")
 
+    if int(state["step"]) == 0:
+        probe = data.validation if len(data.validation) else data.test
+        guards.check_alpha_zero_is_backbone(
+            task, state["params"], probe.images[: config.eval_batch_size], config.model.dtype
+        )
     # Written only once the workdir's checkpoints are known to fit this config.
     (path / "config.json").write_text(config.to_json_best_effort(indent=2))
+    skip = config.on_nonfinite == "skip"
     images, labels = jax.device_put(data.train.images), jax.device_put(data.train.labels)
     step_fn = jax.jit(
-        functools.partial(steps.train_step, task.loss_fn, tx, recipe.augment, batch, seed_key),
+        functools.partial(
+            steps.train_step,
+            task.loss_fn,
+            tx,
+            recipe.augment,
+            batch,
+            seed_key,
+            skip_nonfinite=skip,
+        ),
         donate_argnums=(0,),
     )
     perm_fn = jax.jit(steps.epoch_permutation, static_argnums=2)
@@ -230,14 +232,17 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
             disable=not sys.stderr.isatty(),
             mininterval=1.0,
         )
-        first_step, finite = int(state["step"]), []
+        first_step, finite, skipped_before = int(state["step"]), [], int(state["skipped"])
         for i in bar:
             state, metrics = step_fn(state, task.frozen, images, labels, perm, jnp.int32(i))
             sums = {k: sums[k] + metrics[k] for k in sums}
             finite.append(metrics["finite"])  # read back only at the checks: no sync per step
-            if (i + 1) % config.log_every_steps == 0 or i + 1 == steps_per_epoch:
+            if not skip and ((i + 1) % config.log_every_steps == 0 or i + 1 == steps_per_epoch):
                 _check_finite(finite, first_step, epoch, ckpt)
-        sums = {k: float(v) / steps_per_epoch for k, v in sums.items()}
+        skipped = int(state["skipped"]) - skipped_before
+        if skipped == steps_per_epoch:
+            _check_finite(finite, first_step, epoch, ckpt, every=True)
+        sums = {k: float(v) / (steps_per_epoch - skipped) for k, v in sums.items()}
         val = (
             evaluate(task, state["params"], data.validation, config.eval_batch_size)
             if len(data.validation)
@@ -264,7 +269,8 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
             f"[{config.stage}] epoch {meta['epoch']}/{recipe.num_epochs} "
             f"loss {sums['loss']:.4f} acc {sums['accuracy']:.4f} val_acc {val['accuracy']:.4f}"
             f"{' *' if improved else ''} | {steps_per_epoch / epoch_times[-1]:.1f} steps/s, "
-            f"ETA {_duration(remaining)} (at most)",
+            f"ETA {_duration(remaining)} (at most)"
+            + (f" | skipped {skipped} non-finite updates" if skipped else ""),
             flush=True,
         )
         writer.scalars(
@@ -288,6 +294,7 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
 
 def _finish(config, task, state, data, best, path, meta, start_time):
     """Evaluates the best variables on the test split and writes results.json."""
+    guards.check_backbone_unchanged(task)
     best_vars = checkpoints.restore(
         best, best.latest_step(), {"variables": _variables(task, state)}, "best checkpoint"
     )
@@ -301,6 +308,7 @@ def _finish(config, task, state, data, best, path, meta, start_time):
         "best_epoch": best.latest_step(),
         "epochs": meta["epoch"],
         "steps": int(state["step"]),
+        "skipped_updates": int(state["skipped"]),
         "early_stopped": bool(meta["done"]),
         "trainable_params": count_params(params),
         "frozen_params": count_params(task.frozen),
@@ -311,6 +319,8 @@ def _finish(config, task, state, data, best, path, meta, start_time):
         results["backbone_test_accuracy"] = base["accuracy"]
         results["backbone_test_loss"] = base["loss"]
         results["alpha"] = {k: float(v["alpha"]) for k, v in params.items()}
+        results["backbone_checkpoint"] = "{}/{}".format(*task.backbone_source[:2])
+        results["backbone_checkpoint_sha256"] = task.backbone_source[2]
     (path / "results.json").write_text(json.dumps(results, indent=2))
     line = f"[{config.stage}] test accuracy {results['test_accuracy']:.4f}"
     if "backbone_test_accuracy" in results:
@@ -319,17 +329,22 @@ def _finish(config, task, state, data, best, path, meta, start_time):
     return {"params": params, "state": state}, results
 
 
-def _check_finite(finite: list, first_step: int, epoch: int, ckpt) -> None:
-    """Stops at the first non-finite loss or gradient, naming its step; nothing is saved."""
+def _check_finite(finite: list, first_step: int, epoch: int, ckpt, every=False) -> None:
+    """Stops at the first non-finite loss or gradient, naming its step; nothing is saved.
+    ``every``: the skip mode's stop, when every update of an epoch was skipped."""
     flags = np.asarray(jax.device_get(finite))
     if flags.all():
         return
     step = first_step + int(np.argmin(flags)) + 1
     last = ckpt.latest_step()
     where = f"{ckpt.directory}/{last}" if last is not None else "none yet"
+    what = (
+        f"every update of epoch {epoch + 1} was non-finite and skipped (from step {step})"
+        if every
+        else f"non-finite loss or gradient at step {step} (epoch {epoch + 1})"
+    )
     raise UserError(
-        f"non-finite loss or gradient at step {step} (epoch {epoch + 1}); stopped without saving "
-        f"anything from this epoch; last good checkpoint: {where}"
+        f"{what}; stopped without saving anything from this epoch; last good checkpoint: {where}"
     )
 
 
@@ -366,7 +381,7 @@ def _duration(seconds: float) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     """Runs ``config.stage`` in ``workdir``; returns (final state, metrics)."""
-    check_config(config)
+    validate.check_config(config)
     if config.stage != "both":
         return train_stage(config, workdir)
     backbone_dir = os.path.join(workdir, "backbone")

@@ -1,0 +1,304 @@
+"""Faults a researcher meets, each with the one line they see and a check that nothing was lost.
+
+Cases tested elsewhere: unknown config field (test_train), unknown site and bad lesion strings in
+the API (test_gattanet), missing dataset, corrupt / grayscale / wrongly sized images and archive
+entries escaping the target (test_data), a checkpoint of another model (test_train), kill -9
+at any moment and during a checkpoint write (test_crash), an absurd learning rate (test_train).
+"""
+
+import errno
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from gattanet_jax import agreement
+from tests.test_train import assert_trees_equal, tiny_config
+from train import checkpoints, steps, train
+from train.errors import UserError
+
+
+def snapshot(root):
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("backbone")
+    train.train_and_evaluate(tiny_config(epochs=1), str(workdir))
+    return workdir
+
+
+def attention_config(backbone_dir, epochs=1):
+    config = tiny_config("attention", epochs=epochs)
+    config.backbone_checkpoint = str(backbone_dir)
+    return config
+
+
+def test_cli_value_of_the_wrong_type_is_one_line(tmp_path):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.main",
+            "--config=configs/toy_cifar10.py",
+            f"--workdir={tmp_path / 'wd'}",
+            "--config.attention.d=sixteen",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: flag --config.attention.d=sixteen: invalid literal for int() with base 10: "
+        "'sixteen'"
+    )
+    assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("attention.d", "16", r"config.attention.d must be a positive integer, got '16'"),
+        ("attention.d", 0, r"config.attention.d must be a positive integer, got 0"),
+        ("attention.d", -4, r"config.attention.d must be a positive integer, got -4"),
+        ("attention.dropout_rate", 1.0, r"attention.dropout_rate must be in \[0.0, 1.0\)"),
+        ("attention_training.learning_rate", 0.0, r"learning_rate must be in \(0.0, inf\]"),
+        ("attention_training.augment", "yes", r"augment must be True or False, got 'yes'"),
+        ("model.dtype", "float16", r"model.dtype must be one of \('float32', 'bfloat16'\)"),
+        ("on_nonfinite", "ignore", r"on_nonfinite must be one of \('stop', 'skip'\)"),
+    ],
+)
+def test_bad_config_values_are_named_before_anything_runs(tmp_path, field, value, match):
+    # As a user's own config file would write it (overrides of a built config are type-checked
+    # by ml_collections itself).
+    tree = tiny_config("attention").to_dict()
+    section, _, name = field.rpartition(".")
+    (tree[section] if section else tree)[name] = value
+    config = ml_collections.ConfigDict(tree)
+    with pytest.raises(UserError, match=match):
+        train.train_and_evaluate(config, str(tmp_path / "wd"))
+    assert not (tmp_path / "wd").exists()
+
+
+def test_unknown_site_lists_the_available_ones_before_data_or_weights_are_read(tmp_path):
+    config = tiny_config("attention")
+    config.model.sites = ("conv1", "conv4")
+    config.dataset.name = "no_such_dataset"  # never reached
+    with pytest.raises(
+        UserError,
+        match=r"config.model.sites: unknown attention site 'conv4'. Did you mean 'conv3' or .*"
+        r"Available sites .*: conv1, Dropout_0, conv2, Dropout_1, conv3, Dropout_2, dense1",
+    ):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_label_out_of_range(tmp_path):
+    config = tiny_config()
+    config.dataset.num_classes = 5  # the embedded data has 10 classes
+    with pytest.raises(UserError, match=r"label \d of example \d+ is outside \[0, 5\)"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_workdir_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("precious")
+    with pytest.raises(UserError, match=r"workdir .*a_file/run is not writable: Not a directory"):
+        train.train_and_evaluate(tiny_config(), str(blocker / "run"))
+    assert blocker.read_text() == "precious"
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_last_complete_one(tmp_path, monkeypatch):
+    original = ocp.StandardCheckpointHandler.async_save
+    periodic = []
+
+    async def failing(self, directory, *args, **kwargs):
+        if directory.parent.parent.name == "checkpoints":
+            periodic.append(directory)
+            if len(periodic) == 2:
+                (directory / "partial").write_bytes(b"\0" * 1000)
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return await original(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", failing)
+    with pytest.raises(
+        UserError,
+        match=r"could not write checkpoint 2 to .*checkpoints: No space left on device; the last "
+        r"complete checkpoint is .*checkpoints/1; free space and rerun",
+    ):
+        train.train_and_evaluate(tiny_config(epochs=3), str(tmp_path))
+    kept = snapshot(tmp_path / "checkpoints" / "1")
+    monkeypatch.undo()
+    state, results = train.train_and_evaluate(tiny_config(epochs=3), str(tmp_path))
+    assert kept == snapshot(tmp_path / "checkpoints" / "1")  # untouched by the rerun
+    straight_state, straight = train.train_and_evaluate(
+        tiny_config(epochs=3), str(tmp_path / "straight")
+    )
+    assert_trees_equal(state["state"], straight_state["state"])
+    assert results["test_accuracy"] == straight["test_accuracy"]
+    assert results["steps"] == straight["steps"]
+
+
+def test_pretrained_weights_with_missing_and_extra_names(backbone_dir, tmp_path):
+    best = checkpoints.manager(backbone_dir / "best", keep=1, create=False)
+    variables = best.restore(best.latest_step())["variables"]
+    params = dict(variables["params"])
+    params["conv3"] = {"kernel": params["conv3"]["kernel"]}  # its bias is missing
+    params["extra"] = {"kernel": np.zeros((3, 3), np.float32)}
+    checkpoints.save(
+        checkpoints.manager(tmp_path / "edited" / "best", keep=1),
+        1,
+        {"variables": {"params": params}},
+    )
+    before = snapshot(tmp_path / "edited")
+    with pytest.raises(
+        UserError,
+        match=r"does not fit this config: missing variables/params/conv3/bias \(8,\); "
+        r"unexpected variables/params/extra/kernel \(3, 3\)",
+    ):
+        train.train_and_evaluate(attention_config(tmp_path / "edited"), str(tmp_path / "wd"))
+    assert snapshot(tmp_path / "edited") == before
+
+
+def test_same_config_and_seed_give_identical_runs(backbone_dir, tmp_path):
+    runs = [
+        train.train_and_evaluate(attention_config(backbone_dir), str(tmp_path / name))
+        for name in ("a", "b")
+    ]
+    (state_a, results_a), (state_b, results_b) = runs
+    assert_trees_equal(state_a["state"], state_b["state"])
+    for key in results_a:
+        if key != "wall_time_s":
+            assert results_a[key] == results_b[key], key
+
+
+def test_guard_alpha_zero_is_the_backbone(backbone_dir, tmp_path, monkeypatch):
+    original = agreement.modulation
+    monkeypatch.setattr(
+        agreement, "modulation", lambda gatta, alpha, kind: original(gatta, alpha, kind) + 0.01
+    )
+    with pytest.raises(UserError, match=r"guard failed: with every alpha = 0 .* differ by up to"):
+        train.train_and_evaluate(attention_config(backbone_dir), str(tmp_path))
+    assert (
+        not list((tmp_path / "checkpoints").iterdir()) and not (tmp_path / "config.json").exists()
+    )
+
+
+def test_guard_backbone_checkpoint_changed_during_attention_training(backbone_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "backbone"
+    shutil.copytree(backbone_dir, copy)
+    original = train.evaluate
+    calls = []
+
+    def evaluate_and_tamper(*args, **kwargs):
+        if not calls:
+            victim = max((copy / "best").rglob("*"), key=lambda p: p.stat().st_size)
+            victim.write_bytes(victim.read_bytes()[::-1])
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "evaluate", evaluate_and_tamper)
+        with pytest.raises(UserError, match=r"guard failed: the backbone checkpoint .* changed"):
+            train.train_and_evaluate(attention_config(copy), str(tmp_path / "wd"))
+    assert (tmp_path / "wd" / "checkpoints" / "1").is_dir()  # the attention state is kept
+
+
+def test_backbone_variables_bit_identical_after_attention_training(backbone_dir, tmp_path):
+    before = snapshot(backbone_dir)
+    _, results = train.train_and_evaluate(attention_config(backbone_dir), str(tmp_path))
+    assert snapshot(backbone_dir) == before
+    digest = checkpoints.digest(*checkpoints.find_model_checkpoint(str(backbone_dir)))
+    assert results["backbone_checkpoint_sha256"] == digest
+
+
+def nan_when_label_is_3(params, frozen, x, y, rng):
+    logits = jnp.mean(x, axis=(1, 2)) @ params["w"]
+    loss = jnp.mean(steps.cross_entropy(logits, y))
+    return jnp.where(y[0] == 3, jnp.nan, loss), logits
+
+
+def test_skip_mode_drops_exactly_the_non_finite_updates():
+    tx = optax.adam(1e-2)
+    params = {"w": jnp.ones((3, 10), jnp.float32)}
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 255, (8, 4, 4, 3)), jnp.uint8)
+    labels = jnp.asarray([1, 3, 5, 3, 2, 0, 3, 1], jnp.int32)
+    perm = jnp.arange(8)
+    key = jax.random.key(0)
+    skip = jax.jit(
+        lambda s, i: steps.train_step(
+            nan_when_label_is_3,
+            tx,
+            False,
+            1,
+            key,
+            s,
+            {},
+            images,
+            labels,
+            perm,
+            i,
+            skip_nonfinite=True,
+        )
+    )
+    stop = jax.jit(
+        lambda s, i: steps.train_step(
+            nan_when_label_is_3, tx, False, 1, key, s, {}, images, labels, perm, i
+        )
+    )
+    state = steps.init_state(params, tx)
+    for i in range(8):
+        before = state
+        state, metrics = skip(before, jnp.int32(i))
+        assert int(state["step"]) == i + 1
+        if int(labels[i]) == 3:
+            assert not bool(metrics["finite"]) and float(metrics["loss"]) == 0.0
+            assert_trees_equal(state["params"], before["params"])
+            assert_trees_equal(state["opt_state"], before["opt_state"])
+        else:
+            expected, _ = stop(before, jnp.int32(i))
+            assert_trees_equal(state["params"], expected["params"])
+    assert int(state["skipped"]) == 3
+
+
+def test_skip_mode_end_to_end_counts_the_skips(tmp_path, monkeypatch):
+    original = train.backbone_loss_fn
+
+    def sometimes_nan(backbone, weight_decay):
+        loss_fn = original(backbone, weight_decay)
+
+        def wrapped(params, frozen, x, y, rng):
+            loss, logits = loss_fn(params, frozen, x, y, rng)
+            return jnp.where(y[0] == 3, jnp.nan, loss), logits
+
+        return wrapped
+
+    monkeypatch.setattr(train, "backbone_loss_fn", sometimes_nan)
+    config = tiny_config(epochs=2)
+    with pytest.raises(UserError, match=r"non-finite loss or gradient at step \d+ \(epoch 1\)"):
+        train.train_and_evaluate(config, str(tmp_path / "stop"))
+    config.on_nonfinite = "skip"
+    _, results = train.train_and_evaluate(config, str(tmp_path / "skip"))
+    assert 0 < results["skipped_updates"] < results["steps"]
+    saved = json.loads((tmp_path / "skip" / "results.json").read_text())
+    assert saved["skipped_updates"] == results["skipped_updates"]
+    assert np.isfinite(saved["test_loss"])
+
+
+def test_skip_mode_stops_when_a_whole_epoch_is_skipped(tmp_path):
+    config = tiny_config(epochs=3)
+    config.on_nonfinite = "skip"
+    config.backbone_training.learning_rate = 1e30
+    with pytest.raises(UserError, match=r"every update of epoch \d was non-finite and skipped"):
+        train.train_and_evaluate(config, str(tmp_path))

@@ -1,0 +1,50 @@
+"""Run-time guards of GAttANet's invariants in the attention stage; each failure is one line.
+
+- alpha = 0 is the backbone: a fresh attention run whose alphas are all 0 must give the frozen
+  backbone's logits (checked on one batch before training). A modulation that is not the identity
+  at alpha = 0, or a second pass that runs the backbone differently from the first, fails here.
+- the frozen backbone stays what it was: the backbone checkpoint's files hash the same at the
+  end of the stage as when they were loaded (another run writing into that workdir would
+  otherwise leave results computed against weights that no longer exist).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from train import checkpoints
+from train.augment import to_float
+from train.errors import UserError
+
+
+def check_alpha_zero_is_backbone(task, params, images, dtype_name: str) -> None:
+    if task.baseline_logits_fn is None:
+        return
+    if any(float(v["alpha"]) != 0.0 for v in params.values()):
+        return
+    x = to_float(jax.device_put(images))
+    ours = np.asarray(jax.jit(task.logits_fn)(params, task.frozen, x), np.float32)
+    base = np.asarray(jax.jit(task.baseline_logits_fn)(params, task.frozen, x), np.float32)
+    tol = 1e-5 if dtype_name == "float32" else 2e-2
+    if not np.allclose(ours, base, rtol=tol, atol=tol):
+        worst = float(np.max(np.abs(ours - base)))
+        raise UserError(
+            "guard failed: with every alpha = 0 the attention model must give the frozen "
+            f"backbone's logits, but they differ by up to {worst:.3g} on {len(x)} images; the "
+            "modulation or the second pass is wired wrongly"
+        )
+
+
+def check_backbone_unchanged(task) -> None:
+    if task.backbone_source is None:
+        return
+    directory, step, sha = task.backbone_source
+    if not (Path(directory) / str(step)).is_dir() or (checkpoints.digest(directory, step) != sha):
+        raise UserError(
+            f"guard failed: the backbone checkpoint {directory}/{step} changed or disappeared "
+            "while the attention stage ran (did another run write to that workdir?); this "
+            "stage's results were computed against the weights it loaded at the start"
+        )

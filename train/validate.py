@@ -1,0 +1,112 @@
+"""Checks of a config and a workdir before any work starts: each problem is one clear line.
+
+Overrides on the command line are type-checked by ml_collections already (``--config.attention.d=
+abc`` is refused while parsing); these checks also catch values written into a config file.
+"""
+
+from __future__ import annotations
+
+import numbers
+from pathlib import Path
+
+from train.errors import UserError
+
+STAGES = ("backbone", "attention", "both")
+NONFINITE = ("stop", "skip")
+BACKBONES = ("toy",)
+DTYPE_NAMES = ("float32", "bfloat16")
+
+
+def _fail(field: str, want: str, value) -> None:
+    raise UserError(f"config.{field} must be {want}, got {value!r}")
+
+
+def _positive_int(config, field: str) -> None:
+    v = config[field]
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        _fail(field, "a positive integer", v)
+
+
+def _number(config, field: str, low: float, high: float, high_open=False, low_open=False):
+    v = config[field]
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        _fail(field, "a number", v)
+    too_low = v <= low if low_open else v < low
+    too_high = v >= high if high_open else v > high
+    if too_low or too_high:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        _fail(field, f"in {lo}{low}, {high}{hi}", v)
+
+
+def _choice(config, field: str, choices: tuple[str, ...]) -> None:
+    if config[field] not in choices:
+        _fail(field, f"one of {choices}", config[field])
+
+
+class _Flat:
+    """config['a.b'] for nested ConfigDicts, so messages name the full field."""
+
+    def __init__(self, config):
+        self._config = config
+
+    def __getitem__(self, dotted: str):
+        node = self._config
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+
+def check_config(config) -> None:
+    """Raises UserError naming the first field with a bad type or value."""
+    c = _Flat(config)
+    _choice(c, "stage", STAGES)
+    _choice(c, "on_nonfinite", NONFINITE)
+    for field in (
+        "seed",
+        "dataset.num_classes",
+        "model.hidden",
+        "attention.d",
+        "checkpoint_every_epochs",
+        "keep_checkpoints",
+        "eval_batch_size",
+        "log_every_steps",
+    ):
+        if field == "seed":
+            if isinstance(c[field], bool) or not isinstance(c[field], int) or c[field] < 0:
+                _fail(field, "a non-negative integer", c[field])
+        else:
+            _positive_int(c, field)
+    _number(c, "dataset.validation_fraction", 0.0, 1.0, high_open=True)
+    _number(c, "model.dropout_rate", 0.0, 1.0, high_open=True)
+    _number(c, "attention.dropout_rate", 0.0, 1.0, high_open=True)
+    _number(c, "attention.alpha_init", -1e6, 1e6)
+    _choice(c, "model.backbone", BACKBONES)
+    _choice(c, "model.dtype", DTYPE_NAMES)
+    features = c["model.features"]
+    if not features or not all(isinstance(f, int) and f > 0 for f in features):
+        _fail("model.features", "a tuple of positive integers", features)
+    sites = c["model.sites"]
+    if not sites or not all(isinstance(s, str) and s for s in sites):
+        _fail("model.sites", "a non-empty tuple of module paths", sites)
+    for stage in ("backbone_training", "attention_training"):
+        for field in ("batch_size", "num_epochs", "patience"):
+            _positive_int(c, f"{stage}.{field}")
+        _number(c, f"{stage}.learning_rate", 0.0, float("inf"), low_open=True)
+        _number(c, f"{stage}.weight_decay", 0.0, float("inf"))
+        if not isinstance(c[f"{stage}.augment"], bool):
+            _fail(f"{stage}.augment", "True or False", c[f"{stage}.augment"])
+
+
+def prepare_workdir(workdir: str) -> Path:
+    """Creates ``workdir`` and proves it is writable before any training starts."""
+    if not workdir:
+        raise UserError("--workdir is empty; give a directory for checkpoints and results")
+    path = Path(workdir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"workdir {path} is not writable: {e.strerror or e}") from None
+    return path
