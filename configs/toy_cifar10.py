@@ -87,6 +87,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # data, augmentation in this stage hurt (see configs/demo.py): worth checking on CIFAR.
     config.attention_training.augment = True
 
+    # Devices: 'none' (one device) or 'jit' (data parallel over all local devices; batch sizes
+    # are global and must divide by the number of devices).
+    config.parallel = "none"
+
     # Checkpoints and logging.
     config.checkpoint_every_epochs = 1  # periodic saves (the best-by-validation one is kept too)
     config.keep_checkpoints = 3  # periodic checkpoints kept besides the best one

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from train.augment import augment, to_float
+from train.parallel import constrain
 
 # (trainable params, frozen variables, images, labels, rng) -> (loss, logits)
 LossFn = Callable[[dict, dict, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
@@ -64,6 +65,7 @@ def train_step(
     index: jax.Array,
     *,
     skip_nonfinite: bool = False,
+    batch_sharding=None,
 ):
     """One optimisation step on batch ``index`` of the epoch ordered by ``perm``.
 
@@ -72,9 +74,11 @@ def train_step(
     ``skip_nonfinite`` an update whose loss or gradient is not finite is dropped (parameters and
     optimizer state stay as they were) and counted in ``state['skipped']``; the step counter
     advances either way, so the data order and RNG streams do not depend on skips.
+    ``batch_sharding`` lays the batch out over a device mesh (data parallel; see parallel.py).
     """
     idx = jax.lax.dynamic_slice_in_dim(perm, index * batch_size, batch_size)
-    x, y = images[idx], labels[idx]
+    x = constrain(images[idx], batch_sharding)
+    y = constrain(labels[idx], batch_sharding)
     key = jax.random.fold_in(jax.random.fold_in(seed_key, 1), state["step"])
     k_aug, k_drop = jax.random.split(key)
     x = augment(k_aug, x) if do_augment else to_float(x)
@@ -109,14 +113,16 @@ def eval_batch(
     images: jax.Array,
     labels: jax.Array,
     start: jax.Array,
+    *,
+    batch_sharding=None,
 ):
     """Summed loss and correct count of batch [start, start + batch_size), padded at the end."""
     n = labels.shape[0]
     idx = start + jnp.arange(batch_size)
-    valid = idx < n
+    valid = constrain(idx < n, batch_sharding)
     idx = jnp.minimum(idx, n - 1)
-    logits = logits_fn(params, frozen, to_float(images[idx]))
-    y = labels[idx]
+    logits = logits_fn(params, frozen, to_float(constrain(images[idx], batch_sharding)))
+    y = constrain(labels[idx], batch_sharding)
     loss = jnp.sum(jnp.where(valid, cross_entropy(logits, y), 0.0))
     correct = jnp.sum(jnp.where(valid, jnp.argmax(logits, -1) == y, False))
     return loss, correct

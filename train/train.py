@@ -15,7 +15,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +25,7 @@ import tqdm
 from absl import logging
 
 from gattanet_jax import count_params, init_attention, two_pass
-from train import checkpoints, guards, input_pipeline, models, steps, validate
+from train import checkpoints, guards, input_pipeline, models, parallel, progress, steps, validate
 from train.errors import UserError
 
 
@@ -42,6 +41,7 @@ class Task:
     frozen: dict  # the frozen backbone's variables (attention stage), else empty
     baseline_logits_fn: Callable[[dict, dict, jax.Array], jax.Array] | None = None
     backbone_source: tuple[str, int, str] | None = None  # (directory, step, sha256)
+    batch_sharding: jax.sharding.NamedSharding | None = None  # data parallel (parallel.py)
 
 
 def backbone_loss_fn(backbone, weight_decay: float) -> steps.LossFn:
@@ -116,13 +116,14 @@ def attention_task(config, backbone, rng) -> Task:
 
 
 @functools.lru_cache(maxsize=16)
-def _eval_step(logits_fn, batch_size: int):
+def _eval_step(logits_fn, batch_size: int, sharding):
     """One compiled evaluation step per (logits function, batch size), reused across epochs."""
-    return jax.jit(functools.partial(steps.eval_batch, logits_fn, batch_size))
+    step = functools.partial(steps.eval_batch, logits_fn, batch_size, batch_sharding=sharding)
+    return jax.jit(step)
 
 
 def evaluate(task: Task, params, split, batch_size: int, logits_fn=None) -> dict:
-    step = _eval_step(logits_fn or task.logits_fn, batch_size)
+    step = _eval_step(logits_fn or task.logits_fn, batch_size, task.batch_sharding)
     loss = correct = 0.0
     for start in range(0, len(split), batch_size):
         batch_loss, batch_correct = step(
@@ -133,26 +134,11 @@ def evaluate(task: Task, params, split, batch_size: int, logits_fn=None) -> dict
     return {"accuracy": float(correct) / n, "loss": float(loss) / n}
 
 
-class Writer:
-    """TensorBoard event files in the workdir (written by process 0 only)."""
-
-    def __init__(self, path: Path):
-        from tensorboardX import SummaryWriter
-
-        self._writer = SummaryWriter(str(path / "tensorboard"))
-
-    def scalars(self, step: int, values: dict) -> None:
-        for k, v in values.items():
-            self._writer.add_scalar(k, float(v), step)
-        self._writer.flush()
-
-    def close(self):
-        self._writer.close()
-
-
 def train_stage(config, workdir: str) -> tuple[dict, dict]:
     """Trains one stage in ``workdir``, resuming from its latest checkpoint if there is one."""
     start_time = time.time()
+    place = parallel.placement(config)
+    parallel.check_batch_sizes(config, place)
     path = validate.prepare_workdir(workdir)
     backbone = models.build_backbone(config)
     if config.stage == "attention":  # site names and d are checked before any data is read
@@ -170,7 +156,10 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
         raise UserError(f"batch size {batch} exceeds the {len(data.train)} training examples")
 
     tx = optax.adam(recipe.learning_rate, eps=1e-7)  # Keras' Adam defaults
-    state = steps.init_state(task.params, tx)
+    task = dataclasses.replace(
+        task, frozen=place.replicate(task.frozen), batch_sharding=place.batch_sharding
+    )
+    state = place.replicate(steps.init_state(task.params, tx))
     meta = {"epoch": 0, "best_val": -1.0, "bad_epochs": 0, "done": False}
     trainable = count_params(task.params)
     print(
@@ -185,10 +174,10 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
         restored = checkpoints.restore(
             ckpt,
             ckpt.latest_step(),
-            {"state": state, "meta": _meta_arrays(meta)},
+            {"state": state, "meta": progress.meta_arrays(meta)},
             "checkpoint in this workdir",
         )
-        state, meta = restored["state"], _meta_values(restored["meta"])
+        state, meta = restored["state"], progress.meta_values(restored["meta"])
         print(f"[{config.stage}] resumed from epoch {meta['epoch']} (step {int(state['step'])})")
     # A crash between a best/ save and the periodic save of the same epoch leaves best/ ahead of
     # the state resumed from (or started afresh); the deterministic replay writes it again.
@@ -204,7 +193,7 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
     # Written only once the workdir's checkpoints are known to fit this config.
     (path / "config.json").write_text(config.to_json_best_effort(indent=2))
     skip = config.on_nonfinite == "skip"
-    images, labels = jax.device_put(data.train.images), jax.device_put(data.train.labels)
+    images, labels = place.replicate((data.train.images, data.train.labels))
     step_fn = jax.jit(
         functools.partial(
             steps.train_step,
@@ -214,11 +203,12 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
             batch,
             seed_key,
             skip_nonfinite=skip,
+            batch_sharding=place.batch_sharding,
         ),
         donate_argnums=(0,),
     )
     perm_fn = jax.jit(steps.epoch_permutation, static_argnums=2)
-    writer = Writer(path)
+    writer = progress.Writer(path)
     epoch_times = []
     while not meta["done"] and meta["epoch"] < recipe.num_epochs:
         t0 = time.time()
@@ -263,13 +253,14 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
             or meta["epoch"] % config.checkpoint_every_epochs == 0
             or (meta["epoch"] == recipe.num_epochs)
         ):
-            checkpoints.save(ckpt, meta["epoch"], {"state": state, "meta": _meta_arrays(meta)})
+            saved = {"state": state, "meta": progress.meta_arrays(meta)}
+            checkpoints.save(ckpt, meta["epoch"], saved)
         remaining = (recipe.num_epochs - meta["epoch"]) * float(np.mean(epoch_times[-5:]))
         print(
             f"[{config.stage}] epoch {meta['epoch']}/{recipe.num_epochs} "
             f"loss {sums['loss']:.4f} acc {sums['accuracy']:.4f} val_acc {val['accuracy']:.4f}"
             f"{' *' if improved else ''} | {steps_per_epoch / epoch_times[-1]:.1f} steps/s, "
-            f"ETA {_duration(remaining)} (at most)"
+            f"ETA {progress.duration(remaining)} (at most)"
             + (f" | skipped {skipped} non-finite updates" if skipped else ""),
             flush=True,
         )
@@ -350,33 +341,6 @@ def _check_finite(finite: list, first_step: int, epoch: int, ckpt, every=False) 
 
 def _variables(task, state):
     return {"params": state["params"]}
-
-
-def _meta_arrays(meta):
-    return {
-        "epoch": np.asarray(meta["epoch"], np.int32),
-        "best_val": np.asarray(meta["best_val"], np.float64),
-        "bad_epochs": np.asarray(meta["bad_epochs"], np.int32),
-        "done": np.asarray(meta["done"], np.int32),
-    }
-
-
-def _meta_values(meta):
-    return {
-        "epoch": int(meta["epoch"]),
-        "best_val": float(meta["best_val"]),
-        "bad_epochs": int(meta["bad_epochs"]),
-        "done": bool(meta["done"]),
-    }
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return (
-        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-        if seconds >= 3600
-        else (f"{seconds // 60}m{seconds % 60:02d}s")
-    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):

@@ -1,0 +1,66 @@
+"""Data parallel training (config.parallel='jit') over the 8 forced host devices."""
+
+import jax
+import numpy as np
+import pytest
+
+from tests.test_train import tiny_config
+from train import train
+from train.errors import UserError
+
+
+def parallel_config(mode, stage="backbone"):
+    config = tiny_config(stage, epochs=1)
+    config.parallel = mode
+    config.eval_batch_size = 48
+    config.dataset.max_train_examples = 3 * 32 * 10 // 9 + 1  # 3 steps of 32 after validation
+    return config
+
+
+def run_both(tmp_path, stage, **overrides):
+    runs = []
+    for mode in ("none", "jit"):
+        config = parallel_config(mode, stage)
+        config.update(overrides)
+        runs += train.train_and_evaluate(config, str(tmp_path / f"{stage}_{mode}"))
+    return runs
+
+
+@pytest.mark.parametrize("stage", ["backbone", "attention"])
+def test_sharded_jit_equals_one_device(tmp_path, stage):
+    assert jax.local_device_count() == 8
+    if stage == "attention":
+        train.train_and_evaluate(parallel_config("none"), str(tmp_path / "backbone"))
+    one_state, one, all_state, par = run_both(
+        tmp_path, stage, backbone_checkpoint=str(tmp_path / "backbone")
+    )
+    assert one["steps"] == par["steps"] == 3
+    for a, b in zip(
+        jax.tree.leaves(one_state["state"]["params"]),
+        jax.tree.leaves(all_state["state"]["params"]),
+        strict=True,
+    ):
+        assert b.sharding.device_set == set(jax.local_devices())
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+    assert par["test_accuracy"] == one["test_accuracy"]
+    assert abs(par["test_loss"] - one["test_loss"]) <= 1e-5 * abs(one["test_loss"])
+
+
+@pytest.mark.parametrize("field", ["backbone_training.batch_size", "eval_batch_size"])
+def test_batch_size_that_does_not_divide_by_the_devices(tmp_path, field):
+    config = parallel_config("jit")
+    section, _, name = field.rpartition(".")
+    (config[section] if section else config)[name] = 30
+    with pytest.raises(
+        UserError,
+        match=rf"config.{field} = 30 does not divide by the 8 devices of config.parallel='jit'; "
+        "use a multiple of 8",
+    ):
+        train.train_and_evaluate(config, str(tmp_path / "wd"))
+    assert not (tmp_path / "wd").exists()
+
+
+def test_unknown_parallel_mode(tmp_path):
+    config = parallel_config("pmapp")
+    with pytest.raises(UserError, match=r"config.parallel must be one of \('none', 'jit'\)"):
+        train.train_and_evaluate(config, str(tmp_path))
