@@ -1,0 +1,105 @@
+"""train.analyze on a tiny trained model: every analysis writes its figure and numbers."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.test_train import tiny_config
+from train import analyze, train
+from train.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    config = tiny_config("both", epochs=1)
+    config.dataset.max_test_examples = 96
+    train.train_and_evaluate(config, str(root))
+    return root / "attention"
+
+
+@pytest.fixture(scope="module")
+def model(trained):
+    return analyze.load(str(trained))
+
+
+def written(m, name):
+    assert (m.out / f"{name}.png").stat().st_size > 10_000
+    return json.loads((m.out / f"{name}.json").read_text())
+
+
+def test_noise_curves_start_at_the_trained_accuracies(model):
+    result = analyze.noise(model, sigmas=(0.0, 0.01, 0.25))
+    assert written(model, "noise") == dict(result, workdir=str(model.workdir), figure="noise.png")
+    clean = result["rows"][0]
+    assert clean["attention_accuracy"] == model.results["test_accuracy"]
+    assert clean["baseline_accuracy"] == model.results["backbone_test_accuracy"]
+    assert [r["sigma"] for r in result["rows"]] == [0.0, 0.01, 0.25]
+
+
+def test_lesions_by_default_and_no_site_is_exactly_the_baseline(model):
+    result = analyze.lesion(model)
+    rows = {r["lesion"]: r["accuracy"] for r in result["rows"]}
+    assert list(rows) == [
+        "cccdd", ".ccdd", "c.cdd", "cc.dd", "ccc.d", "cccd.",
+        "c....", ".c...", "..c..", "...d.", "....d", ".....",
+    ]  # fmt: skip
+    assert rows["....."] == result["baseline_accuracy"] == model.results["backbone_test_accuracy"]
+    assert rows["cccdd"] == model.results["test_accuracy"]
+    assert written(model, "lesion")["rows"] == result["rows"]
+    with pytest.raises(UserError, match="one character per site"):
+        analyze.lesion(model, ["ccc"])
+
+
+def test_umap_of_q_avg(model):
+    result = analyze.umap(model)
+    assert written(model, "umap")["d"] == 16
+    saved = np.load(model.out / "umap.npz")
+    assert saved["embedding"].shape == (96, 2) and saved["q_avg"].shape == (96, 16)
+    assert result["test_examples"] == 96
+
+
+def test_maps_and_the_true_class_agreement(model):
+    result = analyze.maps(model, [0, 5])
+    saved = written(model, "maps")
+    assert saved["images"] == [0, 5] and saved["logits_site"] == "logits"
+    assert 0.0 <= result["true_class_has_highest_agreement"] <= 1.0
+    with pytest.raises(UserError, match=r"test indices in \[0, 96\)"):
+        analyze.maps(model, [96])
+
+
+def test_table_from_workdirs(trained, tmp_path):
+    text = analyze.table(tmp_path, [str(trained), str(trained)])
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("| backbone | data | base params | base acc. | d |")
+    results = json.loads((trained / "results.json").read_text())
+    assert lines[2].startswith(
+        f"| toy | embedded | 3,226 | {100 * results['backbone_test_accuracy']:.2f} | 16 | 1,637 |"
+    )
+    assert len(lines) == 4 and (tmp_path / "table.md").read_text() == text
+    with pytest.raises(UserError, match="not a finished attention workdir"):
+        analyze.table(tmp_path, [str(trained.parent / "backbone")])
+
+
+def test_cli(trained):
+    def cli(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "train.analyze", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    r = cli("lesion", f"--workdir={trained}", "--lesions=cccdd,.....")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines()[-1].endswith("lesion.png and lesion.json")
+    r = cli("noise", f"--workdir={trained.parent / 'backbone'}")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        f"error: {trained.parent / 'backbone'} holds a 'backbone' stage; analyses need an "
+        "attention workdir (for stage=both, pass <workdir>/attention)"
+    )
+    r = cli("histogram", f"--workdir={trained}")
+    assert r.returncode == 2 and "usage: python -m train.analyze {noise|lesion|" in r.stderr

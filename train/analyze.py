@@ -1,0 +1,344 @@
+r"""The paper's analyses of a trained GAttANet, one command each.
+
+  python -m train.analyze noise  --workdir DIR [--sigmas 0,0.01,0.1]
+  python -m train.analyze lesion --workdir DIR [--lesions cccdd,.ccdd,c.cdd]
+  python -m train.analyze umap   --workdir DIR
+  python -m train.analyze maps   --workdir DIR [--images 0,1,2]
+  python -m train.analyze table  --workdir OUT --runs DIR1,DIR2,...
+
+DIR is an attention-stage workdir (what ``--config.stage=attention`` wrote, or <dir>/attention of
+``stage=both``): its config.json, best/ checkpoint and the frozen backbone it names are loaded,
+and the test split is evaluated. Figures (PNG) and numbers (JSON, markdown for the table) go to
+DIR/analysis/. ``--max_examples N`` evaluates the first N test images only (default: the test
+split the workdir was evaluated on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+from gattanet_jax import init_attention, two_pass
+from gattanet_jax.sites import lesion_mask, lesion_string
+from train import checkpoints, input_pipeline, models, plots
+from train.augment import to_float
+from train.errors import UserError
+
+ANALYSES = ("noise", "lesion", "umap", "maps", "table")
+# 0, then a log grid up to 0.25 (images in [0, 1]), as in Figures 2a and 4a.
+DEFAULT_SIGMAS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.25)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """A trained attention workdir, loaded."""
+
+    workdir: Path
+    config: ml_collections.ConfigDict
+    backbone: object
+    attention: object
+    backbone_vars: dict
+    params: dict
+    test: input_pipeline.Split
+    class_names: tuple[str, ...]
+    results: dict
+
+    @property
+    def out(self) -> Path:
+        path = self.workdir / "analysis"
+        path.mkdir(exist_ok=True)
+        return path
+
+
+def read_config(workdir: Path) -> ml_collections.ConfigDict:
+    path = workdir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{workdir} is not a training workdir (no config.json)")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def load(workdir: str, data_dir: str = "", max_examples: int = 0) -> Trained:
+    from train.train import load_backbone  # the same loading (and checks) as training
+
+    path = Path(workdir)
+    config = read_config(path)
+    if config.stage != "attention":
+        raise UserError(
+            f"{path} holds a {config.stage!r} stage; analyses need an attention workdir "
+            "(for stage=both, pass <workdir>/attention)"
+        )
+    if data_dir:
+        config.dataset.data_dir = data_dir
+    if max_examples:
+        config.dataset.max_test_examples = max_examples
+    backbone = models.build_backbone(config)
+    backbone_vars, _ = load_backbone(config, backbone)
+    attention = models.build_attention(config, backbone, backbone_vars)
+    abstract = jax.eval_shape(lambda: init_attention(attention, jax.random.key(0)))
+    directory, step = checkpoints.find_model_checkpoint(str(path))
+    mngr = checkpoints.manager(directory, keep=1, create=False)
+    restored = checkpoints.restore(mngr, step, {"variables": abstract}, "attention checkpoint")
+    data = input_pipeline.load(config, models.image_shape(config))
+    results_path = path / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    return Trained(
+        path,
+        config,
+        backbone,
+        attention,
+        backbone_vars,
+        restored["variables"]["params"],
+        data.test,
+        data.class_names,
+        results,
+    )
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _batch_outputs(backbone, attention, internals, params, bvars, images, mask, sigma, key):
+    x = to_float(images)
+    x = x + sigma * jax.random.normal(key, x.shape, x.dtype)  # additive, not clipped
+    out = two_pass(
+        backbone, attention, {"params": params}, bvars, x, lesion=mask, return_internals=internals
+    )
+    base = backbone.apply(bvars, x, train=False)
+    extra = (out.attention.q_avg, out.attention.gatta) if internals else None
+    return out.logits, base, extra
+
+
+def outputs(m: Trained, images, *, sigma=0.0, mask=None, seed=0, internals=False, batch=500):
+    """(attention logits, baseline logits[, (q_avg, gatta)]) over ``images``, in batches padded to
+    one shape (one compilation). The noise of image i depends on (seed, i) only, and the two
+    models see the same noisy image."""
+    n = len(images)
+    mask = jnp.ones(len(m.attention.sites)) if mask is None else jnp.asarray(mask, jnp.float32)
+    pieces = []
+    for start in range(0, n, batch):
+        chunk = images[start : start + batch]
+        pad = batch - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+        key = jax.random.fold_in(jax.random.key(seed), start)
+        res = _batch_outputs(
+            m.backbone,
+            m.attention,
+            internals,
+            m.params,
+            m.backbone_vars,
+            chunk,
+            mask,
+            jnp.float32(sigma),
+            key,
+        )
+        pieces.append(jax.tree.map(lambda a, k=batch - pad: np.asarray(a)[:k], res))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *pieces)
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(logits, -1) == labels))
+
+
+# --- the analyses ---------------------------------------------------------------------------------
+
+
+def noise(m: Trained, sigmas=DEFAULT_SIGMAS, seed: int = 0) -> dict:
+    rows = []
+    for sigma in sigmas:
+        att, base, _ = outputs(m, m.test.images, sigma=sigma, seed=seed)
+        rows.append(
+            {
+                "sigma": float(sigma),
+                "baseline_accuracy": accuracy(base, m.test.labels),
+                "attention_accuracy": accuracy(att, m.test.labels),
+            }
+        )
+        print(
+            f"sigma {sigma:<6g} baseline {rows[-1]['baseline_accuracy']:.4f} "
+            f"attention {rows[-1]['attention_accuracy']:.4f}",
+            flush=True,
+        )
+    result = {"test_examples": len(m.test), "noise_seed": seed, "rows": rows}
+    _write(m, "noise", result, plots.noise(rows, _title(m)))
+    return result
+
+
+def default_lesions(sites) -> list[str]:
+    """The full model, every single-site removal, every single-site-only model, no site."""
+    n = len(sites)
+    masks = [[True] * n]
+    masks += [[j != i for j in range(n)] for i in range(n)]
+    masks += [[j == i for j in range(n)] for i in range(n)]
+    masks.append([False] * n)
+    return [lesion_string(mk, sites) for mk in masks]
+
+
+def lesion(m: Trained, lesions=None) -> dict:
+    sites = m.attention.sites
+    lesions = list(lesions or default_lesions(sites))
+    base_acc = None
+    rows = []
+    for name in lesions:
+        try:
+            mask = np.asarray(lesion_mask(name, sites), np.float32)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        att, base, _ = outputs(m, m.test.images, mask=mask)
+        base_acc = accuracy(base, m.test.labels)
+        rows.append({"lesion": name, "accuracy": accuracy(att, m.test.labels)})
+        print(f"{name}  {rows[-1]['accuracy']:.4f}", flush=True)
+    result = {"test_examples": len(m.test), "baseline_accuracy": base_acc, "rows": rows}
+    _write(m, "lesion", result, plots.lesion(rows, base_acc, _title(m)))
+    return result
+
+
+def umap(m: Trained, seed: int = 0) -> dict:
+    import umap as umap_learn
+
+    _, _, (q_avg, _) = outputs(m, m.test.images, internals=True)
+    with warnings.catch_warnings():  # a fixed random_state runs single-threaded: said above
+        warnings.simplefilter("ignore", UserWarning)
+        reducer = umap_learn.UMAP(n_components=2, random_state=seed, n_jobs=1)
+        embedding = reducer.fit_transform(q_avg)
+    np.savez_compressed(m.out / "umap.npz", embedding=embedding, labels=m.test.labels, q_avg=q_avg)
+    result = {"test_examples": len(m.test), "d": int(q_avg.shape[1]), "umap_seed": seed}
+    _write(m, "umap", result, plots.umap(embedding, m.test.labels, m.class_names, _title(m)))
+    return result
+
+
+def maps(m: Trained, indices=(0, 1, 2, 3)) -> dict:
+    indices = [int(i) for i in indices]
+    if not indices or max(indices) >= len(m.test) or min(indices) < 0:
+        raise UserError(f"--images must be test indices in [0, {len(m.test)}), got {indices}")
+    att, _, (_, gatta) = outputs(m, m.test.images, internals=True)
+    logits_site = m.attention.sites[-1]
+    result = {"test_examples": len(m.test), "images": indices}
+    if logits_site.kind == "dense" and logits_site.channels == len(m.class_names):
+        top = np.argmax(gatta[logits_site.name], -1)
+        result["logits_site"] = logits_site.name
+        result["true_class_has_highest_agreement"] = float(np.mean(top == m.test.labels))
+        result["chance"] = 1.0 / len(m.class_names)
+        print(
+            f"true class has the highest agreement at '{logits_site.name}' for "
+            f"{result['true_class_has_highest_agreement']:.4f} of test images (chance "
+            f"{result['chance']:.2f})"
+        )
+    figure = plots.maps(
+        m.test.images[indices],
+        m.test.labels[indices],
+        np.argmax(att[indices], -1),
+        {s.name: gatta[s.name][indices] for s in m.attention.sites},
+        m.attention.sites,
+        m.class_names,
+        _title(m),
+    )
+    _write(m, "maps", result, figure)
+    return result
+
+
+def table(out: Path, runs: list[str]) -> str:
+    """Table 1's columns from the results of a list of attention workdirs."""
+    header = (
+        "| backbone | data | base params | base acc. | d | attention params | acc. | gain |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for run in runs:
+        path = Path(run)
+        config = read_config(path)
+        results_path = path / "results.json"
+        if config.stage != "attention" or not results_path.is_file():
+            raise UserError(f"{path} is not a finished attention workdir (no results.json)")
+        r = json.loads(results_path.read_text())
+        base, acc = r["backbone_test_accuracy"], r["test_accuracy"]
+        lines.append(
+            f"| {config.model.backbone} | {config.dataset.name} | {r['frozen_params']:,} | "
+            f"{100 * base:.2f} | {config.attention.d} | {r['trainable_params']:,} | "
+            f"{100 * acc:.2f} | {100 * (acc - base):+.2f} |"
+        )
+    text = header + "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text)
+    print(text, end="")
+    return text
+
+
+def _title(m: Trained) -> str:
+    c = m.config
+    return f"{m.workdir.name}: {c.model.backbone} on {c.dataset.name}, d={c.attention.d}"
+
+
+def _write(m: Trained, name: str, result: dict, figure) -> None:
+    result = dict(result, workdir=str(m.workdir), figure=f"{name}.png")
+    (m.out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    figure.savefig(m.out / f"{name}.png", dpi=110, bbox_inches="tight")
+    plots.close(figure)
+    print(f"wrote {m.out / name}.png and {name}.json")
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Attention workdir (for 'table': output dir).")
+_RUNS = flags.DEFINE_list("runs", [], "table: attention workdirs, one row each.")
+_SIGMAS = flags.DEFINE_list("sigmas", [str(s) for s in DEFAULT_SIGMAS], "noise: noise levels.")
+_LESIONS = flags.DEFINE_list("lesions", [], "lesion: lesion strings (default: all single-site).")
+_IMAGES = flags.DEFINE_list("images", ["0", "1", "2", "3"], "maps: test image indices.")
+_MAX = flags.DEFINE_integer("max_examples", 0, "Evaluate the first N test images (0 = all).")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "Override the workdir's tfds data directory.")
+flags.mark_flag_as_required("workdir")
+
+
+def run(analysis: str) -> None:
+    if analysis == "table":
+        if not _RUNS.value:
+            raise UserError("table needs --runs DIR1,DIR2,... (attention workdirs)")
+        table(Path(_WORKDIR.value), _RUNS.value)
+        return
+    m = load(_WORKDIR.value, _DATA_DIR.value, _MAX.value)
+    if analysis == "noise":
+        try:
+            sigmas = [float(s) for s in _SIGMAS.value]
+        except ValueError:
+            raise UserError(f"--sigmas must be numbers, got {_SIGMAS.value}") from None
+        noise(m, sigmas)
+    elif analysis == "lesion":
+        lesion(m, _LESIONS.value)
+    elif analysis == "umap":
+        umap(m)
+    elif analysis == "maps":
+        try:
+            indices = [int(i) for i in _IMAGES.value]
+        except ValueError:
+            raise UserError(f"--images must be test indices, got {_IMAGES.value}") from None
+        maps(m, indices)
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in ANALYSES:
+        names = "|".join(ANALYSES)
+        print(f"usage: python -m train.analyze {{{names}}} --workdir DIR [...]", file=sys.stderr)
+        sys.exit(2)
+    logging.set_verbosity(logging.WARNING)
+    try:
+        run(argv[1])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    from train import cli
+
+    app.run(main, flags_parser=cli.parse_flags)

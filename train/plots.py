@@ -1,0 +1,118 @@
+"""Figures of the analyses (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+BASELINE, ATTENTION = "#7f7f7f", "#d62728"
+
+
+def close(figure) -> None:
+    plt.close(figure)
+
+
+def _sigma_axis(ax, sigmas):
+    ax.set_xscale("symlog", linthresh=1e-3, linscale=0.5)
+    ax.set_xlim(0, max(sigmas) * 1.1)
+    ax.set_xlabel("Gaussian noise σ (images in [0, 1], symlog scale)")
+    ax.grid(True, alpha=0.3)
+
+
+def noise(rows: list[dict], title: str):
+    """Figure 2a / 4a (accuracy against noise) and 4b (the gain)."""
+    s = [r["sigma"] for r in rows]
+    base = np.array([r["baseline_accuracy"] for r in rows]) * 100
+    att = np.array([r["attention_accuracy"] for r in rows]) * 100
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(s, base, "o-", color=BASELINE, label="frozen baseline")
+    a.plot(s, att, "o-", color=ATTENTION, label="with GAttANet")
+    a.set_ylabel("test accuracy (%)")
+    a.set_title("accuracy against input noise")
+    a.legend()
+    _sigma_axis(a, s)
+    b.plot(s, att - base, "o-", color=ATTENTION, label="GAttANet − baseline")
+    b.axhline(0, color="black", lw=0.8)
+    b.set_ylabel("accuracy gain (percentage points)")
+    b.set_title("gain from attention")
+    b.legend()
+    _sigma_axis(b, s)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def lesion(rows: list[dict], baseline: float, title: str):
+    """Figure 4c: accuracy of the model with some sites receiving no modulation."""
+    names = [r["lesion"] for r in rows]
+    acc = np.array([r["accuracy"] for r in rows]) * 100
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names) + 2), 4))
+    colors = [ATTENTION if set(n) != {"."} else BASELINE for n in names]
+    bars = ax.bar(range(len(names)), acc, color=colors)
+    ax.bar_label(bars, [f"{a:.1f}" for a in acc], fontsize=7, padding=2)
+    ax.axhline(baseline * 100, color="black", ls="--", lw=1, label="frozen baseline")
+    ax.set_xticks(range(len(names)), names, family="monospace", fontsize=9)
+    ax.set_xlabel("modulated sites ('.' = no modulation at that site)")
+    ax.set_ylabel("test accuracy (%)")
+    low = min(acc.min(), baseline * 100)
+    high = max(acc.max(), baseline * 100)
+    pad = max(0.5, 0.15 * (high - low))
+    ax.set_ylim(max(0, low - pad), min(100, high + pad))
+    ax.legend(loc="lower right")
+    ax.set_title(f"lesions — {title}")
+    fig.tight_layout()
+    return fig
+
+
+def umap(embedding: np.ndarray, labels: np.ndarray, class_names, title: str):
+    """Figure 2b: UMAP of q_avg over the test set, coloured by class."""
+    fig, ax = plt.subplots(figsize=(7, 6))
+    cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    for c, name in enumerate(class_names):
+        pts = embedding[labels == c]
+        ax.scatter(pts[:, 0], pts[:, 1], s=3, color=cmap(c % cmap.N), label=f"{c} {name}")
+    if len(class_names) <= 20:
+        ax.legend(markerscale=4, fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
+    ax.set_xlabel("UMAP 1")
+    ax.set_ylabel("UMAP 2")
+    ax.set_title(f"UMAP of the global query q_avg — {title}")
+    fig.tight_layout()
+    return fig
+
+
+def maps(images, labels, predicted, gatta: dict, sites, class_names, title: str):
+    """Figure 3: each image, its agreement maps at conv sites and bars at dense sites."""
+    n, cols = len(images), 1 + len(sites)
+    fig, axes = plt.subplots(n, cols, figsize=(2.3 * cols, 2.2 * n), squeeze=False)
+    for i in range(n):
+        ax = axes[i, 0]
+        ax.imshow(images[i])
+        truth, guess = class_names[labels[i]], class_names[predicted[i]]
+        ax.set_title(f"true: {truth}\npredicted: {guess}", fontsize=8)
+        ax.axis("off")
+        for j, site in enumerate(sites, start=1):
+            ax, g = axes[i, j], gatta[site.name][i]
+            if site.kind == "conv":
+                im = ax.imshow(g, cmap="magma")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+            else:
+                colors = ["#1f77b4"] * len(g)
+                if len(g) == len(class_names):
+                    colors[labels[i]] = ATTENTION
+                ax.bar(range(len(g)), g, color=colors, width=1.0)
+                ax.tick_params(labelsize=6)
+                if len(g) == len(class_names):
+                    ax.set_xlabel("class (red: true)", fontsize=7)
+                else:
+                    ax.set_xlabel("unit", fontsize=7)
+            if i == 0:
+                ax.set_title(f"{site.name} ({site.kind})\nagreement", fontsize=8)
+    fig.suptitle(f"agreement maps (key · q_avg) — {title}", fontsize=10)
+    fig.tight_layout()
+    return fig
