@@ -290,49 +290,56 @@ def _write(m: Trained, name: str, result: dict, figure) -> None:
 
 # --- command line ---------------------------------------------------------------------------------
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Attention workdir (for 'table': output dir).")
-_RUNS = flags.DEFINE_list("runs", [], "table: attention workdirs, one row each.")
-_SIGMAS = flags.DEFINE_list("sigmas", [str(s) for s in DEFAULT_SIGMAS], "noise: noise levels.")
-_LESIONS = flags.DEFINE_list("lesions", [], "lesion: lesion strings (default: all single-site).")
-_IMAGES = flags.DEFINE_list("images", ["0", "1", "2", "3"], "maps: test image indices.")
-_MAX = flags.DEFINE_integer("max_examples", 0, "Evaluate the first N test images (0 = all).")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "Override the workdir's tfds data directory.")
-flags.mark_flag_as_required("workdir")
+
+def define_flags() -> dict:
+    """The CLI's flags; defined only when run as a program, so importing this module (tests,
+    notebooks) never clashes with other modules' absl flags."""
+    return {
+        "workdir": flags.DEFINE_string("workdir", None, "Attention workdir ('table': output)."),
+        "runs": flags.DEFINE_list("runs", [], "table: attention workdirs, one row each."),
+        "sigmas": flags.DEFINE_list("sigmas", [str(s) for s in DEFAULT_SIGMAS], "noise levels."),
+        "lesions": flags.DEFINE_list("lesions", [], "lesion strings (default: single sites)."),
+        "images": flags.DEFINE_list("images", ["0", "1", "2", "3"], "maps: test indices."),
+        "max_examples": flags.DEFINE_integer("max_examples", 0, "First N test images (0: all)."),
+        "data_dir": flags.DEFINE_string("data_dir", "", "Override the tfds data directory."),
+    }
 
 
-def run(analysis: str) -> None:
+def run(analysis: str, f: dict) -> None:
+    if not f["workdir"]:
+        raise UserError("--workdir is required")
     if analysis == "table":
-        if not _RUNS.value:
+        if not f["runs"]:
             raise UserError("table needs --runs DIR1,DIR2,... (attention workdirs)")
-        table(Path(_WORKDIR.value), _RUNS.value)
+        table(Path(f["workdir"]), f["runs"])
         return
-    m = load(_WORKDIR.value, _DATA_DIR.value, _MAX.value)
+    m = load(f["workdir"], f["data_dir"], f["max_examples"])
     if analysis == "noise":
         try:
-            sigmas = [float(s) for s in _SIGMAS.value]
+            sigmas = [float(s) for s in f["sigmas"]]
         except ValueError:
-            raise UserError(f"--sigmas must be numbers, got {_SIGMAS.value}") from None
+            raise UserError(f"--sigmas must be numbers, got {f['sigmas']}") from None
         noise(m, sigmas)
     elif analysis == "lesion":
-        lesion(m, _LESIONS.value)
+        lesion(m, f["lesions"])
     elif analysis == "umap":
         umap(m)
     elif analysis == "maps":
         try:
-            indices = [int(i) for i in _IMAGES.value]
+            indices = [int(i) for i in f["images"]]
         except ValueError:
-            raise UserError(f"--images must be test indices, got {_IMAGES.value}") from None
+            raise UserError(f"--images must be test indices, got {f['images']}") from None
         maps(m, indices)
 
 
-def main(argv):
+def main(argv, defined: dict):
     if len(argv) != 2 or argv[1] not in ANALYSES:
         names = "|".join(ANALYSES)
         print(f"usage: python -m train.analyze {{{names}}} --workdir DIR [...]", file=sys.stderr)
         sys.exit(2)
     logging.set_verbosity(logging.WARNING)
     try:
-        run(argv[1])
+        run(argv[1], {k: v.value for k, v in defined.items()})
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -341,4 +348,5 @@ def main(argv):
 if __name__ == "__main__":
     from train import cli
 
-    app.run(main, flags_parser=cli.parse_flags)
+    _DEFINED = define_flags()
+    app.run(functools.partial(main, defined=_DEFINED), flags_parser=cli.parse_flags)
