@@ -26,8 +26,17 @@ ARGS = [
 ]
 
 
-def command(workdir):
-    return [sys.executable, "-m", "train.main", f"--workdir={workdir}", *ARGS]
+def command(workdir, *extra):
+    return [sys.executable, "-m", "train.main", f"--workdir={workdir}", *ARGS, *extra]
+
+
+def attention_args(backbone_workdir):
+    return [
+        "--config.stage=attention",
+        f"--config.backbone_checkpoint={backbone_workdir}",
+        "--config.attention_training.num_epochs=10",
+        "--config.attention_training.patience=10",
+    ]
 
 
 def final_params(workdir):
@@ -46,6 +55,19 @@ def straight(tmp_path_factory):
     return workdir
 
 
+@pytest.fixture(scope="module")
+def straight_attention(straight, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight_attention")
+    subprocess.run(
+        command(workdir, *attention_args(straight)),
+        check=True,
+        capture_output=True,
+        timeout=600,
+        env=ENV,
+    )
+    return workdir
+
+
 def assert_same_run(straight, crashed):
     a = json.loads((straight / "results.json").read_text())
     b = json.loads((crashed / "results.json").read_text())
@@ -55,12 +77,17 @@ def assert_same_run(straight, crashed):
         np.testing.assert_array_equal(x, y)
 
 
-def test_kill_9_at_a_random_moment_then_rerun_equals_an_uninterrupted_run(straight, tmp_path):
+@pytest.mark.parametrize("stage", ["backbone", "attention"])
+def test_kill_9_at_a_random_moment_then_rerun_equals_an_uninterrupted_run(
+    request, straight, tmp_path, stage
+):
     env = ENV
-
+    extra = attention_args(straight) if stage == "attention" else []
+    if stage == "attention":
+        straight = request.getfixturevalue("straight_attention")
     crashed = tmp_path / "crashed"
     proc = subprocess.Popen(
-        command(crashed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+        command(crashed, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
     )
     deadline = time.time() + 300
     while not (crashed / "checkpoints" / "1").exists() and time.time() < deadline:
@@ -73,7 +100,9 @@ def test_kill_9_at_a_random_moment_then_rerun_equals_an_uninterrupted_run(straig
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (crashed / "results.json").exists(), "the run finished before it was killed"
-    r = subprocess.run(command(crashed), capture_output=True, timeout=600, env=env, text=True)
+    r = subprocess.run(
+        command(crashed, *extra), capture_output=True, timeout=600, env=env, text=True
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_run(straight, crashed)
 
