@@ -315,21 +315,20 @@ def run(analysis: str, f: dict) -> None:
         return
     m = load(f["workdir"], f["data_dir"], f["max_examples"])
     if analysis == "noise":
-        try:
-            sigmas = [float(s) for s in f["sigmas"]]
-        except ValueError:
-            raise UserError(f"--sigmas must be numbers, got {f['sigmas']}") from None
-        noise(m, sigmas)
+        noise(m, _parse(f["sigmas"], float, "--sigmas must be numbers"))
     elif analysis == "lesion":
         lesion(m, f["lesions"])
     elif analysis == "umap":
         umap(m)
     elif analysis == "maps":
-        try:
-            indices = [int(i) for i in f["images"]]
-        except ValueError:
-            raise UserError(f"--images must be test indices, got {f['images']}") from None
-        maps(m, indices)
+        maps(m, _parse(f["images"], int, "--images must be test indices"))
+
+
+def _parse(values: list[str], kind, what: str) -> list:
+    try:
+        return [kind(v) for v in values]
+    except ValueError:
+        raise UserError(f"{what}, got {values}") from None
 
 
 def main(argv, defined: dict):
