@@ -29,6 +29,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from gattanet_jax import init_attention, two_pass
+from gattanet_jax.attention import param_name
 from gattanet_jax.sites import lesion_mask, lesion_string
 from train import checkpoints, input_pipeline, models, plots
 from train.augment import to_float
@@ -226,13 +227,18 @@ def maps(m: Trained, indices=(0, 1, 2, 3)) -> dict:
     logits_site = m.attention.sites[-1]
     result = {"test_examples": len(m.test), "images": indices}
     if logits_site.kind == "dense" and logits_site.channels == len(m.class_names):
-        top = np.argmax(gatta[logits_site.name], -1)
+        g = gatta[logits_site.name]
+        alpha = float(m.params[param_name(logits_site.name)]["alpha"])
         result["logits_site"] = logits_site.name
-        result["true_class_has_highest_agreement"] = float(np.mean(top == m.test.labels))
+        result["logits_site_alpha"] = alpha
+        result["true_class_has_highest_agreement"] = float(np.mean(g.argmax(-1) == m.test.labels))
+        result["true_class_has_lowest_agreement"] = float(np.mean(g.argmin(-1) == m.test.labels))
         result["chance"] = 1.0 / len(m.class_names)
         print(
-            f"true class has the highest agreement at '{logits_site.name}' for "
-            f"{result['true_class_has_highest_agreement']:.4f} of test images (chance "
+            f"at '{logits_site.name}' (alpha {alpha:+.4f}: agreement "
+            f"{'boosts' if alpha >= 0 else 'damps'} a unit) the true class has the highest "
+            f"agreement for {result['true_class_has_highest_agreement']:.4f} and the lowest for "
+            f"{result['true_class_has_lowest_agreement']:.4f} of test images (chance "
             f"{result['chance']:.2f})"
         )
     figure = plots.maps(

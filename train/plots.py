@@ -62,7 +62,7 @@ def lesion(rows: list[dict], baseline: float, title: str):
     high = max(acc.max(), baseline * 100)
     pad = max(0.5, 0.15 * (high - low))
     ax.set_ylim(max(0, low - pad), min(100, high + pad))
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right")
     ax.set_title(f"lesions — {title}")
     fig.tight_layout()
     return fig
