@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,3 +22,16 @@ def build(batch: int, dtype: str, d: int):
     images = jnp.asarray(rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8))
     labels = jnp.asarray(rng.integers(0, 10, (batch,)), jnp.int32)
     return backbone, backbone_vars, attention, attention_vars, images, labels
+
+
+def median_seconds(fn, *args, repeats: int, warmup: int) -> float:
+    """Median wall time of ``fn(*args)`` with the result waited for; ``fn`` returns new args
+    for the next call when it is a step (state threading), else its outputs are dropped."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))

@@ -22,7 +22,7 @@ import optax
 from absl import app, flags
 
 import gattanet_jax as gj
-from benchmarks.common import build
+from benchmarks.common import build, median_seconds
 from train import steps
 from train.train import attention_loss_fn, backbone_loss_fn
 
@@ -34,19 +34,6 @@ _PEER = flags.DEFINE_enum("peer", None, ["torch"], "Also time a peer implementat
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed runs per measurement.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed runs before timing.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
-
-
-def median_seconds(fn, *args, repeats: int, warmup: int) -> float:
-    """Median wall time of ``fn(*args)`` with the result waited for; ``fn`` returns new args
-    for the next call when it is a step (state threading), else its outputs are dropped."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def time_step(step_fn, state, data, repeats, warmup):
