@@ -39,12 +39,9 @@ def backbone_shapes(backbone, config: ml_collections.ConfigDict):
 
 
 def build_attention(config: ml_collections.ConfigDict, backbone, backbone_vars) -> AttentionSystem:
-    """The attention system over ``config.model.sites``; a bad site list is a UserError."""
+    """The attention system over ``config.model.sites`` (the config's values are checked by
+    train.validate.check_config); a bad site list is a UserError."""
     a = config.attention
-    if not isinstance(a.d, int) or a.d <= 0:
-        raise UserError(f"config.attention.d must be a positive integer, got {a.d!r}")
-    if not 0.0 <= a.dropout_rate < 1.0:
-        raise UserError(f"config.attention.dropout_rate must be in [0, 1), got {a.dropout_rate}")
     try:
         sites: tuple[SiteSpec, ...] = resolve_sites(
             backbone, backbone_vars, image_shape(config), tuple(config.model.sites)

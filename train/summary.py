@@ -13,13 +13,14 @@ from absl import app
 from ml_collections import config_flags
 
 from gattanet_jax import count_params
-from train import cli, models
+from train import cli, models, validate
 from train.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 
 
 def summarize(config) -> dict:
+    validate.check_config(config)
     backbone = models.build_backbone(config)
     backbone_vars = models.backbone_shapes(backbone, config)
     attention = models.build_attention(config, backbone, backbone_vars)

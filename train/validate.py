@@ -10,21 +10,21 @@ import numbers
 from pathlib import Path
 
 from train.errors import UserError
+from train.models import DTYPES
 
 STAGES = ("backbone", "attention", "both")
 NONFINITE = ("stop", "skip")
 BACKBONES = ("toy",)
-DTYPE_NAMES = ("float32", "bfloat16")
 
 
 def _fail(field: str, want: str, value) -> None:
     raise UserError(f"config.{field} must be {want}, got {value!r}")
 
 
-def _positive_int(config, field: str) -> None:
+def _positive_int(config, field: str, least: int = 1) -> None:
     v = config[field]
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        _fail(field, "a positive integer", v)
+    if isinstance(v, bool) or not isinstance(v, int) or v < least:
+        _fail(field, "a positive integer" if least == 1 else f"an integer >= {least}", v)
 
 
 def _number(config, field: str, low: float, high: float, high_open=False, low_open=False):
@@ -61,8 +61,8 @@ def check_config(config) -> None:
     c = _Flat(config)
     _choice(c, "stage", STAGES)
     _choice(c, "on_nonfinite", NONFINITE)
+    _positive_int(c, "seed", least=0)
     for field in (
-        "seed",
         "dataset.num_classes",
         "model.hidden",
         "attention.d",
@@ -71,17 +71,13 @@ def check_config(config) -> None:
         "eval_batch_size",
         "log_every_steps",
     ):
-        if field == "seed":
-            if isinstance(c[field], bool) or not isinstance(c[field], int) or c[field] < 0:
-                _fail(field, "a non-negative integer", c[field])
-        else:
-            _positive_int(c, field)
+        _positive_int(c, field)
     _number(c, "dataset.validation_fraction", 0.0, 1.0, high_open=True)
     _number(c, "model.dropout_rate", 0.0, 1.0, high_open=True)
     _number(c, "attention.dropout_rate", 0.0, 1.0, high_open=True)
     _number(c, "attention.alpha_init", -1e6, 1e6)
     _choice(c, "model.backbone", BACKBONES)
-    _choice(c, "model.dtype", DTYPE_NAMES)
+    _choice(c, "model.dtype", tuple(DTYPES))
     features = c["model.features"]
     if not features or not all(isinstance(f, int) and f > 0 for f in features):
         _fail("model.features", "a tuple of positive integers", features)
