@@ -36,26 +36,108 @@ def param_name(site_name: str) -> str:
 
 
 class SiteParams(nn.Module):
-    """The parameters of one site: K and Q (c x d) with their biases (d), and alpha."""
+    """The parameters of one site: K and Q (c x d), their biases (d), alpha, and optionally the
+    ResNet variant's normalisations.
+
+    Attributes:
+      channels, d: K and Q are (channels, d).
+      alpha_init: initial alpha.
+      batch_norm: BatchNorm on keys and on queries over their d features (statistics over the
+        batch and the site's positions or units; running averages in 'batch_stats'). K and Q then
+        have no bias: the normalisation's offset replaces it.
+      gatta_shape: if given, LayerNorm over the site's agreement map with one scale and one offset
+        per position (or unit): the shape of the map without the batch axis.
+      momentum, epsilon: of the BatchNorm (Keras' defaults, 0.99 and 1e-3).
+    """
 
     channels: int
     d: int
     alpha_init: float = 0.0
     kernel_init: nn.initializers.Initializer = nn.initializers.glorot_uniform()
+    batch_norm: bool = False
+    gatta_shape: tuple[int, ...] | None = None
+    momentum: float = 0.99
+    epsilon: float = 1e-3
 
-    @nn.compact
-    def __call__(self) -> dict[str, jax.Array]:
+    def setup(self):
         c, d = self.channels, self.d
-        zeros = nn.initializers.zeros_init()
-        return {
-            "K": self.param("K", self.kernel_init, (c, d), jnp.float32),
-            "K_bias": self.param("K_bias", zeros, (d,), jnp.float32),
-            "Q": self.param("Q", self.kernel_init, (c, d), jnp.float32),
-            "Q_bias": self.param("Q_bias", zeros, (d,), jnp.float32),
-            "alpha": self.param(
-                "alpha", nn.initializers.constant(self.alpha_init), (), jnp.float32
-            ),
+        zeros, ones = nn.initializers.zeros_init(), nn.initializers.ones_init()
+        # Creation order K, K_bias, Q, Q_bias, alpha: each parameter's init key depends on it.
+        self.K = self.param("K", self.kernel_init, (c, d), jnp.float32)
+        k_bias = None if self.batch_norm else self.param("K_bias", zeros, (d,), jnp.float32)
+        self.Q = self.param("Q", self.kernel_init, (c, d), jnp.float32)
+        q_bias = None if self.batch_norm else self.param("Q_bias", zeros, (d,), jnp.float32)
+        no_bias = jnp.zeros((d,), jnp.float32)  # under batch_norm the offset replaces the bias
+        self.biases = {
+            "K": no_bias if k_bias is None else k_bias,
+            "Q": no_bias if q_bias is None else q_bias,
         }
+        if self.batch_norm:
+            self.norms = {
+                w: (
+                    self.param(f"{w}_bn_scale", ones, (d,), jnp.float32),
+                    self.param(f"{w}_bn_offset", zeros, (d,), jnp.float32),
+                    self.variable("batch_stats", f"{w}_mean", jnp.zeros, (d,), jnp.float32),
+                    self.variable("batch_stats", f"{w}_var", jnp.ones, (d,), jnp.float32),
+                )
+                for w in ("K", "Q")
+            }
+        self.alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), (), jnp.float32)
+        if self.gatta_shape is not None:
+            self.gatta_scale = self.param("gatta_scale", ones, self.gatta_shape, jnp.float32)
+            self.gatta_offset = self.param("gatta_offset", zeros, self.gatta_shape, jnp.float32)
+
+    def __call__(self) -> dict[str, jax.Array]:
+        """K, K_bias, Q, Q_bias and alpha (biases are zeros under batch_norm)."""
+        return {
+            "K": self.K,
+            "K_bias": self.biases["K"],
+            "Q": self.Q,
+            "Q_bias": self.biases["Q"],
+            "alpha": self.alpha,
+        }
+
+    def normalize(self, which: str, x: jax.Array, train: bool) -> jax.Array:
+        """BatchNorm of keys (which='K') or queries ('Q') x (B, *positions, d); the identity
+        without batch_norm. Training uses (and records) the batch's statistics."""
+        if not self.batch_norm:
+            return x
+        scale, offset, ra_mean, ra_var = self.norms[which]
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            x32 = x.astype(jnp.float32)
+            mean = jnp.mean(x32, axes)
+            var = jnp.mean(jnp.square(x32), axes) - jnp.square(mean)
+            if not self.is_initializing():
+                m = self.momentum
+                ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
+                ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var)
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        s = scale * jax.lax.rsqrt(var + self.epsilon)
+        return (x * s.astype(x.dtype) + (offset - mean * s).astype(x.dtype)).astype(x.dtype)
+
+    def folded(self, which: str) -> tuple[jax.Array, jax.Array]:
+        """(kernel, bias) of the projection followed by the inference-mode normalisation: one
+        affine map, so inference needs no per-position keys or queries."""
+        kernel, bias = (self.K, self.biases["K"]) if which == "K" else (self.Q, self.biases["Q"])
+        if not self.batch_norm:
+            return kernel, bias
+        scale, offset, ra_mean, ra_var = self.norms[which]
+        s = scale * jax.lax.rsqrt(ra_var.value + self.epsilon)
+        return kernel * s, (bias - ra_mean.value) * s + offset
+
+    def normalize_gatta(self, gatta: jax.Array, epsilon: float = 1e-5) -> jax.Array:
+        """LayerNorm over the agreement map (B, *positions) with per-position scale and offset;
+        the identity without gatta_shape."""
+        if self.gatta_shape is None:
+            return gatta
+        axes = tuple(range(1, gatta.ndim))
+        g = gatta.astype(jnp.float32)
+        mean = jnp.mean(g, axes, keepdims=True)
+        var = jnp.mean(jnp.square(g - mean), axes, keepdims=True)
+        out = (g - mean) * jax.lax.rsqrt(var + epsilon) * self.gatta_scale + self.gatta_offset
+        return out.astype(gatta.dtype)
 
 
 class AttentionSystem(nn.Module):
@@ -66,12 +148,17 @@ class AttentionSystem(nn.Module):
       d: attention dimension of keys and queries.
       dropout_rate: dropout on keys and queries while training (the paper: 0.25).
       alpha_init: initial alpha of every site. 0 starts training exactly at the backbone.
+      batch_norm_kq: the paper's ResNet variant: BatchNorm on keys and queries.
+      layer_norm_gatta: the paper's ResNet variant: LayerNorm on each site's agreement map, with
+        a scale and an offset per position (conv sites) or unit (dense sites).
     """
 
     sites: tuple[SiteSpec, ...]
     d: int = 16
     dropout_rate: float = 0.25
     alpha_init: float = 0.0
+    batch_norm_kq: bool = False
+    layer_norm_gatta: bool = False
 
     @nn.compact
     def __call__(
@@ -81,38 +168,53 @@ class AttentionSystem(nn.Module):
 
         With ``internals=False`` outside training, keys and queries are not materialised (the
         returned dicts are empty) and q_avg and gatta come from the activations directly.
+        Under ``batch_norm_kq`` with ``train``, the caller makes 'batch_stats' mutable.
         """
         use_dropout = train and self.dropout_rate > 0
-        materialise = internals or use_dropout
+        materialise = internals or use_dropout or (train and self.batch_norm_kq)
         key = self.make_rng("dropout") if use_dropout else None
-        params, keys, queries, means = {}, {}, {}, []
+        mods, params, keys, queries, means = {}, {}, {}, {}, []
         for i, site in enumerate(self.sites):
-            p = SiteParams(site.channels, self.d, self.alpha_init, name=param_name(site.name))()
+            mod = SiteParams(
+                site.channels,
+                self.d,
+                self.alpha_init,
+                batch_norm=self.batch_norm_kq,
+                gatta_shape=gatta_shape(site) if self.layer_norm_gatta else None,
+                name=param_name(site.name),
+            )
+            mods[site.name] = mod
             acts = site_acts[site.name]
-            p = {k: v.astype(acts.dtype) if v.ndim else v for k, v in p.items()}
+            p = {k: v.astype(acts.dtype) if v.ndim else v for k, v in mod().items()}
             params[site.name] = p
             if materialise:
-                k = agr.project(acts, p["K"], p["K_bias"], site.kind)
-                q = agr.project(acts, p["Q"], p["Q_bias"], site.kind)
+                k = mod.normalize("K", agr.project(acts, p["K"], p["K_bias"], site.kind), train)
+                q = mod.normalize("Q", agr.project(acts, p["Q"], p["Q_bias"], site.kind), train)
                 if use_dropout:
                     k = dropout.dropout(jax.random.fold_in(key, 2 * i), k, self.dropout_rate)
                     q = dropout.dropout(jax.random.fold_in(key, 2 * i + 1), q, self.dropout_rate)
                 keys[site.name], queries[site.name] = k, q
                 means.append(agr.site_query(q))
             else:
-                means.append(agr.mean_query(acts, p["Q"], p["Q_bias"], site.kind))
+                kernel, bias = (v.astype(acts.dtype) for v in mod.folded("Q"))
+                means.append(agr.mean_query(acts, kernel, bias, site.kind))
         q_avg = jnp.mean(jnp.stack(means), axis=0)  # Eq. 3
         gatta = {}
         for site in self.sites:
             if materialise:
-                gatta[site.name] = agr.agreement(keys[site.name], q_avg)
+                g = agr.agreement(keys[site.name], q_avg)
             else:
-                p = params[site.name]
-                gatta[site.name] = agr.agreement_from_acts(
-                    site_acts[site.name], p["K"], p["K_bias"], q_avg, site.kind
-                )
+                acts = site_acts[site.name]
+                kernel, bias = (v.astype(acts.dtype) for v in mods[site.name].folded("K"))
+                g = agr.agreement_from_acts(acts, kernel, bias, q_avg, site.kind)
+            gatta[site.name] = mods[site.name].normalize_gatta(g)
         alpha = {name: p["alpha"] for name, p in params.items()}
         return Attention(keys=keys, queries=queries, q_avg=q_avg, gatta=gatta, alpha=alpha)
+
+
+def gatta_shape(site: SiteSpec) -> tuple[int, ...]:
+    """The shape of a site's agreement map without the batch axis: (H, W) or (C,)."""
+    return site.shape[:-1] if site.kind == "conv" else site.shape
 
 
 def example_activations(sites: tuple[SiteSpec, ...], batch: int = 1) -> dict[str, jax.Array]:

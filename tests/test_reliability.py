@@ -223,10 +223,10 @@ def test_backbone_variables_bit_identical_after_attention_training(backbone_dir,
     assert results["backbone_checkpoint_sha256"] == digest
 
 
-def nan_when_label_is_3(params, frozen, x, y, rng):
+def nan_when_label_is_3(params, extra, frozen, x, y, rng):
     logits = jnp.mean(x, axis=(1, 2)) @ params["w"]
     loss = jnp.mean(steps.cross_entropy(logits, y))
-    return jnp.where(y[0] == 3, jnp.nan, loss), logits
+    return jnp.where(y[0] == 3, jnp.nan, loss), (logits, extra)
 
 
 def test_skip_mode_drops_exactly_the_non_finite_updates():
@@ -278,9 +278,9 @@ def test_skip_mode_end_to_end_counts_the_skips(tmp_path, monkeypatch):
     def sometimes_nan(backbone, weight_decay):
         loss_fn = original(backbone, weight_decay)
 
-        def wrapped(params, frozen, x, y, rng):
-            loss, logits = loss_fn(params, frozen, x, y, rng)
-            return jnp.where(y[0] == 3, jnp.nan, loss), logits
+        def wrapped(params, extra, frozen, x, y, rng):
+            loss, aux = loss_fn(params, extra, frozen, x, y, rng)
+            return jnp.where(y[0] == 3, jnp.nan, loss), aux
 
         return wrapped
 

@@ -49,7 +49,7 @@ class Trained:
     backbone: object
     attention: object
     backbone_vars: dict
-    params: dict
+    variables: dict  # the attention system's: {'params': ..., and 'batch_stats' if it has them}
     test: input_pipeline.Split
     class_names: tuple[str, ...]
     results: dict
@@ -98,7 +98,7 @@ def load(workdir: str, data_dir: str = "", max_examples: int = 0) -> Trained:
         backbone,
         attention,
         backbone_vars,
-        restored["variables"]["params"],
+        restored["variables"],
         data.test,
         data.class_names,
         results,
@@ -109,11 +109,11 @@ def load(workdir: str, data_dir: str = "", max_examples: int = 0) -> Trained:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _batch_outputs(backbone, attention, internals, params, bvars, images, mask, sigma, key):
+def _batch_outputs(backbone, attention, internals, variables, bvars, images, mask, sigma, key):
     x = to_float(images)
     x = x + sigma * jax.random.normal(key, x.shape, x.dtype)  # additive, not clipped
     out = two_pass(
-        backbone, attention, {"params": params}, bvars, x, lesion=mask, return_internals=internals
+        backbone, attention, variables, bvars, x, lesion=mask, return_internals=internals
     )
     base = backbone.apply(bvars, x, train=False)
     extra = (out.attention.q_avg, out.attention.gatta) if internals else None
@@ -137,7 +137,7 @@ def outputs(m: Trained, images, *, sigma=0.0, mask=None, seed=0, internals=False
             m.backbone,
             m.attention,
             internals,
-            m.params,
+            m.variables,
             m.backbone_vars,
             chunk,
             mask,
@@ -228,7 +228,7 @@ def maps(m: Trained, indices=(0, 1, 2, 3)) -> dict:
     result = {"test_examples": len(m.test), "images": indices}
     if logits_site.kind == "dense" and logits_site.channels == len(m.class_names):
         g = gatta[logits_site.name]
-        alpha = float(m.params[param_name(logits_site.name)]["alpha"])
+        alpha = float(m.variables["params"][param_name(logits_site.name)]["alpha"])
         result["logits_site"] = logits_site.name
         result["logits_site_alpha"] = alpha
         result["true_class_has_highest_agreement"] = float(np.mean(g.argmax(-1) == m.test.labels))

@@ -20,14 +20,14 @@ from train.augment import to_float
 from train.errors import UserError
 
 
-def check_alpha_zero_is_backbone(task, params, images, dtype_name: str) -> None:
+def check_alpha_zero_is_backbone(task, variables, images, dtype_name: str) -> None:
     if task.baseline_logits_fn is None:
         return
-    if any(float(v["alpha"]) != 0.0 for v in params.values()):
+    if any(float(v["alpha"]) != 0.0 for v in variables["params"].values()):
         return
     x = to_float(jax.device_put(images))
-    ours = np.asarray(jax.jit(task.logits_fn)(params, task.frozen, x), np.float32)
-    base = np.asarray(jax.jit(task.baseline_logits_fn)(params, task.frozen, x), np.float32)
+    ours = np.asarray(jax.jit(task.logits_fn)(variables, task.frozen, x), np.float32)
+    base = np.asarray(jax.jit(task.baseline_logits_fn)(variables, task.frozen, x), np.float32)
     tol = 1e-5 if dtype_name == "float32" else 2e-2
     if not np.allclose(ours, base, rtol=tol, atol=tol):
         worst = float(np.max(np.abs(ours - base)))

@@ -16,8 +16,15 @@ import optax
 from train.augment import augment, to_float
 from train.parallel import constrain
 
-# (trainable params, frozen variables, images, labels, rng) -> (loss, logits)
-LossFn = Callable[[dict, dict, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+# (trainable params, other trained collections, frozen variables, images, labels, rng)
+#   -> (loss, (logits, new values of the other collections))
+# The other collections ('extra', e.g. BatchNorm statistics) are updated by the forward pass, not
+# by the optimizer; they are empty for most models.
+LossFn = Callable[
+    [dict, dict, dict, jax.Array, jax.Array, jax.Array], tuple[jax.Array, tuple[jax.Array, dict]]
+]
+# (variables = params and the other collections, frozen variables, images) -> logits
+LogitsFn = Callable[[dict, dict, jax.Array], jax.Array]
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -40,15 +47,24 @@ def epoch_permutation(seed_key: jax.Array, epoch: jax.Array, n: int) -> jax.Arra
     return jax.random.permutation(jax.random.fold_in(seed_key, epoch), n)
 
 
-def init_state(params: dict, tx: optax.GradientTransformation) -> dict:
-    """The training state: parameters, optimizer state, the step and the count of skipped
-    (non-finite) updates."""
-    return {
+def init_state(params: dict, tx: optax.GradientTransformation, extra: dict | None = None) -> dict:
+    """The training state: parameters, optimizer state, the step, the count of skipped
+    (non-finite) updates and, for models that have them, the other trained collections
+    ('extra': e.g. BatchNorm statistics, updated by the forward pass)."""
+    state = {
         "params": params,
         "opt_state": tx.init(params),
         "step": jnp.int32(0),
         "skipped": jnp.int32(0),
     }
+    if extra:
+        state["extra"] = extra
+    return state
+
+
+def variables(state: dict) -> dict:
+    """The model variables of a training state: {'params': ..., **extra}."""
+    return {"params": state["params"], **state.get("extra", {})}
 
 
 def train_step(
@@ -82,8 +98,9 @@ def train_step(
     key = jax.random.fold_in(jax.random.fold_in(seed_key, 1), state["step"])
     k_aug, k_drop = jax.random.split(key)
     x = augment(k_aug, x) if do_augment else to_float(x)
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], frozen, x, y, k_drop
+    extra = state.get("extra", {})
+    (loss, (logits, new_extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], extra, frozen, x, y, k_drop
     )
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -94,6 +111,7 @@ def train_step(
         keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
         params = keep(params, state["params"])
         opt_state = keep(opt_state, state["opt_state"])
+        new_extra = keep(new_extra, extra)
         metrics["loss"] = jnp.where(finite, loss, 0.0)
         metrics["accuracy"] = jnp.where(finite, metrics["accuracy"], 0.0)
     new_state = {
@@ -102,13 +120,15 @@ def train_step(
         "step": state["step"] + 1,
         "skipped": state["skipped"] + (~finite).astype(jnp.int32),
     }
+    if "extra" in state:
+        new_state["extra"] = new_extra
     return new_state, metrics
 
 
 def eval_batch(
-    logits_fn: Callable[[dict, dict, jax.Array], jax.Array],
+    logits_fn: LogitsFn,
     batch_size: int,
-    params: dict,
+    variables: dict,
     frozen: dict,
     images: jax.Array,
     labels: jax.Array,
@@ -116,13 +136,14 @@ def eval_batch(
     *,
     batch_sharding=None,
 ):
-    """Summed loss and correct count of batch [start, start + batch_size), padded at the end."""
+    """Summed loss and correct count of batch [start, start + batch_size), padded at the end
+    (examples past the end, and examples labelled -1, count for nothing)."""
     n = labels.shape[0]
     idx = start + jnp.arange(batch_size)
-    valid = constrain(idx < n, batch_sharding)
-    idx = jnp.minimum(idx, n - 1)
-    logits = logits_fn(params, frozen, to_float(constrain(images[idx], batch_sharding)))
-    y = constrain(labels[idx], batch_sharding)
+    idx_in = jnp.minimum(idx, n - 1)
+    y = constrain(labels[idx_in], batch_sharding)
+    valid = constrain(idx < n, batch_sharding) & (y >= 0)  # label -1: a padding example
+    logits = logits_fn(variables, frozen, to_float(constrain(images[idx_in], batch_sharding)))
     loss = jnp.sum(jnp.where(valid, cross_entropy(logits, y), 0.0))
     correct = jnp.sum(jnp.where(valid, jnp.argmax(logits, -1) == y, False))
     return loss, correct

@@ -35,23 +35,27 @@ class Task:
 
     stage: str
     params: dict  # initial trainable parameters
-    loss_fn: steps.LossFn  # (params, x, y, rng) -> (loss, logits), training mode
-    logits_fn: Callable[[dict, dict, jax.Array], jax.Array]  # (params, frozen, x) -> logits
+    loss_fn: steps.LossFn  # training mode (see steps.LossFn)
+    logits_fn: steps.LogitsFn  # (variables, frozen, x) -> logits, inference mode
     recipe: ml_collections.ConfigDict  # backbone_training or attention_training
     frozen: dict  # the frozen backbone's variables (attention stage), else empty
-    baseline_logits_fn: Callable[[dict, dict, jax.Array], jax.Array] | None = None
+    baseline_logits_fn: steps.LogitsFn | None = None
     backbone_source: tuple[str, int, str] | None = None  # (directory, step, sha256)
     batch_sharding: jax.sharding.NamedSharding | None = None  # data parallel (parallel.py)
+    extra: dict = dataclasses.field(default_factory=dict)  # initial non-parameter collections
 
 
 def backbone_loss_fn(backbone, weight_decay: float) -> steps.LossFn:
-    """The backbone's own training loss: all its parameters train, dropout on."""
+    """The backbone's own training loss: all its parameters train, dropout on; BatchNorm
+    statistics (in ``extra``) are updated by the forward pass."""
 
-    def loss_fn(params, frozen, x, y, rng):
+    def loss_fn(params, extra, frozen, x, y, rng):
         del frozen
-        logits = backbone.apply({"params": params}, x, train=True, rngs={"dropout": rng})
+        logits, updates = backbone.apply(
+            {"params": params, **extra}, x, train=True, rngs={"dropout": rng}, mutable=list(extra)
+        )
         loss = jnp.mean(steps.cross_entropy(logits, y))
-        return loss + weight_decay * steps.l2_penalty(params, ("kernel",)), logits
+        return loss + weight_decay * steps.l2_penalty(params, ("kernel",)), (logits, updates)
 
     return loss_fn
 
@@ -59,24 +63,28 @@ def backbone_loss_fn(backbone, weight_decay: float) -> steps.LossFn:
 def attention_loss_fn(backbone, attention, weight_decay: float) -> steps.LossFn:
     """GAttANet's training loss; ``frozen`` holds the backbone's variables (no gradient)."""
 
-    def loss_fn(params, frozen, x, y, rng):
-        out = two_pass(backbone, attention, {"params": params}, frozen, x, train=True, rng=rng)
+    def loss_fn(params, extra, frozen, x, y, rng):
+        variables = {"params": params, **extra}
+        out = two_pass(backbone, attention, variables, frozen, x, train=True, rng=rng)
         loss = jnp.mean(steps.cross_entropy(out.logits, y))
-        return loss + weight_decay * steps.l2_penalty(params, ("K", "Q")), out.logits
+        return loss + weight_decay * steps.l2_penalty(params, ("K", "Q")), (out.logits, out.updates)
 
     return loss_fn
 
 
 def backbone_task(config, backbone, rng) -> Task:
     x = jnp.zeros((1, *models.image_shape(config)), jnp.float32)
-    params = jax.jit(backbone.init)(rng, x)["params"]
+    variables = dict(jax.jit(backbone.init)(rng, x))
+    params = variables.pop("params")
     loss_fn = backbone_loss_fn(backbone, config.backbone_training.weight_decay)
 
-    def logits_fn(params, frozen, x):
+    def logits_fn(variables, frozen, x):
         del frozen
-        return backbone.apply({"params": params}, x, train=False)
+        return backbone.apply(variables, x, train=False)
 
-    return Task("backbone", params, loss_fn, logits_fn, config.backbone_training, {})
+    return Task(
+        "backbone", params, loss_fn, logits_fn, config.backbone_training, {}, extra=variables
+    )
 
 
 def load_backbone(config, backbone) -> tuple[dict, tuple[str, int, str]]:
@@ -93,14 +101,15 @@ def load_backbone(config, backbone) -> tuple[dict, tuple[str, int, str]]:
 def attention_task(config, backbone, rng) -> Task:
     backbone_vars, source = load_backbone(config, backbone)
     attention = models.build_attention(config, backbone, backbone_vars)
-    params = init_attention(attention, rng)["params"]
+    variables = dict(init_attention(attention, rng))
+    params = variables.pop("params")
     loss_fn = attention_loss_fn(backbone, attention, config.attention_training.weight_decay)
 
-    def logits_fn(params, frozen, x):
-        return two_pass(backbone, attention, {"params": params}, frozen, x).logits
+    def logits_fn(variables, frozen, x):
+        return two_pass(backbone, attention, variables, frozen, x).logits
 
-    def baseline(params, frozen, x):
-        del params
+    def baseline(variables, frozen, x):
+        del variables
         return backbone.apply(frozen, x, train=False)
 
     return Task(
@@ -112,6 +121,7 @@ def attention_task(config, backbone, rng) -> Task:
         backbone_vars,
         baseline,
         source,
+        extra=variables,
     )
 
 
@@ -122,12 +132,12 @@ def _eval_step(logits_fn, batch_size: int, sharding):
     return jax.jit(step)
 
 
-def evaluate(task: Task, params, split, batch_size: int, logits_fn=None) -> dict:
+def evaluate(task: Task, variables, split, batch_size: int, logits_fn=None) -> dict:
     step = _eval_step(logits_fn or task.logits_fn, batch_size, task.batch_sharding)
     loss = correct = 0.0
     for start in range(0, len(split), batch_size):
         batch_loss, batch_correct = step(
-            params, task.frozen, split.images, split.labels, jnp.int32(start)
+            variables, task.frozen, split.images, split.labels, jnp.int32(start)
         )
         loss, correct = loss + batch_loss, correct + batch_correct
     n = len(split)
@@ -159,7 +169,7 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
     task = dataclasses.replace(
         task, frozen=place.replicate(task.frozen), batch_sharding=place.batch_sharding
     )
-    state = place.replicate(steps.init_state(task.params, tx))
+    state = place.replicate(steps.init_state(task.params, tx, task.extra))
     meta = {"epoch": 0, "best_val": -1.0, "bad_epochs": 0, "done": False}
     trainable = count_params(task.params)
     print(
@@ -188,7 +198,7 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
     if int(state["step"]) == 0:
         probe = data.validation if len(data.validation) else data.test
         guards.check_alpha_zero_is_backbone(
-            task, state["params"], probe.images[: config.eval_batch_size], config.model.dtype
+            task, steps.variables(state), probe.images[: config.eval_batch_size], config.model.dtype
         )
     # Written only once the workdir's checkpoints are known to fit this config.
     (path / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -234,7 +244,7 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
             _check_finite(finite, first_step, epoch, ckpt, every=True)
         sums = {k: float(v) / (steps_per_epoch - skipped) for k, v in sums.items()}
         val = (
-            evaluate(task, state["params"], data.validation, config.eval_batch_size)
+            evaluate(task, steps.variables(state), data.validation, config.eval_batch_size)
             if len(data.validation)
             else {"accuracy": sums["accuracy"], "loss": sums["loss"]}
         )
@@ -242,7 +252,7 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
         improved = val["accuracy"] > meta["best_val"]
         if improved:
             meta["best_val"], meta["bad_epochs"] = val["accuracy"], 0
-            checkpoints.save(best, meta["epoch"], {"variables": _variables(task, state)})
+            checkpoints.save(best, meta["epoch"], {"variables": steps.variables(state)})
         else:
             meta["bad_epochs"] += 1
         if meta["bad_epochs"] >= recipe.patience:
@@ -287,10 +297,11 @@ def _finish(config, task, state, data, best, path, meta, start_time):
     """Evaluates the best variables on the test split and writes results.json."""
     guards.check_backbone_unchanged(task)
     best_vars = checkpoints.restore(
-        best, best.latest_step(), {"variables": _variables(task, state)}, "best checkpoint"
+        best, best.latest_step(), {"variables": steps.variables(state)}, "best checkpoint"
     )
-    params = best_vars["variables"]["params"]
-    test = evaluate(task, params, data.test, config.eval_batch_size)
+    variables = best_vars["variables"]
+    params = variables["params"]
+    test = evaluate(task, variables, data.test, config.eval_batch_size)
     results = {
         "stage": config.stage,
         "test_accuracy": test["accuracy"],
@@ -306,7 +317,7 @@ def _finish(config, task, state, data, best, path, meta, start_time):
         "wall_time_s": round(time.time() - start_time, 1),
     }
     if task.baseline_logits_fn is not None:
-        base = evaluate(task, params, data.test, config.eval_batch_size, task.baseline_logits_fn)
+        base = evaluate(task, variables, data.test, config.eval_batch_size, task.baseline_logits_fn)
         results["backbone_test_accuracy"] = base["accuracy"]
         results["backbone_test_loss"] = base["loss"]
         results["alpha"] = {k: float(v["alpha"]) for k, v in params.items()}
@@ -317,7 +328,7 @@ def _finish(config, task, state, data, best, path, meta, start_time):
     if "backbone_test_accuracy" in results:
         line += f" (frozen backbone alone: {results['backbone_test_accuracy']:.4f})"
     print(line + f"; results in {path / 'results.json'}", flush=True)
-    return {"params": params, "state": state}, results
+    return {"params": params, "variables": variables, "state": state}, results
 
 
 def _check_finite(finite: list, first_step: int, epoch: int, ckpt, every=False) -> None:
@@ -337,10 +348,6 @@ def _check_finite(finite: list, first_step: int, epoch: int, ckpt, every=False) 
     raise UserError(
         f"{what}; stopped without saving anything from this epoch; last good checkpoint: {where}"
     )
-
-
-def _variables(task, state):
-    return {"params": state["params"]}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
