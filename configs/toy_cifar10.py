@@ -43,6 +43,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Examples of each split to use (0 = all); for quick checks.
     config.dataset.max_train_examples = 0
     config.dataset.max_test_examples = 0
+    # 'memory': the splits live in accelerator memory as uint8 arrays, batches are picked and
+    # augmented inside the compiled step (CIFAR-sized data). 'imagenet': streamed from the tfds
+    # source and preprocessed on the host (train/imagenet.py; configs/resnet50_imagenet.py).
+    config.dataset.pipeline = "memory"
 
     config.model = ml_collections.ConfigDict()
     # Backbone architecture: 'toy' (the paper's 5-layer CNN).
@@ -64,6 +68,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.attention.dropout_rate = 0.25
     # Initial alpha of every site; 0 makes the untrained model exactly the backbone.
     config.attention.alpha_init = 0.0
+    # The paper's ResNet variant: BatchNorm on keys and queries, LayerNorm (one scale and offset
+    # per position) on each agreement map. Off for the toy model, as in the paper.
+    config.attention.batch_norm_kq = False
+    config.attention.layer_norm_gatta = False
 
     # Backbone pretraining recipe (section 2.0.3): Adam with defaults, batch 128, augmentation,
     # early stopping with patience 50 epochs, at most 500 epochs.

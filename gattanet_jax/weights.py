@@ -28,6 +28,7 @@ _LEAF = {  # (collection, Flax leaf name) -> torchvision suffix
     ("batch_stats", "var"): "running_var",
 }
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
+SUFFIXES = (".pth", ".pt", ".safetensors", ".npz")  # the weight-file formats read here
 
 
 class WeightsError(ValueError):
@@ -136,7 +137,7 @@ def from_torchvision(
         for k, v in state_dict.items()
         if k not in used and not k.endswith(_IGNORED_SUFFIXES)
     ]
-    problems = [("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)]
+    problems = [("missing", sorted(missing)), ("unexpected", unexpected), ("mis-shaped", misshaped)]
     if any(items for _, items in problems):
         parts = []
         for label, items in problems:

@@ -124,3 +124,12 @@ def digest(directory: str | os.PathLike, step: int) -> str:
         h.update(str(f.relative_to(root)).encode() + b"\0")
         h.update(f.read_bytes())
     return h.hexdigest()
+
+
+def digest_file(path: str | os.PathLike) -> str:
+    """sha256 of one file (pretrained weights)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

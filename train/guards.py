@@ -41,10 +41,15 @@ def check_alpha_zero_is_backbone(task, variables, images, dtype_name: str) -> No
 def check_backbone_unchanged(task) -> None:
     if task.backbone_source is None:
         return
-    directory, step, sha = task.backbone_source
-    if not (Path(directory) / str(step)).is_dir() or (checkpoints.digest(directory, step) != sha):
+    where, step, sha = task.backbone_source
+    if step is None:  # a weights file
+        intact = Path(where).is_file() and checkpoints.digest_file(where) == sha
+    else:
+        intact = (Path(where) / str(step)).is_dir() and checkpoints.digest(where, step) == sha
+        where = f"{where}/{step}"
+    if not intact:
         raise UserError(
-            f"guard failed: the backbone checkpoint {directory}/{step} changed or disappeared "
+            f"guard failed: the backbone checkpoint {where} changed or disappeared "
             "while the attention stage ran (did another run write to that workdir?); this "
             "stage's results were computed against the weights it loaded at the start"
         )

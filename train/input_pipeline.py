@@ -115,31 +115,47 @@ def read_tfds(name: str, data_dir: str) -> tuple[dict[str, Split], tuple[str, ..
     """
     import tensorflow_datasets as tfds
 
-    from train import tfds_builders  # registers local_cifar10 and local_cifar100
+    from train import tfds_builders  # noqa: F401  (registers local_cifar10, local_cifar100)
 
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise UserError(f"unknown tfds dataset {name!r}") from None
-    splits = {}
-    for split in ("train", "test"):
-        try:
-            source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-        except Exception:
+    splits = {split: _read_all(open_source(name, split, data_dir)) for split in ("train", "test")}
+    return splits, class_names(builder)
+
+
+def class_names(builder) -> tuple[str, ...]:
+    info = builder.info
+    names = info.metadata.get("class_names", None) if info.metadata else None
+    return tuple(names or info.features["label"].names)
+
+
+def open_source(name: str, split: str, data_dir: str):
+    """``tfds.data_source`` of a prepared split; never downloads; says how to prepare it."""
+    import tensorflow_datasets as tfds
+
+    from train import tfds_builders
+
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception:
+        if name in tfds_builders.BUILDERS:
             how = (
                 f"python -m train.prepare_data --source <archive or folder> --name {name} "
                 f"--data_dir {data_dir}"
-                if name in tfds_builders.BUILDERS
-                else f"tfds build {name} --data_dir {data_dir} (on a machine that can download)"
             )
-            raise UserError(
-                f"dataset {name!r} split {split!r} is not prepared in {data_dir}; "
-                f"prepare it with: {how}"
-            ) from None
-        splits[split] = _read_all(source)
-    info = builder.info
-    names = info.metadata.get("class_names", None) if info.metadata else None
-    return splits, tuple(names or info.features["label"].names)
+        elif name.startswith("imagenet"):
+            how = (
+                f"tfds build {name} --data_dir {data_dir} --manual_dir <folder with "
+                "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar>"
+            )
+        else:
+            how = f"tfds build {name} --data_dir {data_dir} (on a machine that can download)"
+        raise UserError(
+            f"dataset {name!r} split {split!r} is not prepared in {data_dir}; "
+            f"prepare it with: {how}"
+        ) from None
 
 
 def _read_all(source, chunk: int = 5000) -> Split:
@@ -158,19 +174,67 @@ def _read_all(source, chunk: int = 5000) -> Split:
 # --- assembling train / validation / test -----------------------------------------------------
 
 
-def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Holds out ``fraction`` of train (a fixed random subset) for early stopping."""
+def validation_positions(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out): a fixed random ``fraction`` of ``n`` training examples held out for
+    early stopping."""
     if not 0.0 <= fraction < 1.0:
         raise UserError(f"config.dataset.validation_fraction must be in [0, 1), got {fraction}")
-    order = np.random.default_rng(seed).permutation(len(train))
-    n_val = round(len(train) * fraction)
-    val, rest = order[:n_val], np.sort(order[n_val:])
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = round(n * fraction)
+    return np.sort(order[n_val:]), order[:n_val]
+
+
+def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Holds out ``fraction`` of train (a fixed random subset) for early stopping."""
+    rest, val = validation_positions(len(train), fraction, seed)
     return Split(train.images[rest], train.labels[rest]), Split(
         train.images[val], train.labels[val]
     )
 
 
+def load_stream(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> Data:
+    """The imagenet pipeline: splits streamed from the tfds source (train/imagenet.py). The test
+    split is ``config.dataset.test_split`` (ImageNet's labelled 'validation' set); the validation
+    split for early stopping is carved from 'train'."""
+    import tensorflow_datasets as tfds
+
+    from train.imagenet import Stream
+
+    name, data_dir, ds = config.dataset.name, _data_dir(config), config.dataset
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise UserError(f"unknown tfds dataset {name!r}") from None
+
+    def stream(split):
+        source = open_source(name, split, data_dir)
+        return Stream(
+            source,
+            np.arange(len(source)),
+            size=image_shape[0],
+            resize=ds.resize,
+            num_classes=ds.num_classes,
+            name=f"{name}/{split}",
+            workers=ds.workers,
+        )
+
+    train = stream("train").take(ds.max_train_examples)
+    test = stream(ds.test_split).take(ds.max_test_examples)
+    rest, val = validation_positions(len(train), ds.validation_fraction, seed=1234)
+    train, validation = train.subset(rest), train.subset(val)
+    if len(train) == 0 or len(test) == 0:
+        raise UserError(f"dataset {name!r} has an empty train or test split")
+    return Data(train, validation, test, ds.num_classes, class_names(builder))
+
+
+def head(split, n: int) -> np.ndarray:
+    """The first ``n`` images of a split (in memory or streamed), uint8, model-sized."""
+    return split.images[:n] if isinstance(split, Split) else split.head(n)
+
+
 def load(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> Data:
+    if config.dataset.get("pipeline", "memory") == "imagenet":
+        return load_stream(config, image_shape)
     name = config.dataset.name
     if name == "embedded":
         splits, names = embedded(), EMBEDDED_CLASSES

@@ -7,8 +7,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from gattanet_jax import AttentionSystem, ToyCNN, resolve_sites
+from gattanet_jax.backbones import resnet
 from gattanet_jax.sites import SiteSpec
 from train.errors import UserError
+
+BACKBONES = ("toy", "resnet18", "resnet50")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -29,7 +32,22 @@ def build_backbone(config: ml_collections.ConfigDict):
             dropout_rate=m.dropout_rate,
             dtype=DTYPES[m.dtype],
         )
-    raise UserError(f"config.model.backbone must be 'toy', got {m.backbone!r}")
+    if m.backbone in resnet.ARCHITECTURES:
+        overrides = {"stage_sizes": tuple(m.stage_sizes)} if m.get("stage_sizes") else {}
+        return resnet.ARCHITECTURES[m.backbone](
+            num_classes=config.dataset.num_classes,
+            width=m.get("width", 64),
+            dtype=DTYPES[m.dtype],
+            **overrides,
+        )
+    raise UserError(f"config.model.backbone must be one of {BACKBONES}, got {m.backbone!r}")
+
+
+def torch_module_name(config: ml_collections.ConfigDict):
+    """Flax module path -> torchvision state-dict prefix, for converting pretrained weights."""
+    if config.model.backbone in resnet.ARCHITECTURES:
+        return resnet.torch_name
+    return lambda path: ".".join(path)
 
 
 def backbone_shapes(backbone, config: ml_collections.ConfigDict):
@@ -48,7 +66,14 @@ def build_attention(config: ml_collections.ConfigDict, backbone, backbone_vars) 
         )
     except ValueError as e:
         raise UserError(f"config.model.sites: {e}") from None
-    return AttentionSystem(sites, d=a.d, dropout_rate=a.dropout_rate, alpha_init=a.alpha_init)
+    return AttentionSystem(
+        sites,
+        d=a.d,
+        dropout_rate=a.dropout_rate,
+        alpha_init=a.alpha_init,
+        batch_norm_kq=a.get("batch_norm_kq", False),
+        layer_norm_gatta=a.get("layer_norm_gatta", False),
+    )
 
 
 def attention_from_shapes(config: ml_collections.ConfigDict, backbone) -> AttentionSystem:

@@ -36,6 +36,10 @@ class Placement:
         """How a step's batch is laid out (None: wherever it is)."""
         return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec("data"))
 
+    def put_batch(self, tree):
+        """Puts a host batch on the device, or splits it over the mesh along its first axis."""
+        return jax.device_put(tree, self.batch_sharding)
+
     def replicate(self, tree):
         """Puts ``tree`` on the device (one device) or on every device of the mesh."""
         if self.mesh is None:

@@ -16,6 +16,22 @@ from gattanet_jax import count_params
 from train import cli, models, validate
 from train.errors import UserError
 
+# Table 1's attention parameter counts (rounded to 0.1K in the paper): (backbone, classes, d).
+TABLE1 = {
+    ("toy", 10, 16): 15.8e3,
+    ("toy", 100, 16): 18.7e3,
+    ("toy", 100, 32): 37.4e3,
+    ("toy", 100, 64): 74.9e3,
+    ("resnet18", 1000, 8): 68.9e3,
+    ("resnet18", 1000, 16): 101.4e3,
+    ("resnet18", 1000, 32): 166.5e3,
+    ("resnet50", 1000, 4): 78.7e3,
+    ("resnet50", 1000, 8): 118.0e3,
+    ("resnet50", 1000, 16): 196.7e3,
+    ("resnet50", 1000, 32): 353.9e3,
+    ("resnet50", 1000, 64): 668.4e3,
+}
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 
 
@@ -30,11 +46,24 @@ def summarize(config) -> dict:
             {s.name: jax.numpy.zeros((1, *s.shape)) for s in attention.sites},
         )
     )
+    n_attention = count_params(att_shapes.get("params", {}))
+    row = (config.model.backbone, config.dataset.num_classes, config.attention.d)
+    default_arch = not config.model.get("stage_sizes") and config.model.get("width", 64) == 64
+    paper = TABLE1.get(row) if default_arch else None
+    table = (
+        {
+            "table1_attention_params": paper,
+            "relative_difference": round((n_attention - paper) / paper, 6),
+        }
+        if paper
+        else {}
+    )
     return {
         "backbone": config.model.backbone,
         "backbone_params": count_params(backbone_vars.get("params", {})),
         "attention_d": config.attention.d,
-        "attention_params": count_params(att_shapes.get("params", {})),
+        "attention_params": n_attention,
+        **table,
         "lesion_notation": "".join(s.code for s in attention.sites),
         "sites": [
             {"name": s.name, "kind": s.kind, "shape": list(s.shape)} for s in attention.sites

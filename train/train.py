@@ -23,7 +23,7 @@ import optax
 import tqdm
 from absl import logging
 
-from gattanet_jax import count_params, init_attention, two_pass
+from gattanet_jax import count_params, init_attention, two_pass, weights
 from train import checkpoints, guards, input_pipeline, models, parallel, progress, steps, validate
 from train.errors import UserError
 
@@ -86,9 +86,26 @@ def backbone_task(config, backbone, rng) -> Task:
     )
 
 
-def load_backbone(config, backbone) -> tuple[dict, tuple[str, int, str]]:
-    """The frozen backbone's variables and where they came from: (directory, step, sha256)."""
-    directory, step = checkpoints.find_model_checkpoint(config.backbone_checkpoint)
+def load_backbone(config, backbone) -> tuple[dict, tuple[str, int | None, str]]:
+    """The frozen backbone's variables and where they came from: (directory, step, sha256), or
+    (file, None, sha256) for pretrained weights in torchvision's format (.pth/.pt,
+    .safetensors, .npz; see gattanet_jax.weights)."""
+    path = config.backbone_checkpoint
+    if os.path.splitext(path)[1].lower() in weights.SUFFIXES:
+        abstract = models.backbone_shapes(backbone, config)
+        try:
+            state_dict = weights.read_state_dict(path)
+            variables = weights.from_torchvision(
+                state_dict,
+                abstract,
+                models.torch_module_name(config),
+                where=f"the weights in {path}",
+            )
+        except weights.WeightsError as e:
+            raise UserError(str(e)) from None
+        logging.info("frozen backbone from pretrained weights %s", path)
+        return jax.tree.map(jnp.asarray, variables), (path, None, checkpoints.digest_file(path))
+    directory, step = checkpoints.find_model_checkpoint(path)
     abstract = {"variables": models.backbone_shapes(backbone, config)}
     mngr = checkpoints.manager(directory, keep=1, create=False)
     sha = checkpoints.digest(directory, step)
@@ -134,10 +151,17 @@ def _eval_step(logits_fn, batch_size: int, sharding):
 def evaluate(task: Task, variables, split, batch_size: int, logits_fn=None) -> dict:
     step = _eval_step(logits_fn or task.logits_fn, batch_size, task.batch_sharding)
     loss = correct = 0.0
-    for start in range(0, len(split), batch_size):
-        batch_loss, batch_correct = step(
-            variables, task.frozen, split.images, split.labels, jnp.int32(start)
+    if isinstance(split, input_pipeline.Split):
+        batches = (
+            (split.images, split.labels, jnp.int32(start))
+            for start in range(0, len(split), batch_size)
         )
+    else:  # streamed: each batch is the whole array given (padding labelled -1)
+        batches = (
+            (*jax.device_put((x, y)), jnp.int32(0)) for x, y in split.eval_batches(batch_size)
+        )
+    for images, labels, start in batches:
+        batch_loss, batch_correct = step(variables, task.frozen, images, labels, start)
         loss, correct = loss + batch_loss, correct + batch_correct
     n = len(split)
     return {"accuracy": float(correct) / n, "loss": float(loss) / n}
@@ -152,12 +176,12 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
     backbone = models.build_backbone(config)
     if config.stage == "attention":  # site names and d are checked before any data is read
         models.attention_from_shapes(config, backbone)
-    data = input_pipeline.load(config, models.image_shape(config))
     seed_key = jax.random.key(config.seed)
     init_key = jax.random.fold_in(seed_key, 0)
     task = (backbone_task if config.stage == "backbone" else attention_task)(
         config, backbone, init_key
-    )
+    )  # reads the backbone's weights (if any) before the data: a wrong file fails fast
+    data = input_pipeline.load(config, models.image_shape(config))
     recipe = task.recipe
     batch = recipe.batch_size
     steps_per_epoch = len(data.train) // batch
@@ -197,18 +221,21 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
     if int(state["step"]) == 0:
         probe = data.validation if len(data.validation) else data.test
         guards.check_alpha_zero_is_backbone(
-            task, steps.variables(state), probe.images[: config.eval_batch_size], config.model.dtype
+            task,
+            steps.variables(state),
+            input_pipeline.head(probe, config.eval_batch_size),
+            config.model.dtype,
         )
     # Written only once the workdir's checkpoints are known to fit this config.
     (path / "config.json").write_text(config.to_json_best_effort(indent=2))
     skip = config.on_nonfinite == "skip"
-    images, labels = place.replicate((data.train.images, data.train.labels))
+    in_memory = isinstance(data.train, input_pipeline.Split)
     step_fn = jax.jit(
         functools.partial(
             steps.train_step,
             task.loss_fn,
             tx,
-            recipe.augment,
+            recipe.augment and in_memory,  # streamed data is augmented on the host
             batch,
             seed_key,
             skip_nonfinite=skip,
@@ -216,13 +243,12 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
         ),
         donate_argnums=(0,),
     )
-    perm_fn = jax.jit(steps.epoch_permutation, static_argnums=2)
+    batches = _Batches(data.train, place, seed_key, config.seed, batch, recipe.augment)
     writer = progress.Writer(path)
     epoch_times = []
     while not meta["done"] and meta["epoch"] < recipe.num_epochs:
         t0 = time.time()
         epoch = meta["epoch"]
-        perm = perm_fn(jax.random.fold_in(seed_key, 2), jnp.int32(epoch), len(data.train))
         sums = {"loss": 0.0, "accuracy": 0.0}
         bar = tqdm.tqdm(
             range(steps_per_epoch),
@@ -232,8 +258,9 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
             mininterval=1.0,
         )
         first_step, finite, skipped_before = int(state["step"]), [], int(state["skipped"])
-        for i in bar:
-            state, metrics = step_fn(state, task.frozen, images, labels, perm, jnp.int32(i))
+        for i, step_args in zip(bar, batches.epoch(epoch), strict=False):
+            state, metrics = step_fn(state, task.frozen, *step_args)
+            del step_args
             sums = {k: sums[k] + metrics[k] for k in sums}
             finite.append(metrics["finite"])  # read back only at the checks: no sync per step
             if not skip and ((i + 1) % config.log_every_steps == 0 or i + 1 == steps_per_epoch):
@@ -292,6 +319,35 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
     return _finish(config, task, state, data, best, path, meta, start_time)
 
 
+class _Batches:
+    """The train step's data arguments (images, labels, perm, index), step after step.
+
+    In memory: the whole split stays on the device and each step gets the epoch's permutation
+    and its index (a scalar from the host). Streamed: each step gets its batch, read and
+    augmented on the host ahead of time, with an identity permutation and index 0.
+    """
+
+    def __init__(self, split, place, seed_key, seed: int, batch: int, augment: bool):
+        self.split, self.place, self.seed = split, place, seed
+        self.batch, self.augment = batch, augment
+        self.perm_key = jax.random.fold_in(seed_key, 2)
+        if isinstance(split, input_pipeline.Split):
+            self.arrays = place.replicate((split.images, split.labels))
+            self.perm_fn = jax.jit(steps.epoch_permutation, static_argnums=2)
+        else:
+            self.identity = place.replicate(jnp.arange(batch))
+
+    def epoch(self, epoch: int):
+        if isinstance(self.split, input_pipeline.Split):
+            perm = self.perm_fn(self.perm_key, jnp.int32(epoch), len(self.split))
+            for i in range(len(self.split) // self.batch):
+                yield (*self.arrays, perm, jnp.int32(i))
+        else:
+            stream = self.split.train_batches(self.batch, self.seed, epoch, self.augment)
+            for x, y in stream:
+                yield (*self.place.put_batch((x, y)), self.identity, jnp.int32(0))
+
+
 def _finish(config, task, state, data, best, path, meta, start_time):
     """Evaluates the best variables on the test split and writes results.json."""
     guards.check_backbone_unchanged(task)
@@ -320,7 +376,8 @@ def _finish(config, task, state, data, best, path, meta, start_time):
         results["backbone_test_accuracy"] = base["accuracy"]
         results["backbone_test_loss"] = base["loss"]
         results["alpha"] = {k: float(v["alpha"]) for k, v in params.items()}
-        results["backbone_checkpoint"] = "{}/{}".format(*task.backbone_source[:2])
+        where, step, _ = task.backbone_source
+        results["backbone_checkpoint"] = where if step is None else f"{where}/{step}"
         results["backbone_checkpoint_sha256"] = task.backbone_source[2]
     (path / "results.json").write_text(json.dumps(results, indent=2))
     line = f"[{config.stage}] test accuracy {results['test_accuracy']:.4f}"

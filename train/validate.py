@@ -10,11 +10,11 @@ import numbers
 from pathlib import Path
 
 from train.errors import UserError
-from train.models import DTYPES
+from train.models import BACKBONES, DTYPES
 
 STAGES = ("backbone", "attention", "both")
 NONFINITE = ("stop", "skip")
-BACKBONES = ("toy",)
+PIPELINES = ("memory", "imagenet")
 
 
 def _fail(field: str, want: str, value) -> None:
@@ -64,7 +64,6 @@ def check_config(config) -> None:
     _positive_int(c, "seed", least=0)
     for field in (
         "dataset.num_classes",
-        "model.hidden",
         "attention.d",
         "checkpoint_every_epochs",
         "keep_checkpoints",
@@ -73,14 +72,28 @@ def check_config(config) -> None:
     ):
         _positive_int(c, field)
     _number(c, "dataset.validation_fraction", 0.0, 1.0, high_open=True)
-    _number(c, "model.dropout_rate", 0.0, 1.0, high_open=True)
     _number(c, "attention.dropout_rate", 0.0, 1.0, high_open=True)
     _number(c, "attention.alpha_init", -1e6, 1e6)
     _choice(c, "model.backbone", BACKBONES)
     _choice(c, "model.dtype", tuple(DTYPES))
-    features = c["model.features"]
-    if not features or not all(isinstance(f, int) and f > 0 for f in features):
-        _fail("model.features", "a tuple of positive integers", features)
+    if c["model.backbone"] == "toy":
+        _positive_int(c, "model.hidden")
+        _number(c, "model.dropout_rate", 0.0, 1.0, high_open=True)
+        _positive_ints(c, "model.features")
+    else:
+        _positive_int(c, "model.width")
+        if c["model.stage_sizes"]:
+            _positive_ints(c, "model.stage_sizes", length=4)
+    for field in ("attention.batch_norm_kq", "attention.layer_norm_gatta"):
+        if not isinstance(c[field], bool):
+            _fail(field, "True or False", c[field])
+    _choice(c, "dataset.pipeline", PIPELINES)
+    if c["dataset.pipeline"] == "imagenet":
+        _positive_int(c, "dataset.workers")
+        shape = tuple(c["dataset.image_shape"])
+        if len(shape) != 3 or shape[0] != shape[1] or shape[2] != 3:
+            _fail("dataset.image_shape", "(size, size, 3) for the imagenet pipeline", shape)
+        _positive_int(c, "dataset.resize", least=shape[0])
     sites = c["model.sites"]
     if not sites or not all(isinstance(s, str) and s for s in sites):
         _fail("model.sites", "a non-empty tuple of module paths", sites)
@@ -91,6 +104,14 @@ def check_config(config) -> None:
         _number(c, f"{stage}.weight_decay", 0.0, float("inf"))
         if not isinstance(c[f"{stage}.augment"], bool):
             _fail(f"{stage}.augment", "True or False", c[f"{stage}.augment"])
+
+
+def _positive_ints(config, field: str, length: int | None = None) -> None:
+    v = config[field]
+    ok = v and all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in v)
+    if not ok or (length is not None and len(v) != length):
+        count = f"{length} " if length else ""
+        _fail(field, f"a tuple of {count}positive integers", v)
 
 
 def prepare_workdir(workdir: str) -> Path:

@@ -178,11 +178,13 @@ class ResNet(nn.Module):
 
 
 def resnet18(**kwargs) -> ResNet:
-    return ResNet(stage_sizes=(2, 2, 2, 2), block="basic", **kwargs)
+    """ResNet18; keyword arguments override the ResNet fields (e.g. a smaller ``width``)."""
+    return ResNet(**{"stage_sizes": (2, 2, 2, 2), "block": "basic", **kwargs})
 
 
 def resnet50(**kwargs) -> ResNet:
-    return ResNet(stage_sizes=(3, 4, 6, 3), block="bottleneck", **kwargs)
+    """ResNet50 (v1.5); keyword arguments override the ResNet fields."""
+    return ResNet(**{"stage_sizes": (3, 4, 6, 3), "block": "bottleneck", **kwargs})
 
 
 ARCHITECTURES = {"resnet18": resnet18, "resnet50": resnet50}

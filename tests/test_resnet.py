@@ -1,0 +1,252 @@
+"""ResNet18/50: torchvision's architecture, Table 1's parameter counts, weight conversion, the
+ResNet attention variant, ImageNet preprocessing, and the attention stage on mock ImageNet."""
+
+import json
+import os
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gattanet_jax as gj
+from configs import resnet18_imagenet, resnet50_imagenet
+from gattanet_jax import weights
+from gattanet_jax.backbones import resnet
+from train import imagenet, summary
+from train.errors import UserError
+
+# Table 1: (config module, d) -> attention parameters as printed in the paper.
+TABLE1_RESNET = [
+    (resnet18_imagenet, 8, 68.9e3),
+    (resnet18_imagenet, 16, 101.4e3),
+    (resnet18_imagenet, 32, 166.5e3),
+    (resnet50_imagenet, 4, 78.7e3),
+    (resnet50_imagenet, 8, 118.0e3),
+    (resnet50_imagenet, 16, 196.7e3),
+    (resnet50_imagenet, 32, 353.9e3),
+    (resnet50_imagenet, 64, 668.4e3),
+]
+
+
+@pytest.mark.parametrize(("module", "d", "paper"), TABLE1_RESNET)
+def test_attention_parameter_counts_match_table_1(module, d, paper):
+    config = module.get_config()
+    config.attention.d = d
+    s = summary.summarize(config)
+    assert abs(s["attention_params"] - paper) / paper < 0.003, s["attention_params"]
+    # torchvision's own counts for the backbones, and the paper's six sites at 224 px
+    assert (
+        s["backbone_params"]
+        == {"resnet18": 11_689_512, "resnet50": 25_557_032}[config.model.backbone]
+    )
+    assert s["lesion_notation"] == "ccccdd"
+    shapes = [tuple(site["shape"]) for site in s["sites"]]
+    assert shapes[0] == (112, 112, 64) and shapes[-1] == (1000,)
+    assert [sh[:2] for sh in shapes[1:4]] == [(56, 56), (28, 28), (14, 14)]
+
+
+def random_state_dict(model, image_shape, seed=0):
+    """Random torchvision-format weights for ``model`` (names from the model's own tree, so a
+    wrong name shows up in the independent torch reference instead)."""
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape))))
+    rng = np.random.default_rng(seed)
+    sd = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
+        keys = [k.key for k in path]
+        collection, modules, leaf_name = keys[0], keys[1:-1], keys[-1]
+        suffix = weights._LEAF[(collection, leaf_name)]
+        name = f"{resnet.torch_name(modules)}.{suffix}"
+        shape = leaf.shape
+        if leaf_name == "kernel" and len(shape) == 4:
+            shape = (shape[3], shape[2], shape[0], shape[1])
+            value = rng.normal(0, np.sqrt(2.0 / np.prod(shape[1:])), shape)
+        elif leaf_name == "kernel":
+            shape = shape[::-1]
+            value = rng.normal(0, np.sqrt(1.0 / shape[1]), shape)
+        elif leaf_name in ("scale", "var"):
+            value = rng.uniform(0.5, 1.5, shape)
+        else:
+            value = rng.normal(0, 0.1, shape)
+        sd[name] = value.astype(np.float32)
+        if leaf_name == "mean":
+            sd[name.replace("running_mean", "num_batches_tracked")] = np.array(7, np.int64)
+    return sd
+
+
+VARIANTS = {
+    "basic": dict(stage_sizes=(2, 1, 1, 1), block="basic", width=8, num_classes=10),
+    "bottleneck": dict(stage_sizes=(1, 2, 1, 1), block="bottleneck", width=8, num_classes=10),
+    "resnet50": dict(stage_sizes=(3, 4, 6, 3), block="bottleneck", width=64, num_classes=1000),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_converted_weights_give_the_torch_logits(variant):
+    torch_resnet = pytest.importorskip("tests.torch_resnet")
+    kw = VARIANTS[variant]
+    model = resnet.ResNet(**kw)
+    size = 64 if variant == "resnet50" else 40
+    sd = random_state_dict(model, (size, size, 3))
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+    variables = weights.from_torchvision(sd, abstract, resnet.torch_name)
+    x = np.random.default_rng(1).uniform(0, 1, (2, size, size, 3)).astype(np.float32)
+    ours = np.asarray(jax.jit(model.apply)(variables, x))
+    ref = torch_resnet.forward(
+        sd, x, kw["stage_sizes"], kw["block"] == "bottleneck", resnet.IMAGENET_MEAN,
+        resnet.IMAGENET_STD,
+    )  # fmt: skip
+    rel = np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
+    assert rel < 1e-4, rel
+
+
+def test_pth_safetensors_and_npz_read_the_same(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.numpy import save_file
+
+    model = resnet.ResNet(**VARIANTS["basic"])
+    sd = random_state_dict(model, (32, 32, 3))
+    torch.save({k: torch.as_tensor(v) for k, v in sd.items()}, tmp_path / "w.pth")
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    np.savez(tmp_path / "w.npz", **sd)
+    for name in ("w.pth", "w.safetensors", "w.npz"):
+        read = weights.read_state_dict(tmp_path / name)
+        assert sorted(read) == sorted(sd)
+        for k in sd:
+            np.testing.assert_array_equal(read[k], sd[k])
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pth_loading_never_runs_code_from_the_file(tmp_path):
+    pytest.importorskip("torch")
+    marker = tmp_path / "pwned"
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"conv1.weight": _RunsCode(str(marker))}))
+    with pytest.raises(weights.WeightsError, match="cannot read weights file"):
+        weights.read_state_dict(tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+def test_mismatched_weights_list_missing_unexpected_and_misshaped_names():
+    model = resnet.ResNet(**VARIANTS["basic"])
+    sd = random_state_dict(model, (32, 32, 3))
+    del sd["layer2.0.downsample.1.running_var"]
+    sd["layer5.0.conv1.weight"] = np.zeros((3, 3), np.float32)
+    sd["fc.weight"] = np.zeros((7, 64), np.float32)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    with pytest.raises(weights.WeightsError) as e:
+        weights.from_torchvision(sd, abstract, resnet.torch_name)
+    msg = str(e.value)
+    assert "1 missing: layer2.0.downsample.1.running_var (16,)" in msg
+    assert "1 unexpected: layer5.0.conv1.weight (3, 3)" in msg
+    assert "1 mis-shaped: fc.weight: file (7, 64), model needs (64, 10)" in msg
+    assert "num_batches_tracked" not in msg
+
+
+def resnet_attention(batch_norm=True, layer_norm=True, d=3):
+    model = resnet.ResNet(**VARIANTS["basic"])
+    bv = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    sites = gj.resolve_sites(model, bv, (32, 32, 3), resnet.RESNET_SITES)
+    att = gj.AttentionSystem(
+        sites, d=d, alpha_init=0.3, batch_norm_kq=batch_norm, layer_norm_gatta=layer_norm
+    )
+    return model, bv, att
+
+
+def test_resnet_attention_variant_trains_its_statistics_and_folds_them_for_inference():
+    model, bv, att = resnet_attention()
+    av = gj.init_attention(att, jax.random.key(1))
+    assert sorted(av["params"]["stem"]) == [
+        "K", "K_bn_offset", "K_bn_scale", "Q", "Q_bn_offset", "Q_bn_scale", "alpha",
+        "gatta_offset", "gatta_scale",
+    ]  # fmt: skip
+    assert av["params"]["stem"]["gatta_scale"].shape == (16, 16)  # one per position
+    assert av["params"]["fc"]["gatta_scale"].shape == (10,)  # one per unit
+    x = jax.random.uniform(jax.random.key(2), (4, 32, 32, 3))
+    run = jax.jit(
+        lambda v, x, train, internals: gj.two_pass(
+            model, att, v, bv, x, train=train, rng=jax.random.key(3), return_internals=internals
+        ),
+        static_argnums=(2, 3),
+    )
+    out = run(av, x, True, False)
+    stats = out.updates["batch_stats"]
+    assert float(jnp.max(jnp.abs(stats["layer1"]["K_mean"]))) > 0  # running averages moved
+    trained = {"params": av["params"], **out.updates}
+    # inference: the keys' and queries' BatchNorm folded into K and Q equals materialising them
+    fast = run(trained, x, False, False).logits
+    full = run(trained, x, False, True)
+    np.testing.assert_allclose(fast, full.logits, rtol=2e-5, atol=2e-5)
+    # LayerNorm over each map: zero mean and unit variance before scale and offset
+    g = full.attention.gatta["stem"]
+    np.testing.assert_allclose(jnp.mean(g, axis=(1, 2)), 0, atol=1e-5)
+    np.testing.assert_allclose(jnp.std(g, axis=(1, 2)), 1, atol=1e-3)
+    # alpha = 0 is still exactly the backbone
+    zero = jax.tree_util.tree_map_with_path(
+        lambda p, v: jnp.zeros_like(v) if p[-1].key == "alpha" else v, trained
+    )
+    np.testing.assert_allclose(
+        run(zero, x, False, False).logits, model.apply(bv, x), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_random_resized_crop_and_centre_crop():
+    image = np.random.default_rng(0).integers(0, 256, (50, 90, 3), np.uint8)
+    a = imagenet.random_resized_crop(image, np.random.default_rng(5), 24)
+    b = imagenet.random_resized_crop(image, np.random.default_rng(5), 24)
+    assert a.shape == (24, 24, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)  # a function of the generator's state
+    # shorter side 50 -> 28 (longer 90 -> 50), then the centre 24 x 24
+    ramp = np.tile(np.arange(90, dtype=np.uint8)[None, :, None], (50, 1, 3))
+    c = imagenet.resize_center_crop(ramp, 24, 28)
+    assert c.shape == (24, 24, 3)
+    assert abs(float(c[:, 12].mean()) - 45) < 3  # the middle column stays in the middle
+    # a tall, thin image falls back to a centre crop at the extreme allowed aspect ratio
+    thin = np.zeros((200, 10, 3), np.uint8)
+    assert imagenet.random_resized_crop(thin, np.random.default_rng(0), 8).shape == (8, 8, 3)
+
+
+def test_attention_stage_on_a_tiny_resnet_with_mock_imagenet(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from train import train
+
+    config = resnet18_imagenet.get_config("tiny")
+    config.dataset.data_dir = str(tmp_path / "tfds")
+    model = train.models.build_backbone(config)
+    np.savez(tmp_path / "r.npz", **random_state_dict(model, config.dataset.image_shape))
+    config.backbone_checkpoint = str(tmp_path / "r.npz")
+    with tfds.testing.mock_data(num_examples=80, policy=tfds.testing.MockPolicy.USE_CODE):
+        state, results = train.train_and_evaluate(config, str(tmp_path / "wd"))
+        assert results["steps"] == 48 // 8  # 64 examples, a quarter held out, batch 8
+        assert results["backbone_checkpoint"] == str(tmp_path / "r.npz")
+        saved = json.loads((tmp_path / "wd" / "results.json").read_text())
+        assert 0 <= saved["test_accuracy"] <= 1 and saved["trainable_params"] > 0
+        # the attention's BatchNorm statistics were trained and checkpointed with the state
+        stats = state["variables"]["batch_stats"]
+        assert float(jnp.max(jnp.abs(stats["stem"]["K_mean"]))) > 0
+        assert os.path.isdir(tmp_path / "wd" / "best")
+        # resuming a finished run changes nothing
+        _, again = train.train_and_evaluate(config, str(tmp_path / "wd"))
+        assert again["test_accuracy"] == results["test_accuracy"]
+
+
+def test_wrong_weights_file_is_one_clear_error(tmp_path):
+    from train import train
+
+    config = resnet18_imagenet.get_config("tiny")
+    config.backbone_checkpoint = str(tmp_path / "missing.pth")
+    with pytest.raises(UserError, match="weights file .*missing.pth' not found"):
+        train.train_and_evaluate(config, str(tmp_path / "wd"))
+    np.savez(tmp_path / "toy.npz", conv1=np.zeros(3))
+    config.backbone_checkpoint = str(tmp_path / "toy.npz")
+    with pytest.raises(
+        UserError, match=r"do not fit the model: 62 missing: .* \| 1 unexpected: conv1"
+    ):
+        train.train_and_evaluate(config, str(tmp_path / "wd"))

@@ -1,0 +1,178 @@
+"""ImageNet-style input: examples streamed from a tfds data source, preprocessed on the host.
+
+ImageNet does not fit in accelerator memory the way CIFAR does, and its images differ in size,
+so its splits are ``Stream``s: random access into ``tfds.data_source`` (array_record files
+prepared elsewhere, e.g. ``tfds build imagenet2012`` with the manual download), read a batch at a
+time by a pool of threads ahead of the training step.
+
+Preprocessing, as torchvision's reference recipe (what pretrained torchvision weights expect):
+  train  random-resized crop to ``size`` (scale 0.08-1, aspect ratio 3/4-4/3, 10 tries, then a
+         centre crop), horizontal flip with probability 1/2;
+  eval   resize the shorter side to ``resize`` (256 for 224), centre crop ``size``.
+Resizing is PIL's bilinear filter with antialiasing. Images leave here as uint8; the step scales
+them to [0, 1] and the ResNet normalises them with ImageNet's mean and std.
+
+Every random choice is a function of (seed, epoch, step, position in the batch), so a resumed
+run reads exactly the batches the interrupted one would have read.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+from collections.abc import Iterator
+
+import numpy as np
+from PIL import Image
+
+from train.errors import UserError
+
+SCALE = (0.08, 1.0)
+RATIO = (3 / 4, 4 / 3)
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    pil = Image.fromarray(image)
+    return np.asarray(pil.resize((width, height), Image.BILINEAR, reducing_gap=None))
+
+
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+    """torchvision's RandomResizedCrop(size) (default scale and ratio) on an (H, W, 3) image."""
+    h, w = image.shape[:2]
+    area = h * w
+    log_ratio = (math.log(RATIO[0]), math.log(RATIO[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*SCALE)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw = round(math.sqrt(target * aspect))
+        ch = round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(rng.integers(0, h - ch + 1))
+            left = int(rng.integers(0, w - cw + 1))
+            return _resize(image[top : top + ch, left : left + cw], size, size)
+    ratio = w / h  # fallback: the largest centre crop within the allowed ratios
+    if ratio < RATIO[0]:
+        cw, ch = w, round(w / RATIO[0])
+    elif ratio > RATIO[1]:
+        ch, cw = h, round(h * RATIO[1])
+    else:
+        cw, ch = w, h
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return _resize(image[top : top + ch, left : left + cw], size, size)
+
+
+def resize_center_crop(image: np.ndarray, size: int, resize: int) -> np.ndarray:
+    """torchvision's Resize(resize) (shorter side) then CenterCrop(size)."""
+    h, w = image.shape[:2]
+    if h <= w:
+        nh, nw = resize, int(resize * w / h)
+    else:
+        nh, nw = int(resize * h / w), resize
+    image = _resize(image, nh, nw)
+    top = round((nh - size) / 2.0)
+    left = round((nw - size) / 2.0)
+    if top < 0 or left < 0:
+        raise ValueError(f"resize {resize} is smaller than the crop {size}")
+    return image[top : top + size, left : left + size]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Stream:
+    """One split of a tfds data source, read on demand.
+
+    Attributes:
+      source: a tfds data source (random access: ``len``, ``[i]``).
+      indices: the examples of ``source`` that form this split (a validation split carved from
+        the training set is a subset of its indices).
+      size: the crop size (224); resize: the eval resize of the shorter side (256).
+      num_classes: labels must lie in [0, num_classes).
+      name: 'dataset/split' for error messages; workers: reading threads.
+    """
+
+    source: object
+    indices: np.ndarray
+    size: int
+    resize: int
+    num_classes: int
+    name: str
+    workers: int = 8
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def take(self, n: int) -> Stream:
+        return dataclasses.replace(self, indices=self.indices[:n]) if n else self
+
+    def subset(self, positions: np.ndarray) -> Stream:
+        return dataclasses.replace(self, indices=self.indices[positions])
+
+    def _read(self, positions, train: bool, seed) -> tuple[np.ndarray, np.ndarray]:
+        images = np.empty((len(positions), self.size, self.size, 3), np.uint8)
+        labels = np.empty((len(positions),), np.int32)
+        for j, pos in enumerate(positions):
+            index = int(self.indices[pos])
+            record = self.source[index]
+            image, label = np.asarray(record["image"]), int(record["label"])
+            if image.ndim == 2:
+                image = np.repeat(image[..., None], 3, axis=-1)
+            if image.ndim != 3 or image.shape[-1] != 3:
+                raise UserError(
+                    f"{self.name} example {index}: image of shape {image.shape}, not RGB"
+                )
+            if not 0 <= label < self.num_classes:
+                raise UserError(
+                    f"{self.name} example {index}: label {label} is outside "
+                    f"[0, {self.num_classes}) (config.dataset.num_classes)"
+                )
+            if train:
+                rng = np.random.default_rng([*seed, j])
+                image = random_resized_crop(image, rng, self.size)
+                if rng.random() < 0.5:
+                    image = image[:, ::-1]
+            else:
+                image = resize_center_crop(image, self.size, self.resize)
+            images[j], labels[j] = image, label
+        return images, labels
+
+    def _prefetched(self, jobs: list, read) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Runs ``read(job)`` for every job on the thread pool, at most 2 * workers ahead."""
+        ahead = 2 * self.workers
+        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+            pending = [pool.submit(read, job) for job in jobs[:ahead]]
+            for k in range(len(jobs)):
+                if k + ahead < len(jobs):
+                    pending.append(pool.submit(read, jobs[k + ahead]))
+                yield pending[k].result()
+                pending[k] = None
+
+    def train_batches(
+        self, batch_size: int, seed: int, epoch: int, augment: bool = True
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The epoch's full batches in a random order that depends on (seed, epoch) only.
+        ``augment=False`` gives the eval preprocessing."""
+        order = np.random.default_rng([seed, epoch]).permutation(len(self))
+        steps = len(self) // batch_size
+        jobs = [(i, order[i * batch_size : (i + 1) * batch_size]) for i in range(steps)]
+        return self._prefetched(
+            jobs, lambda job: self._read(job[1], augment, (seed, epoch, job[0]))
+        )
+
+    def eval_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every example once, in order; the last batch is padded to ``batch_size`` with copies
+        of its last image labelled -1 (counted for nothing by the eval step)."""
+
+        def read(start):
+            positions = np.arange(start, min(start + batch_size, len(self)))
+            images, labels = self._read(positions, False, None)
+            pad = batch_size - len(positions)
+            if pad:
+                images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+                labels = np.concatenate([labels, np.full((pad,), -1, np.int32)])
+            return images, labels
+
+        return self._prefetched(list(range(0, len(self), batch_size)), read)
+
+    def head(self, n: int) -> np.ndarray:
+        """The first ``n`` images, eval-preprocessed."""
+        return self._read(np.arange(min(n, len(self))), False, None)[0]
