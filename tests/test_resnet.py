@@ -242,11 +242,12 @@ def test_wrong_weights_file_is_one_clear_error(tmp_path):
 
     config = resnet18_imagenet.get_config("tiny")
     config.backbone_checkpoint = str(tmp_path / "missing.pth")
-    with pytest.raises(UserError, match="weights file .*missing.pth' not found"):
+    with pytest.raises(UserError, match=r"weights file .*missing\.pth' not found"):
         train.train_and_evaluate(config, str(tmp_path / "wd"))
     np.savez(tmp_path / "toy.npz", conv1=np.zeros(3))
     config.backbone_checkpoint = str(tmp_path / "toy.npz")
     with pytest.raises(
-        UserError, match=r"do not fit the model: 62 missing: .* \| 1 unexpected: conv1"
+        UserError,
+        match=r"do not fit the model: 62 missing: conv1\.weight .* \| 1 unexpected: conv1 ",
     ):
         train.train_and_evaluate(config, str(tmp_path / "wd"))
