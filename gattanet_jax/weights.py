@@ -93,6 +93,15 @@ def _to_flax(name: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _torch_shape(leaf_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A Flax leaf's shape in torchvision's layout (what the file should hold)."""
+    if leaf_name == "kernel" and len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    if leaf_name == "kernel" and len(shape) == 2:
+        return shape[::-1]
+    return shape
+
+
 def from_torchvision(
     state_dict: Mapping[str, np.ndarray],
     abstract_variables,
@@ -122,12 +131,13 @@ def from_torchvision(
         name = f"{module_name(modules)}.{suffix}"
         want = tuple(leaf.shape)
         if name not in state_dict:
-            missing.append(f"{name} {want}")
+            missing.append(f"{name} {_torch_shape(leaf_name, want)}")
             return None
         used.add(name)
         value = _to_flax(leaf_name, np.asarray(state_dict[name]))
         if value.shape != want:
-            misshaped.append(f"{name}: file {tuple(state_dict[name].shape)}, model needs {want}")
+            needs = _torch_shape(leaf_name, want)
+            misshaped.append(f"{name}: file {tuple(state_dict[name].shape)}, model needs {needs}")
             return None
         return np.asarray(value, dtype=leaf.dtype)
 

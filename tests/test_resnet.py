@@ -146,7 +146,7 @@ def test_mismatched_weights_list_missing_unexpected_and_misshaped_names():
     msg = str(e.value)
     assert "1 missing: layer2.0.downsample.1.running_var (16,)" in msg
     assert "1 unexpected: layer5.0.conv1.weight (3, 3)" in msg
-    assert "1 mis-shaped: fc.weight: file (7, 64), model needs (64, 10)" in msg
+    assert "1 mis-shaped: fc.weight: file (7, 64), model needs (10, 64)" in msg
     assert "num_batches_tracked" not in msg
 
 
@@ -248,6 +248,6 @@ def test_wrong_weights_file_is_one_clear_error(tmp_path):
     config.backbone_checkpoint = str(tmp_path / "toy.npz")
     with pytest.raises(
         UserError,
-        match=r"do not fit the model: 62 missing: conv1\.weight .* \| 1 unexpected: conv1 ",
+        match=r"do not fit the model: 62 missing: bn1\.bias .*conv1\.weight \(8, 3, 7, 7\).* \| 1 unexpected: conv1 ",
     ):
         train.train_and_evaluate(config, str(tmp_path / "wd"))
