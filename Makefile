@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[torch]' || echo "torch not installed: its tests are skipped"
 	touch $(STAMP)
 
 .PHONY: demo test lint venv

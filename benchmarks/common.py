@@ -9,18 +9,31 @@ import jax.numpy as jnp
 import numpy as np
 
 import gattanet_jax as gj
+from gattanet_jax.backbones import resnet
 
 
-def build(batch: int, dtype: str, d: int):
-    backbone = gj.ToyCNN(10, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
-    x = jnp.zeros((1, 32, 32, 3))
+def build(batch: int, dtype: str, d: int, backbone_name: str = "toy", image_size: int = 0):
+    """A backbone with random weights, its attention system, and a batch of uint8 images.
+
+    'toy' (10 classes, 32 px by default) or 'resnet18' / 'resnet50' (1000 classes, 224 px by
+    default, the paper's ResNet attention variant with BatchNorm and LayerNorm)."""
+    compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    if backbone_name == "toy":
+        backbone, sites, classes, size = gj.ToyCNN(10, dtype=compute), gj.TOY_SITES, 10, 32
+        variant = {}
+    else:
+        backbone = resnet.ARCHITECTURES[backbone_name](num_classes=1000, dtype=compute)
+        sites, classes, size = resnet.RESNET_SITES, 1000, 224
+        variant = {"batch_norm_kq": True, "layer_norm_gatta": True}
+    size = image_size or size
+    x = jnp.zeros((1, size, size, 3))
     backbone_vars = jax.jit(backbone.init)(jax.random.key(0), x)
-    sites = gj.resolve_sites(backbone, backbone_vars, (32, 32, 3), gj.TOY_SITES)
-    attention = gj.AttentionSystem(sites, d=d, alpha_init=0.01)
+    sites = gj.resolve_sites(backbone, backbone_vars, (size, size, 3), sites)
+    attention = gj.AttentionSystem(sites, d=d, alpha_init=0.01, **variant)
     attention_vars = gj.init_attention(attention, jax.random.key(1))
     rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8))
-    labels = jnp.asarray(rng.integers(0, 10, (batch,)), jnp.int32)
+    images = jnp.asarray(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8))
+    labels = jnp.asarray(rng.integers(0, classes, (batch,)), jnp.int32)
     return backbone, backbone_vars, attention, attention_vars, images, labels
 
 

@@ -2,6 +2,7 @@ r"""Times GAttANet's steps against the backbone's own, on the default device.
 
   python -m benchmarks.step --backbone toy --batch 128 [--dtype float32|bfloat16] \
       [--peer torch] [--json]
+  python -m benchmarks.step --backbone resnet50 --batch 256 --dtype bfloat16 [--image_size 224]
 
 Every time is a median over ``--repeats`` runs after ``--warmup`` runs (compilation excluded),
 of the same compiled functions the training loop uses. Keys: benchmarks/README.md.
@@ -26,7 +27,12 @@ from benchmarks.common import build, median_seconds
 from train import steps
 from train.train import attention_loss_fn, backbone_loss_fn
 
-_BACKBONE = flags.DEFINE_enum("backbone", "toy", ["toy"], "Backbone to time.")
+_BACKBONE = flags.DEFINE_enum(
+    "backbone", "toy", ["toy", "resnet18", "resnet50"], "Backbone to time."
+)
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", 0, "Image side in pixels; 0 = the backbone's own (toy 32, ResNets 224)."
+)
 _BATCH = flags.DEFINE_integer("batch", 128, "Batch size.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
 _D = flags.DEFINE_integer("d", 16, "Attention dimension.")
@@ -65,31 +71,44 @@ def compiled_stats(jitted, *args) -> dict:
     }
 
 
-def run(batch: int, dtype: str, d: int, repeats: int, warmup: int, peer: str | None) -> dict:
-    backbone, bv, attention, av, images, labels = build(batch, dtype, d)
+def run(
+    batch: int,
+    dtype: str,
+    d: int,
+    repeats: int,
+    warmup: int,
+    peer: str | None,
+    backbone_name: str = "toy",
+    image_size: int = 0,
+) -> dict:
+    if peer and backbone_name != "toy":
+        raise app.UsageError("--peer torch times the toy model only")
+    backbone, bv, attention, av, images, labels = build(batch, dtype, d, backbone_name, image_size)
     perm = jnp.arange(batch)
     data = (images, labels, perm)
     seed = jax.random.key(0)
     tx = optax.adam(1e-3, eps=1e-7)
     results = {}
 
-    def step_and_state(loss_fn, params):
+    def step_and_state(loss_fn, variables):
         fn = jax.jit(
             functools.partial(steps.train_step, loss_fn, tx, False, batch, seed),
             donate_argnums=(0,),
         )
-        state = steps.init_state(params, tx)
+        extra = {k: v for k, v in variables.items() if k != "params"}
+        state = steps.init_state(variables["params"], tx, extra)
         return fn, state
 
-    # The backbone's own step trains (and donates) a copy of its parameters.
-    bb_params = jax.tree.map(jnp.copy, bv["params"])
-    bb_step, bb_state = step_and_state(backbone_loss_fn(backbone, 0.0), bb_params)
+    # The backbone's own step trains (and donates) a copy of its variables (ResNets: BatchNorm
+    # in training mode, its statistics updated).
+    bb_step, bb_state = step_and_state(backbone_loss_fn(backbone, 0.0), jax.tree.map(jnp.copy, bv))
     bb_data = ({}, *data)
     results["backbone_train_step"] = compiled_stats(bb_step, bb_state, *bb_data, jnp.int32(0))
     results["backbone_train_step_s"] = time_step(bb_step, bb_state, bb_data, repeats, warmup)
 
-    at_params = jax.tree.map(jnp.copy, av["params"])
-    at_step, at_state = step_and_state(attention_loss_fn(backbone, attention, 1e-5), at_params)
+    at_step, at_state = step_and_state(
+        attention_loss_fn(backbone, attention, 1e-5), jax.tree.map(jnp.copy, av)
+    )
     at_data = (bv, *data)
     results["attention_step"] = compiled_stats(at_step, at_state, *at_data, jnp.int32(0))
     results["attention_step_s"] = time_step(at_step, at_state, at_data, repeats, warmup)
@@ -126,7 +145,8 @@ def run(batch: int, dtype: str, d: int, repeats: int, warmup: int, peer: str | N
             results["attention_step_s"] / results["peer_torch_attention_step_s"]
         )
     results["config"] = {
-        "backbone": "toy",
+        "backbone": backbone_name,
+        "image_size": int(images.shape[1]),
         "batch": batch,
         "dtype": dtype,
         "d": d,
@@ -142,7 +162,16 @@ def run(batch: int, dtype: str, d: int, repeats: int, warmup: int, peer: str | N
 
 def main(argv):
     del argv
-    results = run(_BATCH.value, _DTYPE.value, _D.value, _REPEATS.value, _WARMUP.value, _PEER.value)
+    results = run(
+        _BATCH.value,
+        _DTYPE.value,
+        _D.value,
+        _REPEATS.value,
+        _WARMUP.value,
+        _PEER.value,
+        _BACKBONE.value,
+        _IMAGE_SIZE.value,
+    )
     if _JSON.value:
         print(json.dumps(results, indent=1))
         return

@@ -125,6 +125,7 @@ class _RunsCode:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pth_loading_never_runs_code_from_the_file(tmp_path):
     pytest.importorskip("torch")
     marker = tmp_path / "pwned"

@@ -89,6 +89,11 @@ def load(workdir: str, data_dir: str = "", max_examples: int = 0) -> Trained:
     directory, step = checkpoints.find_model_checkpoint(str(path))
     mngr = checkpoints.manager(directory, keep=1, create=False)
     restored = checkpoints.restore(mngr, step, {"variables": abstract}, "attention checkpoint")
+    if config.dataset.get("pipeline", "memory") != "memory":
+        raise UserError(
+            "the analyses read the test split into memory; they are not available for streamed "
+            f"datasets (config.dataset.pipeline={config.dataset.pipeline!r}) yet"
+        )
     data = input_pipeline.load(config, models.image_shape(config))
     results_path = path / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
