@@ -39,7 +39,7 @@ class Task:
     recipe: ml_collections.ConfigDict  # backbone_training or attention_training
     frozen: dict  # the frozen backbone's variables (attention stage), else empty
     baseline_logits_fn: steps.LogitsFn | None = None
-    backbone_source: tuple[str, int, str] | None = None  # (directory, step, sha256)
+    backbone_source: tuple[str, int | None, str] | None = None  # (dir or file, step, sha256)
     batch_sharding: jax.sharding.NamedSharding | None = None  # data parallel (parallel.py)
     extra: dict = dataclasses.field(default_factory=dict)  # initial non-parameter collections
 
