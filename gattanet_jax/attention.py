@@ -7,6 +7,7 @@ returns keys, queries, the global query and the agreement maps; it never touches
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -48,6 +49,7 @@ class SiteParams(nn.Module):
       gatta_shape: if given, LayerNorm over the site's agreement map with one scale and one offset
         per position (or unit): the shape of the map without the batch axis.
       momentum, epsilon: of the BatchNorm (Keras' defaults, 0.99 and 1e-3).
+      axis_name: under pmap, the device axis the BatchNorm's batch statistics are averaged over.
     """
 
     channels: int
@@ -58,6 +60,7 @@ class SiteParams(nn.Module):
     gatta_shape: tuple[int, ...] | None = None
     momentum: float = 0.99
     epsilon: float = 1e-3
+    axis_name: str | None = None
 
     def setup(self):
         c, d = self.channels, self.d
@@ -106,8 +109,10 @@ class SiteParams(nn.Module):
         if train:
             axes = tuple(range(x.ndim - 1))
             x32 = x.astype(jnp.float32)
-            mean = jnp.mean(x32, axes)
-            var = jnp.mean(jnp.square(x32), axes) - jnp.square(mean)
+            mean, mean_sq = jnp.mean(x32, axes), jnp.mean(jnp.square(x32), axes)
+            if self.axis_name is not None:  # equal shards: the global batch's statistics
+                mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
+            var = mean_sq - jnp.square(mean)
             if not self.is_initializing():
                 m = self.momentum
                 ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
@@ -151,6 +156,7 @@ class AttentionSystem(nn.Module):
       batch_norm_kq: the paper's ResNet variant: BatchNorm on keys and queries.
       layer_norm_gatta: the paper's ResNet variant: LayerNorm on each site's agreement map, with
         a scale and an offset per position (conv sites) or unit (dense sites).
+      axis_name: set under pmap: BatchNorm statistics are averaged over this device axis.
     """
 
     sites: tuple[SiteSpec, ...]
@@ -159,16 +165,24 @@ class AttentionSystem(nn.Module):
     alpha_init: float = 0.0
     batch_norm_kq: bool = False
     layer_norm_gatta: bool = False
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(
-        self, site_acts: Mapping[str, jax.Array], train: bool = False, internals: bool = True
+        self,
+        site_acts: Mapping[str, jax.Array],
+        train: bool = False,
+        internals: bool = True,
+        example_offset=0,
     ) -> Attention:
         """Keys, queries, q_avg and agreement maps from the sites' pass-1 activations.
 
         With ``internals=False`` outside training, keys and queries are not materialised (the
         returned dicts are empty) and q_avg and gatta come from the activations directly.
         Under ``batch_norm_kq`` with ``train``, the caller makes 'batch_stats' mutable.
+        ``example_offset``: the index of the first example of this batch in the global batch
+        (data-parallel shards), so that each example gets the same dropout masks however the
+        batch is split.
         """
         use_dropout = train and self.dropout_rate > 0
         materialise = internals or use_dropout or (train and self.batch_norm_kq)
@@ -181,6 +195,7 @@ class AttentionSystem(nn.Module):
                 self.alpha_init,
                 batch_norm=self.batch_norm_kq,
                 gatta_shape=gatta_shape(site) if self.layer_norm_gatta else None,
+                axis_name=self.axis_name,
                 name=param_name(site.name),
             )
             mods[site.name] = mod
@@ -191,8 +206,11 @@ class AttentionSystem(nn.Module):
                 k = mod.normalize("K", agr.project(acts, p["K"], p["K_bias"], site.kind), train)
                 q = mod.normalize("Q", agr.project(acts, p["Q"], p["Q_bias"], site.kind), train)
                 if use_dropout:
-                    k = dropout.dropout(jax.random.fold_in(key, 2 * i), k, self.dropout_rate)
-                    q = dropout.dropout(jax.random.fold_in(key, 2 * i + 1), q, self.dropout_rate)
+                    start = example_offset * math.prod(k.shape[1:])
+                    k = dropout.dropout(jax.random.fold_in(key, 2 * i), k, self.dropout_rate, start)
+                    q = dropout.dropout(
+                        jax.random.fold_in(key, 2 * i + 1), q, self.dropout_rate, start
+                    )
                 keys[site.name], queries[site.name] = k, q
                 means.append(agr.site_query(q))
             else:

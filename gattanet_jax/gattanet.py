@@ -56,6 +56,7 @@ def two_pass(
     rng: jax.Array | None = None,
     lesion: str | jax.Array | None = None,
     return_internals: bool = False,
+    example_offset=0,
 ) -> Output:
     """GAttANet's two-pass forward.
 
@@ -72,6 +73,8 @@ def two_pass(
         removes a site's modulation (its query still enters q_avg). A float array of shape
         (n_sites,) does the same inside a trace (1 = modulated, 0 = removed), e.g. under vmap.
       return_internals: also return keys, queries, q_avg, gatta and alpha per site.
+      example_offset: where ``images`` start in the global batch when a data-parallel shard
+        calls this (0 otherwise): key/query dropout masks then match the unsharded run's.
     """
     sites = attention.sites
     names = [s.name for s in sites]
@@ -93,6 +96,7 @@ def two_pass(
             acts,
             train=train,
             internals=return_internals,
+            example_offset=example_offset,
             rngs=rngs,
             mutable=mutable or False,
         )

@@ -1,4 +1,4 @@
-"""Data parallel training (config.parallel='jit') over the 8 forced host devices."""
+"""Data parallel training (config.parallel='jit' and 'pmap') over the 8 forced host devices."""
 
 import jax
 import numpy as np
@@ -17,23 +17,28 @@ def parallel_config(mode, stage="backbone"):
     return config
 
 
-def run_both(tmp_path, stage, **overrides):
+def run_both(tmp_path, stage, mode, **overrides):
     runs = []
-    for mode in ("none", "jit"):
-        config = parallel_config(mode, stage)
+    for m in ("none", mode):
+        config = parallel_config(m, stage)
         config.update(overrides)
-        runs += train.train_and_evaluate(config, str(tmp_path / f"{stage}_{mode}"))
+        runs += train.train_and_evaluate(config, str(tmp_path / f"{stage}_{m}"))
     return runs
 
 
+@pytest.mark.parametrize("mode", ["jit", "pmap"])
 @pytest.mark.parametrize("stage", ["backbone", "attention"])
-def test_sharded_jit_equals_one_device(tmp_path, stage):
+def test_data_parallel_equals_one_device(tmp_path, stage, mode):
     assert jax.local_device_count() == 8
+    overrides = {"backbone_checkpoint": str(tmp_path / "backbone")}
     if stage == "attention":
         train.train_and_evaluate(parallel_config("none"), str(tmp_path / "backbone"))
-    one_state, one, all_state, par = run_both(
-        tmp_path, stage, backbone_checkpoint=str(tmp_path / "backbone")
-    )
+        # augmentation on too: each device must draw its slice of the global batch's transforms
+        overrides["attention_training"] = {"augment": True}
+    elif mode == "pmap":
+        # the backbone's own dropout is drawn per device under pmap (see train/parallel.py)
+        overrides["model"] = {"dropout_rate": 0.0}
+    one_state, one, all_state, par = run_both(tmp_path, stage, mode, **overrides)
     assert one["steps"] == par["steps"] == 3
     for a, b in zip(
         jax.tree.leaves(one_state["state"]["params"]),
@@ -62,5 +67,26 @@ def test_batch_size_that_does_not_divide_by_the_devices(tmp_path, field):
 
 def test_unknown_parallel_mode(tmp_path):
     config = parallel_config("pmapp")
-    with pytest.raises(UserError, match=r"config.parallel must be one of \('none', 'jit'\)"):
+    with pytest.raises(
+        UserError, match=r"config.parallel must be one of \('none', 'jit', 'pmap'\)"
+    ):
         train.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("mode", ["jit", "pmap"])
+def test_key_query_batch_norm_statistics_are_the_global_batch_s(tmp_path, mode):
+    train.train_and_evaluate(parallel_config("none"), str(tmp_path / "backbone"))
+    variant = {"batch_norm_kq": True, "layer_norm_gatta": True}
+    one_state, one, all_state, par = run_both(
+        tmp_path,
+        "attention",
+        mode,
+        backbone_checkpoint=str(tmp_path / "backbone"),
+        attention=variant,
+    )
+    one_vars, all_vars = one_state["state"]["extra"], all_state["state"]["extra"]
+    assert jax.tree.structure(one_vars) == jax.tree.structure(all_vars)
+    for a, b in zip(jax.tree.leaves(one_vars), jax.tree.leaves(all_vars), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    assert float(np.max(np.abs(np.asarray(one_vars["batch_stats"]["conv1"]["K_mean"])))) > 0
+    assert par["test_accuracy"] == one["test_accuracy"]

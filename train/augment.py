@@ -62,7 +62,13 @@ def to_float(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32) / 255.0
 
 
-def augment(rng, images: jax.Array) -> jax.Array:
-    """uint8 (B, H, W, C) -> augmented float32 in [0, 1]."""
-    theta, shift, sign = affine_params(rng, images.shape[0])
-    return warp(to_float(images), theta, shift, sign)
+def augment(rng, images: jax.Array, total: int | None = None, offset=0) -> jax.Array:
+    """uint8 (B, H, W, C) -> augmented float32 in [0, 1].
+
+    A data-parallel shard holding images [offset, offset + B) of a global batch of ``total``
+    draws the global batch's transforms and applies its own, as the unsharded step would."""
+    b = images.shape[0]
+    params = affine_params(rng, total or b)
+    if total:
+        params = [jax.lax.dynamic_slice_in_dim(p, offset, b) for p in params]
+    return warp(to_float(images), *params)

@@ -5,39 +5,62 @@ config.parallel:
   'jit'   data parallel over all local devices: a 1-D mesh with axis 'data'; the state, the
           frozen backbone and the dataset are replicated, each step's batch is sharded along
           'data' inside the compiled step, and XLA inserts the gradient all-reduce.
+  'pmap'  data parallel with ``jax.pmap`` over all local devices (axis 'data'): every device
+          holds the replicated state, takes its slice of the global batch, and gradients,
+          metrics and BatchNorm statistics are averaged with ``pmean``. The state goes in and
+          comes out replicated (``in_axes=None``, ``out_axes=None``), so the loop, checkpoints
+          and evaluation see one state whatever the mode. pmap is in maintenance mode since
+          JAX 0.8; 'jit' is the recommended mode.
 
 Batch sizes are global: ``batch_size`` examples per step in all, split evenly over the devices,
 so the same config gives the same optimisation on one device or many (up to float rounding).
+Augmentation and key/query dropout are drawn for the global batch and sliced, so every mode
+gives each example the same random transform and masks. (A backbone's own dropout, in the
+backbone stage, is drawn per device under pmap: statistically the same, not the same numbers.)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from train.errors import UserError
 
-MODES = ("none", "jit")
+MODES = ("none", "jit", "pmap")
+AXIS = "data"
 
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
     mesh: Mesh | None
+    mode: str = "none"
 
     @property
     def num_devices(self) -> int:
         return 1 if self.mesh is None else self.mesh.size
 
     @property
+    def axis_name(self) -> str | None:
+        """The pmap axis name (None in the other modes)."""
+        return AXIS if self.mode == "pmap" else None
+
+    @property
     def batch_sharding(self) -> NamedSharding | None:
-        """How a step's batch is laid out (None: wherever it is)."""
-        return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec("data"))
+        """How a jit step lays out its batch (None: wherever it is; pmap slices by hand)."""
+        if self.mode != "jit":
+            return None
+        return NamedSharding(self.mesh, PartitionSpec(AXIS))
 
     def put_batch(self, tree):
-        """Puts a host batch on the device, or splits it over the mesh along its first axis."""
+        """Puts a host batch on the device(s): split along its first axis under 'jit', whole on
+        every device under 'pmap' (each device slices its part)."""
+        if self.mode == "pmap":
+            return self.replicate(tree)
         return jax.device_put(tree, self.batch_sharding)
 
     def replicate(self, tree):
@@ -45,6 +68,37 @@ class Placement:
         if self.mesh is None:
             return jax.device_put(tree)
         return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
+
+    def compile(self, step, donate_state: bool = False):
+        """Compiles a step ``step(*args, shard=, num_shards=, axis_name=, batch_sharding=)``
+        (steps.train_step or steps.eval_batch with their static arguments bound) for this
+        placement; returns a function of the positional arguments only."""
+        if self.mode != "pmap":
+            fn = functools.partial(step, batch_sharding=self.batch_sharding)
+            return jax.jit(fn, donate_argnums=(0,) if donate_state else ())
+        n = self.num_devices
+
+        def per_device(shard, *args):
+            return step(*args, shard=shard, num_shards=n, axis_name=AXIS)
+
+        shards = jax.device_put(
+            jnp.arange(n, dtype=jnp.int32), NamedSharding(self.mesh, PartitionSpec(AXIS))
+        )
+        compiled = {}
+
+        def call(*args):
+            if len(args) not in compiled:
+                compiled[len(args)] = jax.pmap(
+                    per_device,
+                    axis_name=AXIS,
+                    in_axes=(0,) + (None,) * len(args),
+                    out_axes=None,
+                    devices=list(self.mesh.devices.flat),
+                    donate_argnums=(1,) if donate_state else (),
+                )
+            return compiled[len(args)](shards, *args)
+
+        return call
 
 
 def placement(config) -> Placement:
@@ -54,7 +108,7 @@ def placement(config) -> Placement:
     if mode == "none":
         return Placement(None)
     devices = np.asarray(jax.local_devices())
-    return Placement(Mesh(devices, ("data",)))
+    return Placement(Mesh(devices, (AXIS,)), mode)
 
 
 def check_batch_sizes(config, place: Placement) -> None:

@@ -16,10 +16,11 @@ import optax
 from train.augment import augment, to_float
 from train.parallel import constrain
 
-# (trainable params, other trained collections, frozen variables, images, labels, rng)
-#   -> (loss, (logits, new values of the other collections))
+# (trainable params, other trained collections, frozen variables, images, labels, rng,
+#  example_offset=0) -> (loss, (logits, new values of the other collections))
 # The other collections ('extra', e.g. BatchNorm statistics) are updated by the forward pass, not
-# by the optimizer; they are empty for most models.
+# by the optimizer; they are empty for most models. ``example_offset`` (keyword) is where the
+# images start in the global batch when a pmap shard calls the function.
 LossFn = Callable[
     [dict, dict, dict, jax.Array, jax.Array, jax.Array], tuple[jax.Array, tuple[jax.Array, dict]]
 ]
@@ -82,6 +83,9 @@ def train_step(
     *,
     skip_nonfinite: bool = False,
     batch_sharding=None,
+    shard: jax.Array | None = None,
+    num_shards: int = 1,
+    axis_name: str | None = None,
 ):
     """One optimisation step on batch ``index`` of the epoch ordered by ``perm``.
 
@@ -91,22 +95,38 @@ def train_step(
     optimizer state stay as they were) and counted in ``state['skipped']``; the step counter
     advances either way, so the data order and RNG streams do not depend on skips.
     ``batch_sharding`` lays the batch out over a device mesh (data parallel; see parallel.py).
+
+    Under pmap (``axis_name`` set), device ``shard`` of ``num_shards`` takes its slice of the
+    global batch, draws the global batch's augmentation and dropout for it, and gradients,
+    metrics and BatchNorm statistics are averaged over the devices (equal slices: the global
+    batch's means).
     """
-    idx = jax.lax.dynamic_slice_in_dim(perm, index * batch_size, batch_size)
+    local = batch_size // num_shards
+    offset = 0 if shard is None else shard * local
+    idx = jax.lax.dynamic_slice_in_dim(perm, index * batch_size + offset, local)
     x = constrain(images[idx], batch_sharding)
     y = constrain(labels[idx], batch_sharding)
     key = jax.random.fold_in(jax.random.fold_in(seed_key, 1), state["step"])
     k_aug, k_drop = jax.random.split(key)
-    x = augment(k_aug, x) if do_augment else to_float(x)
+    if do_augment:
+        x = augment(k_aug, x, batch_size, offset) if axis_name else augment(k_aug, x)
+    else:
+        x = to_float(x)
     extra = state.get("extra", {})
+    kwargs = {"example_offset": offset} if axis_name else {}
     (loss, (logits, new_extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], extra, frozen, x, y, k_drop
+        state["params"], extra, frozen, x, y, k_drop, **kwargs
     )
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
+    if axis_name:
+        loss, accuracy, grads, new_extra = jax.lax.pmean(
+            (loss, accuracy, grads, new_extra), axis_name
+        )
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y), "finite": finite}
+    metrics = {"loss": loss, "accuracy": accuracy, "finite": finite}
     if skip_nonfinite:
         keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
         params = keep(params, state["params"])
@@ -135,15 +155,22 @@ def eval_batch(
     start: jax.Array,
     *,
     batch_sharding=None,
+    shard: jax.Array | None = None,
+    num_shards: int = 1,
+    axis_name: str | None = None,
 ):
     """Summed loss and correct count of batch [start, start + batch_size), padded at the end
-    (examples past the end, and examples labelled -1, count for nothing)."""
+    (examples past the end, and examples labelled -1, count for nothing). Under pmap each
+    device takes its slice and the sums are summed over the devices."""
     n = labels.shape[0]
-    idx = start + jnp.arange(batch_size)
+    local = batch_size // num_shards
+    idx = start + (0 if shard is None else shard * local) + jnp.arange(local)
     idx_in = jnp.minimum(idx, n - 1)
     y = constrain(labels[idx_in], batch_sharding)
     valid = constrain(idx < n, batch_sharding) & (y >= 0)  # label -1: a padding example
     logits = logits_fn(variables, frozen, to_float(constrain(images[idx_in], batch_sharding)))
     loss = jnp.sum(jnp.where(valid, cross_entropy(logits, y), 0.0))
     correct = jnp.sum(jnp.where(valid, jnp.argmax(logits, -1) == y, False))
+    if axis_name:
+        loss, correct = jax.lax.psum((loss, correct), axis_name)
     return loss, correct

@@ -40,7 +40,7 @@ class Task:
     frozen: dict  # the frozen backbone's variables (attention stage), else empty
     baseline_logits_fn: steps.LogitsFn | None = None
     backbone_source: tuple[str, int | None, str] | None = None  # (dir or file, step, sha256)
-    batch_sharding: jax.sharding.NamedSharding | None = None  # data parallel (parallel.py)
+    place: parallel.Placement = dataclasses.field(default_factory=lambda: parallel.Placement(None))
     extra: dict = dataclasses.field(default_factory=dict)  # initial non-parameter collections
 
 
@@ -48,8 +48,8 @@ def backbone_loss_fn(backbone, weight_decay: float) -> steps.LossFn:
     """The backbone's own training loss: all its parameters train, dropout on; BatchNorm
     statistics (in ``extra``) are updated by the forward pass."""
 
-    def loss_fn(params, extra, frozen, x, y, rng):
-        del frozen
+    def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
+        del frozen, example_offset  # the backbone's own dropout is drawn per call
         logits, updates = backbone.apply(
             {"params": params, **extra}, x, train=True, rngs={"dropout": rng}, mutable=list(extra)
         )
@@ -62,9 +62,18 @@ def backbone_loss_fn(backbone, weight_decay: float) -> steps.LossFn:
 def attention_loss_fn(backbone, attention, weight_decay: float) -> steps.LossFn:
     """GAttANet's training loss; ``frozen`` holds the backbone's variables (no gradient)."""
 
-    def loss_fn(params, extra, frozen, x, y, rng):
+    def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
         variables = {"params": params, **extra}
-        out = two_pass(backbone, attention, variables, frozen, x, train=True, rng=rng)
+        out = two_pass(
+            backbone,
+            attention,
+            variables,
+            frozen,
+            x,
+            train=True,
+            rng=rng,
+            example_offset=example_offset,
+        )
         loss = jnp.mean(steps.cross_entropy(out.logits, y))
         return loss + weight_decay * steps.l2_penalty(params, ("K", "Q")), (out.logits, out.updates)
 
@@ -117,6 +126,8 @@ def load_backbone(config, backbone) -> tuple[dict, tuple[str, int | None, str]]:
 def attention_task(config, backbone, rng) -> Task:
     backbone_vars, source = load_backbone(config, backbone)
     attention = models.build_attention(config, backbone, backbone_vars)
+    if config.parallel == "pmap":  # BatchNorm statistics of keys/queries over all devices
+        attention = attention.clone(axis_name=parallel.AXIS)
     variables = dict(init_attention(attention, rng))
     params = variables.pop("params")
     loss_fn = attention_loss_fn(backbone, attention, config.attention_training.weight_decay)
@@ -142,14 +153,13 @@ def attention_task(config, backbone, rng) -> Task:
 
 
 @functools.lru_cache(maxsize=16)
-def _eval_step(logits_fn, batch_size: int, sharding):
+def _eval_step(logits_fn, batch_size: int, place: parallel.Placement):
     """One compiled evaluation step per (logits function, batch size), reused across epochs."""
-    step = functools.partial(steps.eval_batch, logits_fn, batch_size, batch_sharding=sharding)
-    return jax.jit(step)
+    return place.compile(functools.partial(steps.eval_batch, logits_fn, batch_size))
 
 
 def evaluate(task: Task, variables, split, batch_size: int, logits_fn=None) -> dict:
-    step = _eval_step(logits_fn or task.logits_fn, batch_size, task.batch_sharding)
+    step = _eval_step(logits_fn or task.logits_fn, batch_size, task.place)
     loss = correct = 0.0
     if isinstance(split, input_pipeline.Split):
         batches = (
@@ -189,9 +199,7 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
         raise UserError(f"batch size {batch} exceeds the {len(data.train)} training examples")
 
     tx = optax.adam(recipe.learning_rate, eps=1e-7)  # Keras' Adam defaults
-    task = dataclasses.replace(
-        task, frozen=place.replicate(task.frozen), batch_sharding=place.batch_sharding
-    )
+    task = dataclasses.replace(task, frozen=place.replicate(task.frozen), place=place)
     state = place.replicate(steps.init_state(task.params, tx, task.extra))
     meta = {"epoch": 0, "best_val": -1.0, "bad_epochs": 0, "done": False}
     trainable = count_params(task.params)
@@ -230,7 +238,7 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
     (path / "config.json").write_text(config.to_json_best_effort(indent=2))
     skip = config.on_nonfinite == "skip"
     in_memory = isinstance(data.train, input_pipeline.Split)
-    step_fn = jax.jit(
+    step_fn = place.compile(
         functools.partial(
             steps.train_step,
             task.loss_fn,
@@ -239,9 +247,8 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
             batch,
             seed_key,
             skip_nonfinite=skip,
-            batch_sharding=place.batch_sharding,
         ),
-        donate_argnums=(0,),
+        donate_state=True,
     )
     batches = _Batches(data.train, place, seed_key, config.seed, batch, recipe.augment)
     writer = progress.Writer(path)
