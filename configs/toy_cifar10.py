@@ -68,6 +68,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.attention.dropout_rate = 0.25
     # Initial alpha of every site; 0 makes the untrained model exactly the backbone.
     config.attention.alpha_init = 0.0
+    # Sites trained (and evaluated) without modulation, in the lesion notation ('c.cdd');
+    # '' modulates every site.
+    config.attention.lesion = ""
     # The paper's ResNet variant: BatchNorm on keys and queries, LayerNorm (one scale and offset
     # per position) on each agreement map. Off for the toy model, as in the paper.
     config.attention.batch_norm_kq = False
@@ -95,6 +98,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # backbone at 71.04 %, 5 attention epochs, seed 0): 71.17 % with the backbone's augmentation
     # in this stage, 73.78 % without. The embedded demo data agree (configs/demo.py). Off.
     config.attention_training.augment = False
+
+    # vmap meta-experiments (train/sweep.py): per-member values, trained at once in one compiled
+    # step on the frozen backbone; empty lists keep the value above. Attention stage only.
+    config.sweep = ml_collections.ConfigDict()
+    config.sweep.seeds = ()
+    config.sweep.learning_rates = ()
+    config.sweep.alpha_inits = ()
+    config.sweep.lesions = ()
 
     # Devices: 'none' (one device) or 'jit' (data parallel over all local devices; batch sizes
     # are global and must divide by the number of devices).

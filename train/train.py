@@ -24,7 +24,18 @@ import tqdm
 from absl import logging
 
 from gattanet_jax import count_params, init_attention, two_pass, weights
-from train import checkpoints, guards, input_pipeline, models, parallel, progress, steps, validate
+from gattanet_jax import sites as sites_lib
+from train import (
+    checkpoints,
+    guards,
+    input_pipeline,
+    models,
+    parallel,
+    progress,
+    steps,
+    sweep,
+    validate,
+)
 from train.errors import UserError
 
 
@@ -59,8 +70,9 @@ def backbone_loss_fn(backbone, weight_decay: float) -> steps.LossFn:
     return loss_fn
 
 
-def attention_loss_fn(backbone, attention, weight_decay: float) -> steps.LossFn:
-    """GAttANet's training loss; ``frozen`` holds the backbone's variables (no gradient)."""
+def attention_loss_fn(backbone, attention, weight_decay: float, lesion=None) -> steps.LossFn:
+    """GAttANet's training loss; ``frozen`` holds the backbone's variables (no gradient).
+    ``lesion``: sites trained without modulation (a lesion string, or a float mask)."""
 
     def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
         variables = {"params": params, **extra}
@@ -72,6 +84,7 @@ def attention_loss_fn(backbone, attention, weight_decay: float) -> steps.LossFn:
             x,
             train=True,
             rng=rng,
+            lesion=lesion,
             example_offset=example_offset,
         )
         loss = jnp.mean(steps.cross_entropy(out.logits, y))
@@ -130,10 +143,17 @@ def attention_task(config, backbone, rng) -> Task:
         attention = attention.clone(axis_name=parallel.AXIS)
     variables = dict(init_attention(attention, rng))
     params = variables.pop("params")
-    loss_fn = attention_loss_fn(backbone, attention, config.attention_training.weight_decay)
+    lesion = config.attention.get("lesion") or None
+    try:
+        sites_lib.lesion_mask(lesion, attention.sites)
+    except ValueError as e:
+        raise UserError(f"config.attention.lesion: {e}") from None
+    loss_fn = attention_loss_fn(
+        backbone, attention, config.attention_training.weight_decay, lesion=lesion
+    )
 
     def logits_fn(variables, frozen, x):
-        return two_pass(backbone, attention, variables, frozen, x).logits
+        return two_pass(backbone, attention, variables, frozen, x, lesion=lesion).logits
 
     def baseline(variables, frozen, x):
         del variables
@@ -416,6 +436,8 @@ def _check_finite(finite: list, first_step: int, epoch: int, ckpt, every=False) 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     """Runs ``config.stage`` in ``workdir``; returns (final state, metrics)."""
     validate.check_config(config)
+    if sweep.size(config):
+        return sweep.train_sweep(config, workdir)
     if config.stage != "both":
         return train_stage(config, workdir)
     backbone_dir = os.path.join(workdir, "backbone")
