@@ -111,6 +111,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # are global and must divide by the number of devices).
     config.parallel = "none"
 
+    # Several hosts (train/parallel.py): coordinator 'host:port' with the number of processes
+    # and this process's id, or auto=True to let JAX detect the cluster. Needs parallel='jit'.
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.coordinator_address = ""
+    config.distributed.num_processes = 1
+    config.distributed.process_id = 0
+    config.distributed.auto = False
+
     # Checkpoints and logging.
     config.checkpoint_every_epochs = 1  # periodic saves (the best-by-validation one is kept too)
     config.keep_checkpoints = 3  # periodic checkpoints kept besides the best one

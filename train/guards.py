@@ -25,7 +25,7 @@ def check_alpha_zero_is_backbone(task, variables, images, dtype_name: str) -> No
         return
     if any(float(v["alpha"]) != 0.0 for v in variables["params"].values()):
         return
-    x = to_float(jax.device_put(images))
+    x = to_float(task.place.replicate(images))
     ours = np.asarray(jax.jit(task.logits_fn)(variables, task.frozen, x), np.float32)
     base = np.asarray(jax.jit(task.baseline_logits_fn)(variables, task.frozen, x), np.float32)
     tol = 1e-5 if dtype_name == "float32" else 2e-2

@@ -107,7 +107,9 @@ class Stream:
     def subset(self, positions: np.ndarray) -> Stream:
         return dataclasses.replace(self, indices=self.indices[positions])
 
-    def _read(self, positions, train: bool, seed) -> tuple[np.ndarray, np.ndarray]:
+    def _read(self, positions, train: bool, seed, first=0) -> tuple[np.ndarray, np.ndarray]:
+        """Images and labels at ``positions``; training crops draw from (*seed, first + j) for
+        the j-th position (``first``: where they start in the global batch)."""
         images = np.empty((len(positions), self.size, self.size, 3), np.uint8)
         labels = np.empty((len(positions),), np.int32)
         for j, pos in enumerate(positions):
@@ -126,7 +128,7 @@ class Stream:
                     f"[0, {self.num_classes}) (config.dataset.num_classes)"
                 )
             if train:
-                rng = np.random.default_rng([*seed, j])
+                rng = np.random.default_rng([*seed, first + j])
                 image = random_resized_crop(image, rng, self.size)
                 if rng.random() < 0.5:
                     image = image[:, ::-1]
@@ -147,15 +149,22 @@ class Stream:
                 pending[k] = None
 
     def train_batches(
-        self, batch_size: int, seed: int, epoch: int, augment: bool = True
+        self, batch_size: int, seed: int, epoch: int, augment: bool = True, shard=(0, 1)
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The epoch's full batches in a random order that depends on (seed, epoch) only.
-        ``augment=False`` gives the eval preprocessing."""
+        ``augment=False`` gives the eval preprocessing. ``shard=(k, n)``: only the k-th of n
+        equal slices of every batch (process k of n reads its part; the crops are those of
+        the whole batch)."""
+        k, n = shard
+        local = batch_size // n
         order = np.random.default_rng([seed, epoch]).permutation(len(self))
         steps = len(self) // batch_size
-        jobs = [(i, order[i * batch_size : (i + 1) * batch_size]) for i in range(steps)]
+        jobs = [
+            (i, order[i * batch_size + k * local : i * batch_size + (k + 1) * local])
+            for i in range(steps)
+        ]
         return self._prefetched(
-            jobs, lambda job: self._read(job[1], augment, (seed, epoch, job[0]))
+            jobs, lambda job: self._read(job[1], augment, (seed, epoch, job[0]), k * local)
         )
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

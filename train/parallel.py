@@ -12,6 +12,13 @@ config.parallel:
           and evaluation see one state whatever the mode. pmap is in maintenance mode since
           JAX 0.8; 'jit' is the recommended mode.
 
+Several hosts (processes): ``config.distributed`` starts ``jax.distributed`` (from its flags, or
+auto-detected on clusters JAX knows, e.g. SLURM); 'jit' then spans every device of every
+process. In-memory datasets are held by every process (replicated); streamed datasets are read
+in parts: each process reads and preprocesses only its slice of every global batch. Process 0
+alone writes logs, summaries and result files; all processes save and restore checkpoints
+together (orbax), so the workdir must be on a filesystem every host sees.
+
 Batch sizes are global: ``batch_size`` examples per step in all, split evenly over the devices,
 so the same config gives the same optimisation on one device or many (up to float rounding).
 Augmentation and key/query dropout are drawn for the global batch and sliced, so every mode
@@ -56,12 +63,26 @@ class Placement:
             return None
         return NamedSharding(self.mesh, PartitionSpec(AXIS))
 
+    @property
+    def process_shard(self) -> tuple[int, int]:
+        """(this process, number of processes): which slice of a global batch it reads."""
+        return jax.process_index(), jax.process_count()
+
     def put_batch(self, tree):
-        """Puts a host batch on the device(s): split along its first axis under 'jit', whole on
-        every device under 'pmap' (each device slices its part)."""
+        """Puts a host batch on the device(s): this process's slice of the global batch, split
+        along its first axis, under 'jit'; the whole batch on every device under 'pmap' (each
+        device slices its part); as it is on one device."""
         if self.mode == "pmap":
             return self.replicate(tree)
-        return jax.device_put(tree, self.batch_sharding)
+        if self.mode == "none":
+            return jax.device_put(tree)
+        n = jax.process_count()
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(
+                self.batch_sharding, x, (x.shape[0] * n, *x.shape[1:])
+            ),
+            tree,
+        )
 
     def replicate(self, tree):
         """Puts ``tree`` on the device (one device) or on every device of the mesh."""
@@ -101,13 +122,43 @@ class Placement:
         return call
 
 
+def initialize(config) -> None:
+    """Starts jax.distributed when ``config.distributed`` asks for it (before any computation).
+
+    coordinator_address 'host:port' with num_processes and process_id: from the flags (on CPU,
+    collectives go through gloo). auto=True: let JAX detect the cluster (SLURM, TPU pods, ...).
+    """
+    dist = config.get("distributed")
+    if not dist or not (dist.coordinator_address or dist.auto):
+        return
+    if jax.distributed.is_initialized():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        if dist.coordinator_address:
+            jax.distributed.initialize(
+                dist.coordinator_address,
+                num_processes=dist.num_processes,
+                process_id=dist.process_id,
+            )
+        else:
+            jax.distributed.initialize()
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"config.distributed: could not start jax.distributed: {e}") from None
+
+
 def placement(config) -> Placement:
     mode = config.parallel
     if mode not in MODES:
         raise UserError(f"config.parallel must be one of {MODES}, got {mode!r}")
+    processes = jax.process_count()
+    if processes > 1 and mode != "jit":
+        raise UserError(
+            f"{processes} processes (config.distributed) need config.parallel='jit', got {mode!r}"
+        )
     if mode == "none":
         return Placement(None)
-    devices = np.asarray(jax.local_devices())
+    devices = np.asarray(jax.devices() if mode == "jit" else jax.local_devices())
     return Placement(Mesh(devices, (AXIS,)), mode)
 
 

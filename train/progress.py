@@ -4,24 +4,47 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
+
+
+def is_main() -> bool:
+    """Process 0 writes logs, summaries and result files; every process computes."""
+    return jax.process_index() == 0
+
+
+def log(*args, **kwargs) -> None:
+    """print, on process 0 only."""
+    if is_main():
+        print(*args, **kwargs)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Writes a result file, on process 0 only."""
+    if is_main():
+        path.write_text(text)
 
 
 class Writer:
     """TensorBoard event files in the workdir (written by process 0 only)."""
 
     def __init__(self, path: Path):
-        from tensorboardX import SummaryWriter
+        self._writer = None
+        if is_main():
+            from tensorboardX import SummaryWriter
 
-        self._writer = SummaryWriter(str(path / "tensorboard"))
+            self._writer = SummaryWriter(str(path / "tensorboard"))
 
     def scalars(self, step: int, values: dict) -> None:
+        if self._writer is None:
+            return
         for k, v in values.items():
             self._writer.add_scalar(k, float(v), step)
         self._writer.flush()
 
     def close(self):
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 def meta_arrays(meta):

@@ -187,8 +187,8 @@ def evaluate(task: Task, variables, split, batch_size: int, logits_fn=None) -> d
             for start in range(0, len(split), batch_size)
         )
     else:  # streamed: each batch is the whole array given (padding labelled -1)
-        batches = (
-            (*jax.device_put((x, y)), jnp.int32(0)) for x, y in split.eval_batches(batch_size)
+        batches = (  # every process reads whole eval batches
+            (*task.place.replicate((x, y)), jnp.int32(0)) for x, y in split.eval_batches(batch_size)
         )
     for images, labels, start in batches:
         batch_loss, batch_correct = step(variables, task.frozen, images, labels, start)
@@ -220,10 +220,16 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
 
     tx = optax.adam(recipe.learning_rate, eps=1e-7)  # Keras' Adam defaults
     task = dataclasses.replace(task, frozen=place.replicate(task.frozen), place=place)
+    if isinstance(data.validation, input_pipeline.Split):  # evaluated from device memory
+        data = dataclasses.replace(
+            data,
+            validation=input_pipeline.Split(*place.replicate(dataclasses.astuple(data.validation))),
+            test=input_pipeline.Split(*place.replicate(dataclasses.astuple(data.test))),
+        )
     state = place.replicate(steps.init_state(task.params, tx, task.extra))
     meta = {"epoch": 0, "best_val": -1.0, "bad_epochs": 0, "done": False}
     trainable = count_params(task.params)
-    print(
+    progress.log(
         f"[{config.stage}] trainable parameters: {trainable:,}; frozen: "
         f"{count_params(task.frozen):,}; "
         f"train/val/test: {len(data.train)}/{len(data.validation)}/{len(data.test)}"
@@ -239,12 +245,16 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
             "checkpoint in this workdir",
         )
         state, meta = restored["state"], progress.meta_values(restored["meta"])
-        print(f"[{config.stage}] resumed from epoch {meta['epoch']} (step {int(state['step'])})")
+        progress.log(
+            f"[{config.stage}] resumed from epoch {meta['epoch']} (step {int(state['step'])})"
+        )
     # A crash between a best/ save and the periodic save of the same epoch leaves best/ ahead of
     # the state resumed from (or started afresh); the deterministic replay writes it again.
     for ahead in [s for s in best.all_steps() if s > meta["epoch"]]:
         best.delete(ahead)
-        print(f"[{config.stage}] removed best/{ahead}: written after the last complete checkpoint")
+        progress.log(
+            f"[{config.stage}] removed best/{ahead}: written after the last complete checkpoint"
+        )
 
     if int(state["step"]) == 0:
         probe = data.validation if len(data.validation) else data.test
@@ -255,7 +265,7 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
             config.model.dtype,
         )
     # Written only once the workdir's checkpoints are known to fit this config.
-    (path / "config.json").write_text(config.to_json_best_effort(indent=2))
+    progress.write_text(path / "config.json", config.to_json_best_effort(indent=2))
     skip = config.on_nonfinite == "skip"
     in_memory = isinstance(data.train, input_pipeline.Split)
     step_fn = place.compile(
@@ -281,7 +291,7 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
             range(steps_per_epoch),
             desc=f"[{config.stage}] epoch {epoch + 1}",
             leave=False,
-            disable=not sys.stderr.isatty(),
+            disable=not sys.stderr.isatty() or not progress.is_main(),
             mininterval=1.0,
         )
         first_step, finite, skipped_before = int(state["step"]), [], int(state["skipped"])
@@ -319,7 +329,7 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
             saved = {"state": state, "meta": progress.meta_arrays(meta)}
             checkpoints.save(ckpt, meta["epoch"], saved)
         remaining = (recipe.num_epochs - meta["epoch"]) * float(np.mean(epoch_times[-5:]))
-        print(
+        progress.log(
             f"[{config.stage}] epoch {meta['epoch']}/{recipe.num_epochs} "
             f"loss {sums['loss']:.4f} acc {sums['accuracy']:.4f} val_acc {val['accuracy']:.4f}"
             f"{' *' if improved else ''} | {steps_per_epoch / epoch_times[-1]:.1f} steps/s, "
@@ -338,7 +348,7 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
             },
         )
     if meta["done"]:
-        print(
+        progress.log(
             f"[{config.stage}] early stopping: no better validation accuracy for "
             f"{recipe.patience} epochs"
         )
@@ -370,7 +380,9 @@ class _Batches:
             for i in range(len(self.split) // self.batch):
                 yield (*self.arrays, perm, jnp.int32(i))
         else:
-            stream = self.split.train_batches(self.batch, self.seed, epoch, self.augment)
+            stream = self.split.train_batches(
+                self.batch, self.seed, epoch, self.augment, self.place.process_shard
+            )
             for x, y in stream:
                 yield (*self.place.put_batch((x, y)), self.identity, jnp.int32(0))
 
@@ -406,11 +418,11 @@ def _finish(config, task, state, data, best, path, meta, start_time):
         where, step, _ = task.backbone_source
         results["backbone_checkpoint"] = where if step is None else f"{where}/{step}"
         results["backbone_checkpoint_sha256"] = task.backbone_source[2]
-    (path / "results.json").write_text(json.dumps(results, indent=2))
+    progress.write_text(path / "results.json", json.dumps(results, indent=2))
     line = f"[{config.stage}] test accuracy {results['test_accuracy']:.4f}"
     if "backbone_test_accuracy" in results:
         line += f" (frozen backbone alone: {results['backbone_test_accuracy']:.4f})"
-    print(line + f"; results in {path / 'results.json'}", flush=True)
+    progress.log(line + f"; results in {path / 'results.json'}", flush=True)
     return {"params": params, "variables": variables, "state": state}, results
 
 
@@ -436,6 +448,7 @@ def _check_finite(finite: list, first_step: int, epoch: int, ckpt, every=False) 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     """Runs ``config.stage`` in ``workdir``; returns (final state, metrics)."""
     validate.check_config(config)
+    parallel.initialize(config)
     if sweep.size(config):
         return sweep.train_sweep(config, workdir)
     if config.stage != "both":
@@ -450,7 +463,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     _, backbone_results = train_stage(first, backbone_dir)
     state, results = train_stage(second, os.path.join(workdir, "attention"))
     results = dict(results, backbone_stage=backbone_results)
-    print(
+    progress.log(
         f"backbone test accuracy {backbone_results['test_accuracy']:.4f} -> with GAttANet "
         f"{results['test_accuracy']:.4f}"
     )

@@ -7,6 +7,7 @@ abc`` is refused while parsing); these checks also catch values written into a c
 from __future__ import annotations
 
 import numbers
+import os
 from pathlib import Path
 
 from train.errors import UserError
@@ -121,7 +122,7 @@ def prepare_workdir(workdir: str) -> Path:
     path = Path(workdir).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
+        probe = path / f".write_test.{os.getpid()}"  # one per process: hosts share workdirs
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
