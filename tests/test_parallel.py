@@ -26,13 +26,19 @@ def run_both(tmp_path, stage, mode, **overrides):
     return runs
 
 
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("parallel") / "backbone"
+    train.train_and_evaluate(parallel_config("none"), str(path))
+    return path
+
+
 @pytest.mark.parametrize("mode", ["jit", "pmap"])
 @pytest.mark.parametrize("stage", ["backbone", "attention"])
-def test_data_parallel_equals_one_device(tmp_path, stage, mode):
+def test_data_parallel_equals_one_device(tmp_path, stage, mode, backbone_dir):
     assert jax.local_device_count() == 8
-    overrides = {"backbone_checkpoint": str(tmp_path / "backbone")}
+    overrides = {"backbone_checkpoint": str(backbone_dir)}
     if stage == "attention":
-        train.train_and_evaluate(parallel_config("none"), str(tmp_path / "backbone"))
         # augmentation on too: each device must draw its slice of the global batch's transforms
         overrides["attention_training"] = {"augment": True}
     elif mode == "pmap":
@@ -73,16 +79,11 @@ def test_unknown_parallel_mode(tmp_path):
         train.train_and_evaluate(config, str(tmp_path))
 
 
-@pytest.mark.parametrize("mode", ["jit", "pmap"])
-def test_key_query_batch_norm_statistics_are_the_global_batch_s(tmp_path, mode):
-    train.train_and_evaluate(parallel_config("none"), str(tmp_path / "backbone"))
+def test_pmap_key_query_batch_norm_statistics_are_the_global_batch_s(tmp_path, backbone_dir):
+    # (under 'jit' the step is one global computation: the batch statistics are global anyway)
     variant = {"batch_norm_kq": True, "layer_norm_gatta": True}
     one_state, one, all_state, par = run_both(
-        tmp_path,
-        "attention",
-        mode,
-        backbone_checkpoint=str(tmp_path / "backbone"),
-        attention=variant,
+        tmp_path, "attention", "pmap", backbone_checkpoint=str(backbone_dir), attention=variant
     )
     one_vars, all_vars = one_state["state"]["extra"], all_state["state"]["extra"]
     assert jax.tree.structure(one_vars) == jax.tree.structure(all_vars)
