@@ -62,6 +62,7 @@ def imagenet_config(arch: str, arg: str | None) -> ml_collections.ConfigDict:
     t.patience = 1
     t.augment = True  # the train preprocessing (random-resized crop, flip)
 
+    config.checkpoint_every_steps = 5000  # an ImageNet epoch at batch 8 is 158,000 steps
     config.eval_batch_size = 256
     config.log_every_steps = 500
     if arg:

@@ -122,6 +122,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Checkpoints and logging.
     config.checkpoint_every_epochs = 1  # periodic saves (the best-by-validation one is kept too)
     config.keep_checkpoints = 3  # periodic checkpoints kept besides the best one
+    # Also save every N steps within an epoch (0: only at epoch ends); a rerun resumes there and
+    # ends exactly as an uninterrupted run. For long epochs (ImageNet).
+    config.checkpoint_every_steps = 0
     config.eval_batch_size = 1000
     config.log_every_steps = 50
     # A non-finite loss or gradient: 'stop' (name the step and the last good checkpoint) or

@@ -188,3 +188,42 @@ def test_summary_prints_table_1_counts():
     out = json.loads(r.stdout)
     assert out["backbone_params"] == 643_492 and out["attention_params"] == 37_445
     assert [s["kind"] for s in out["sites"]] == ["conv", "conv", "conv", "dense", "dense"]
+
+
+def test_a_crash_within_an_epoch_resumes_there_and_ends_as_an_uninterrupted_run(
+    tmp_path, monkeypatch
+):
+    from train import parallel
+
+    config = tiny_config(epochs=2)
+    config.checkpoint_every_steps = 2  # 4 steps per epoch: a save after steps 2 and 6
+    straight_state, straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+
+    compile_ = parallel.Placement.compile
+
+    def crash_after(calls):
+        def compile_and_count(self, step, donate_state=False):
+            fn = compile_(self, step, donate_state)
+            if not donate_state:  # the eval step
+                return fn
+            count = {"n": 0}
+
+            def counted(*args):
+                count["n"] += 1
+                if count["n"] > calls:
+                    raise KeyboardInterrupt("simulated crash")
+                return fn(*args)
+
+            return counted
+
+        return compile_and_count
+
+    monkeypatch.setattr(parallel.Placement, "compile", crash_after(7))  # in epoch 2, step 7
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config, str(tmp_path / "crashed"))
+    monkeypatch.undo()
+    state, results = train.train_and_evaluate(config, str(tmp_path / "crashed"))
+    assert results["steps"] == straight["steps"] == 8
+    for key in ("test_accuracy", "test_loss", "best_validation_accuracy", "best_epoch"):
+        assert results[key] == straight[key], key
+    assert_trees_equal(state["state"], straight_state["state"])

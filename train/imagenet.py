@@ -149,19 +149,25 @@ class Stream:
                 pending[k] = None
 
     def train_batches(
-        self, batch_size: int, seed: int, epoch: int, augment: bool = True, shard=(0, 1)
+        self,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        augment: bool = True,
+        shard=(0, 1),
+        start: int = 0,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The epoch's full batches in a random order that depends on (seed, epoch) only.
         ``augment=False`` gives the eval preprocessing. ``shard=(k, n)``: only the k-th of n
         equal slices of every batch (process k of n reads its part; the crops are those of
-        the whole batch)."""
+        the whole batch). ``start``: resume at that step of the epoch."""
         k, n = shard
         local = batch_size // n
         order = np.random.default_rng([seed, epoch]).permutation(len(self))
         steps = len(self) // batch_size
         jobs = [
             (i, order[i * batch_size + k * local : i * batch_size + (k + 1) * local])
-            for i in range(steps)
+            for i in range(start, steps)
         ]
         return self._prefetched(
             jobs, lambda job: self._read(job[1], augment, (seed, epoch, job[0]), k * local)

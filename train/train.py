@@ -248,6 +248,26 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
         progress.log(
             f"[{config.stage}] resumed from epoch {meta['epoch']} (step {int(state['step'])})"
         )
+    # Within an epoch (config.checkpoint_every_steps): a later state than the epoch's start, with
+    # the epoch's running sums, so that a resumed epoch ends exactly as an uninterrupted one.
+    every = config.get("checkpoint_every_steps", 0)
+    mid = checkpoints.manager(path / "checkpoints_mid", keep=1) if every else None
+    epoch_start = {"sums": {"loss": 0.0, "accuracy": 0.0}, "skipped": int(state["skipped"])}
+    resume_at = 0
+    if mid is not None and (mid.latest_step() or -1) > int(state["step"]):
+        restored = checkpoints.restore(
+            mid,
+            mid.latest_step(),
+            {"state": state, "meta": progress.meta_arrays(meta), **_epoch_arrays(epoch_start)},
+            "within-epoch checkpoint in this workdir",
+        )
+        state, meta = restored["state"], progress.meta_values(restored["meta"])
+        epoch_start = {"sums": restored["sums"], "skipped": int(restored["skipped"])}
+        resume_at = int(state["step"]) - meta["epoch"] * steps_per_epoch
+        progress.log(
+            f"[{config.stage}] resumed within epoch {meta['epoch'] + 1} at its step "
+            f"{resume_at} (step {int(state['step'])})"
+        )
     # A crash between a best/ save and the periodic save of the same epoch leaves best/ ahead of
     # the state resumed from (or started afresh); the deterministic replay writes it again.
     for ahead in [s for s in best.all_steps() if s > meta["epoch"]]:
@@ -286,22 +306,32 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
     while not meta["done"] and meta["epoch"] < recipe.num_epochs:
         t0 = time.time()
         epoch = meta["epoch"]
-        sums = {"loss": 0.0, "accuracy": 0.0}
+        sums = epoch_start["sums"]
+        skipped_before = epoch_start["skipped"]
+        if skipped_before is None:  # a fresh epoch: skips counted from here
+            skipped_before = int(state["skipped"])
         bar = tqdm.tqdm(
-            range(steps_per_epoch),
+            range(resume_at, steps_per_epoch),
             desc=f"[{config.stage}] epoch {epoch + 1}",
             leave=False,
             disable=not sys.stderr.isatty() or not progress.is_main(),
             mininterval=1.0,
         )
-        first_step, finite, skipped_before = int(state["step"]), [], int(state["skipped"])
-        for i, step_args in zip(bar, batches.epoch(epoch), strict=False):
+        first_step, finite = int(state["step"]), []
+        for i, step_args in zip(bar, batches.epoch(epoch, resume_at), strict=False):
             state, metrics = step_fn(state, task.frozen, *step_args)
             del step_args
             sums = {k: sums[k] + metrics[k] for k in sums}
             finite.append(metrics["finite"])  # read back only at the checks: no sync per step
-            if not skip and ((i + 1) % config.log_every_steps == 0 or i + 1 == steps_per_epoch):
+            at_mid = mid is not None and (i + 1) % every == 0 and i + 1 < steps_per_epoch
+            last_or_log = (i + 1) % config.log_every_steps == 0 or i + 1 == steps_per_epoch
+            if not skip and (last_or_log or at_mid):
                 _check_finite(finite, first_step, epoch, ckpt)
+            if at_mid:
+                epoch_now = {"sums": sums, "skipped": skipped_before}
+                saved = {"state": state, "meta": progress.meta_arrays(meta)}
+                checkpoints.save(mid, int(state["step"]), saved | _epoch_arrays(epoch_now))
+        resume_at, epoch_start = 0, {"sums": {"loss": 0.0, "accuracy": 0.0}, "skipped": None}
         skipped = int(state["skipped"]) - skipped_before
         if skipped == steps_per_epoch:
             _check_finite(finite, first_step, epoch, ckpt, every=True)
@@ -374,17 +404,26 @@ class _Batches:
         else:
             self.identity = place.replicate(jnp.arange(batch))
 
-    def epoch(self, epoch: int):
+    def epoch(self, epoch: int, start: int = 0):
+        """The epoch's steps from step ``start`` of the epoch on."""
         if isinstance(self.split, input_pipeline.Split):
             perm = self.perm_fn(self.perm_key, jnp.int32(epoch), len(self.split))
-            for i in range(len(self.split) // self.batch):
+            for i in range(start, len(self.split) // self.batch):
                 yield (*self.arrays, perm, jnp.int32(i))
         else:
             stream = self.split.train_batches(
-                self.batch, self.seed, epoch, self.augment, self.place.process_shard
+                self.batch, self.seed, epoch, self.augment, self.place.process_shard, start
             )
             for x, y in stream:
                 yield (*self.place.put_batch((x, y)), self.identity, jnp.int32(0))
+
+
+def _epoch_arrays(epoch_state: dict) -> dict:
+    """The running sums and skip count of an epoch in progress, as checkpointable arrays."""
+    return {
+        "sums": {k: np.asarray(v, np.float32) for k, v in epoch_state["sums"].items()},
+        "skipped": np.asarray(epoch_state["skipped"], np.int32),
+    }
 
 
 def _finish(config, task, state, data, best, path, meta, start_time):

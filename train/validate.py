@@ -88,6 +88,7 @@ def check_config(config) -> None:
     for field in ("attention.batch_norm_kq", "attention.layer_norm_gatta"):
         if not isinstance(c[field], bool):
             _fail(field, "True or False", c[field])
+    _positive_int(c, "checkpoint_every_steps", least=0)
     _choice(c, "dataset.pipeline", PIPELINES)
     if c["dataset.pipeline"] == "imagenet":
         _positive_int(c, "dataset.workers")
