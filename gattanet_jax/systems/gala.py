@@ -1,0 +1,74 @@
+"""GALA, global-and-local attention (Linsley et al. 2019), and SE, its global-only special case.
+
+For a feature map X (B, H, W, C):
+  global  s_g = W2 relu(W1 GAP(X))                  (B, C)        as in an SE block
+  local   s_l = conv1x1(relu(conv1x1(X)))           (B, H, W, 1)  a one-channel spatial map
+  mix     s = squash(a * (s_g + s_l) + m * (s_g * s_l)),  a, m in R^C (per channel)
+  output  Y = s * X
+``squash='tanh'`` is the paper's formula; ``'sigmoid'`` is the authors' public code's default.
+The local map has one channel, as in the authors' code (broadcast over the channels).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+SQUASH = {"tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid}
+
+
+class _GlobalPath(nn.Module):
+    """W2 relu(W1 GAP(X)): one value per channel."""
+
+    reduction: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        hidden = max(1, c // self.reduction)
+        z = jnp.mean(x, axis=(1, 2))
+        z = nn.relu(nn.Dense(hidden, name="fc1")(z))
+        return nn.Dense(c, name="fc2")(z)
+
+
+class GALA(nn.Module):
+    """Global-and-local attention on a (B, H, W, C) map.
+
+    Attributes:
+      reduction: hidden width of both paths is C // reduction.
+      squash: 'tanh' (the paper) or 'sigmoid' (the authors' code).
+      use_local: False drops the local path (s_l = 0): with squash 'sigmoid' and a = 1 this is
+        an SE block.
+    """
+
+    reduction: int = 4
+    squash: str = "tanh"
+    use_local: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.squash not in SQUASH:
+            raise ValueError(f"GALA squash must be one of {sorted(SQUASH)}, got {self.squash!r}")
+        c = x.shape[-1]
+        s_g = _GlobalPath(self.reduction, name="global")(x)[:, None, None, :]
+        if self.use_local:
+            hidden = max(1, c // self.reduction)
+            h = nn.relu(nn.Conv(hidden, (1, 1), name="local1")(x))
+            s_l = nn.Conv(1, (1, 1), name="local2")(h)
+        else:
+            s_l = jnp.zeros_like(x[..., :1])
+        a = self.param("a", nn.initializers.ones_init(), (c,))
+        m = self.param("m", nn.initializers.zeros_init(), (c,))
+        s = SQUASH[self.squash](a * (s_g + s_l) + m * (s_g * s_l))
+        return s * x
+
+
+class SqueezeExcitation(nn.Module):
+    """SE block (Hu et al. 2018): Y = sigmoid(W2 relu(W1 GAP(X))) * X."""
+
+    reduction: int = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.sigmoid(_GlobalPath(self.reduction, name="global")(x))[:, None, None] * x

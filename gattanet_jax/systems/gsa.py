@@ -1,0 +1,88 @@
+"""GSA, the global self-attention module (Shen et al. 2020): content attention plus axial
+positional attention with relative position embeddings, outputs summed.
+
+For X (B, H, W, C_in), 1x1 projections give queries and keys (d_k channels) and values (d_out),
+split into ``heads`` groups:
+  content     C = softmax_over_positions(K)^T V   (d_k x d_v per head: the global context)
+              F_c(p) = q(p) C                     linear in the number of positions
+  positional  along columns, then rows: for a pixel (y, x) and a column offset,
+              F_col(y, x) = sum_y' softmax_y'(q(y, x) . r_col[y' - y]) v(y', x)
+              F_pos(y, x) = sum_x' softmax_x'(q(y, x) . r_row[x' - x]) F_col(y, x')
+              r_col, r_row: learned embeddings of the 2L - 1 relative offsets -(L-1) .. L-1
+  output      F_c + F_pos
+The pure functions are tested against direct loops over positions (tests/test_systems.py).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def content_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """q, k (B, H, W, h, dk), v (B, H, W, h, dv) -> (B, H, W, h, dv)."""
+    b, hh, ww, heads, dk = k.shape
+    keys = jax.nn.softmax(k.reshape(b, hh * ww, heads, dk), axis=1)  # over positions
+    context = jnp.einsum("bnhk,bnhv->bhkv", keys, v.reshape(b, hh * ww, heads, -1))
+    return jnp.einsum("byxhk,bhkv->byxhv", q, context)
+
+
+def relative_logits(q: jax.Array, table: jax.Array, axis: int) -> jax.Array:
+    """q . r[j - i] for every pair (i, j) along ``axis`` (1: columns, 2: rows).
+
+    q (B, H, W, h, dk); table (2L - 1, dk) with row L - 1 + o holding offset o.
+    Returns (B, H, W, h, L): logits of each pixel against the L positions of its column (axis
+    1, indexed by y') or row (axis 2, indexed by x').
+    """
+    length = q.shape[axis]
+    if table.shape[0] != 2 * length - 1:
+        raise ValueError(f"need {2 * length - 1} relative embeddings, got {table.shape[0]}")
+    offsets = jnp.arange(length)[None, :] - jnp.arange(length)[:, None]  # [i, j] = j - i
+    r = table[offsets + length - 1]  # (L_i, L_j, dk)
+    if axis == 1:
+        return jnp.einsum("byxhk,yjk->byxhj", q, r)
+    return jnp.einsum("byxhk,xjk->byxhj", q, r)
+
+
+def positional_attention(
+    q: jax.Array, v: jax.Array, r_col: jax.Array, r_row: jax.Array
+) -> jax.Array:
+    """Axial positional attention: along columns, then along rows on the column output."""
+    col = jax.nn.softmax(relative_logits(q, r_col, axis=1), axis=-1)
+    f_col = jnp.einsum("byxhj,bjxhv->byxhv", col, v)
+    row = jax.nn.softmax(relative_logits(q, r_row, axis=2), axis=-1)
+    return jnp.einsum("byxhj,byjhv->byxhv", row, f_col)
+
+
+class GSA(nn.Module):
+    """A GSA module: (B, H, W, C_in) -> (B, H, W, features).
+
+    Attributes:
+      features: output channels (d_out); heads: attention heads (dividing d_k and d_out);
+      key_features: d_k (default: features // 2, at least one channel per head).
+    """
+
+    features: int
+    heads: int = 8
+    key_features: int | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, hh, ww, _ = x.shape
+        dk = self.key_features or max(self.heads, self.features // 2)
+        if dk % self.heads or self.features % self.heads:
+            raise ValueError(
+                f"GSA: heads ({self.heads}) must divide key_features ({dk}) and features "
+                f"({self.features})"
+            )
+        proj = nn.Conv(2 * dk + self.features, (1, 1), use_bias=False, name="qkv")(x)
+        q, k, v = jnp.split(proj, [dk, 2 * dk], axis=-1)
+        split = lambda t: t.reshape(b, hh, ww, self.heads, -1)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)
+        hk = dk // self.heads
+        init = nn.initializers.normal(hk**-0.5)
+        r_col = self.param("rel_col", init, (2 * hh - 1, hk))
+        r_row = self.param("rel_row", init, (2 * ww - 1, hk))
+        out = content_attention(q, k, v) + positional_attention(q, v, r_col, r_row)
+        return out.reshape(b, hh, ww, self.features)
