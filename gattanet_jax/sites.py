@@ -57,10 +57,11 @@ def intercept_sites(
     wanted = frozenset(names)
     seen: dict[str, int] = {n: 0 for n in names}
     active: set[int] = set()
+    in_fn = [False]  # modules that ``fn`` itself applies (add-on modules) are not sites
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name != "__call__" or id(module) in active:
+        if context.method_name != "__call__" or id(module) in active or in_fn[0]:
             return next_fun(*args, **kwargs)
         name = module_name(module)
         if name not in wanted:
@@ -76,7 +77,11 @@ def intercept_sites(
                 f"attention site {name!r} ran more than once in one forward pass; a site must "
                 "be a module that is called once (a module applied twice shares its path)"
             )
-        return fn(name, out)
+        in_fn[0] = True
+        try:
+            return fn(name, out)
+        finally:
+            in_fn[0] = False
 
     with nn.intercept_methods(interceptor):
         yield seen

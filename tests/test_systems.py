@@ -131,3 +131,28 @@ def test_gsa_module_shapes_parameters_and_sum_of_the_two_layers():
     np.testing.assert_allclose(out, expected.reshape(2, 5, 6, 16), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="heads"):
         GSA(features=10, heads=4).init(jax.random.key(0), x)
+
+
+def test_gala_add_on_on_the_toy_cnn_equals_the_reference_forward_with_gala_by_hand():
+    import gattanet_jax as gj
+    from gattanet_jax import addon
+    from tests import reference as ref
+
+    backbone = gj.ToyCNN(10, features=(4, 8, 8), hidden=16)
+    bv = backbone.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    sites = gj.resolve_sites(backbone, bv, (16, 16, 3), ("conv1", "conv2", "conv3"))
+    addons = addon.addon_modules(sites, lambda s, name: GALA(reduction=2, name=name))
+    av = randomize(addon.init_addons(addons, jax.random.key(1)))
+    x = RNG.uniform(size=(2, 16, 16, 3)).astype(np.float32)
+    ours = jax.jit(lambda av, x: addon.forward(backbone, addons, av, bv, x))(av, x)
+
+    def gala_by_hand(name, a):  # the module's own formula, checked above
+        if name not in ("conv1", "conv2", "conv3"):
+            return a
+        v = {"params": av["params"][name]}
+        return np.asarray(GALA(reduction=2).apply(v, a.astype(np.float32)), np.float64)
+
+    expected = ref.toy_forward(numpy_tree(bv["params"]), x, gala_by_hand)
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
+    # only the add-on's parameters are in its tree; the backbone's stay its own
+    assert sorted(av["params"]) == ["conv1", "conv2", "conv3"]
