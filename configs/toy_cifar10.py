@@ -99,6 +99,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # in this stage, 73.78 % without. The embedded demo data agree (configs/demo.py). Off.
     config.attention_training.augment = False
 
+    # Comparison systems (stage='addon', gattanet_jax/systems): 'gala', 'se' or 'gsa' (a
+    # residual GSA module) after each conv block. from_scratch=False: an add-on to the frozen
+    # backbone at backbone_checkpoint, only its parameters trained (attention_training recipe);
+    # True: backbone and modules trained together from scratch (backbone_training recipe).
+    config.addon = ml_collections.ConfigDict()
+    config.addon.kind = "gala"
+    config.addon.sites = ("conv1", "conv2", "conv3")
+    config.addon.from_scratch = False
+    config.addon.reduction = 4  # hidden width C // reduction (GALA, SE)
+    config.addon.squash = "tanh"  # GALA: 'tanh' (the paper's formula) or 'sigmoid' (its code)
+    config.addon.heads = 8  # GSA heads (one where they do not divide the channels)
+
     # vmap meta-experiments (train/sweep.py): per-member values, trained at once in one compiled
     # step on the frozen backbone; empty lists keep the value above. Attention stage only.
     config.sweep = ml_collections.ConfigDict()

@@ -53,15 +53,25 @@ def init_addons(addons: AddOns, rng: jax.Array) -> dict:
     return jax.jit(lambda r: addons.init(r, example, method=AddOns.init_all))(rng)
 
 
-def forward(backbone: nn.Module, addons: AddOns, addon_vars, backbone_vars, images) -> jax.Array:
-    """The backbone's logits (inference mode) with every site's output y replaced by its add-on
-    module's output module(y). Gradients reach ``addon_vars`` and, if the caller lets them,
-    ``backbone_vars`` (protocol (b): trained together from scratch)."""
+def forward(
+    backbone: nn.Module,
+    addons: AddOns,
+    addon_vars,
+    backbone_vars,
+    images,
+    *,
+    train: bool = False,
+    rngs: dict | None = None,
+) -> jax.Array:
+    """The backbone's logits with every site's output y replaced by its add-on module's output
+    module(y). Gradients reach ``addon_vars`` and, if the caller lets them, ``backbone_vars``
+    (trained together from scratch). ``train`` runs the backbone in training mode (its dropout,
+    with ``rngs``); a frozen backbone runs with the default, inference mode."""
 
     def apply_addon(name, y):
         return addons.apply(addon_vars, name, y).astype(y.dtype)
 
     with sites_lib.intercept_sites([s.name for s in addons.sites], apply_addon) as seen:
-        logits = backbone.apply(backbone_vars, images, train=False)
+        logits = backbone.apply(backbone_vars, images, train=train, rngs=rngs or {})
     sites_lib.check_seen(seen)
     return logits

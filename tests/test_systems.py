@@ -156,3 +156,46 @@ def test_gala_add_on_on_the_toy_cnn_equals_the_reference_forward_with_gala_by_ha
     np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
     # only the add-on's parameters are in its tree; the backbone's stay its own
     assert sorted(av["params"]) == ["conv1", "conv2", "conv3"]
+
+
+@pytest.fixture(scope="module")
+def toy_backbone(tmp_path_factory):
+    from tests.test_train import tiny_config
+    from train import train
+
+    path = tmp_path_factory.mktemp("systems") / "backbone"
+    train.train_and_evaluate(tiny_config(epochs=1), str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["gala", "se", "gsa"])
+def test_add_on_protocol_trains_only_the_module_on_the_frozen_backbone(
+    kind, toy_backbone, tmp_path
+):
+    from tests.test_train import assert_trees_equal, tiny_config
+    from train import checkpoints, train
+
+    config = tiny_config("addon", epochs=1)
+    config.addon.kind = kind
+    config.backbone_checkpoint = str(toy_backbone)
+    before = checkpoints.digest(toy_backbone / "best", 1)
+    state, results = train.train_and_evaluate(config, str(tmp_path / kind))
+    assert sorted(state["params"]) == ["conv1", "conv2", "conv3"]  # the modules only
+    assert results["trainable_params"] > 0 and "backbone_test_accuracy" in results
+    assert checkpoints.digest(toy_backbone / "best", 1) == before
+    # rerun: resumes the finished run, same results
+    again_state, again = train.train_and_evaluate(config, str(tmp_path / kind))
+    assert again["test_accuracy"] == results["test_accuracy"]
+    assert_trees_equal(again_state["params"], state["params"])
+
+
+def test_from_scratch_protocol_trains_backbone_and_modules_together(tmp_path):
+    from tests.test_train import tiny_config
+    from train import train
+
+    config = tiny_config("addon", epochs=1)
+    config.addon.from_scratch = True
+    state, results = train.train_and_evaluate(config, str(tmp_path))
+    assert sorted(state["params"]) == ["addon", "backbone"]
+    assert results["frozen_params"] == 0
+    assert results["trainable_params"] == train.count_params(state["params"])

@@ -21,7 +21,7 @@ from train.errors import UserError
 
 
 def check_alpha_zero_is_backbone(task, variables, images, dtype_name: str) -> None:
-    if task.baseline_logits_fn is None:
+    if task.baseline_logits_fn is None or task.stage != "attention":
         return
     if any(float(v["alpha"]) != 0.0 for v in variables["params"].values()):
         return

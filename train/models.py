@@ -76,6 +76,30 @@ def build_attention(config: ml_collections.ConfigDict, backbone, backbone_vars) 
     )
 
 
+def build_addons(config: ml_collections.ConfigDict, backbone, backbone_vars):
+    """The comparison system of ``config.addon`` (GALA, SE or a residual GSA) at its sites."""
+    from gattanet_jax import addon
+    from gattanet_jax.systems import GALA, ResidualGSA, SqueezeExcitation
+
+    a = config.addon
+    try:
+        sites = resolve_sites(backbone, backbone_vars, image_shape(config), tuple(a.sites))
+    except ValueError as e:
+        raise UserError(f"config.addon.sites: {e}") from None
+    bad = [s.name for s in sites if s.kind != "conv"]
+    if bad:
+        raise UserError(f"config.addon.sites: {bad} are not conv sites (B, H, W, C)")
+
+    def make(site, name):
+        if a.kind == "gala":
+            return GALA(a.reduction, a.squash, name=name)
+        if a.kind == "se":
+            return SqueezeExcitation(a.reduction, name=name)
+        return ResidualGSA(site.channels, a.heads, name=name)
+
+    return addon.addon_modules(sites, make)
+
+
 def attention_from_shapes(config: ml_collections.ConfigDict, backbone) -> AttentionSystem:
     """build_attention without weights (shapes only): checks a config before data is read."""
     return build_attention(config, backbone, backbone_shapes(backbone, config))

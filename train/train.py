@@ -172,6 +172,74 @@ def attention_task(config, backbone, rng) -> Task:
     )
 
 
+def addon_task(config, backbone, rng) -> Task:
+    """A comparison system (config.addon: GALA, SE or residual GSA) at the backbone's sites.
+
+    Protocol (a), ``addon.from_scratch=False``: an add-on to the frozen backbone at
+    ``backbone_checkpoint``; only the modules' parameters train (the attention_training recipe).
+    Protocol (b), ``from_scratch=True``: backbone and modules initialised afresh and trained
+    together (the backbone_training recipe, the backbone's dropout on)."""
+    from gattanet_jax import addon
+
+    a = config.addon
+    if a.from_scratch:
+        x = jnp.zeros((1, *models.image_shape(config)), jnp.float32)
+        backbone_vars = dict(jax.jit(backbone.init)(jax.random.fold_in(rng, 1), x))
+        if set(backbone_vars) != {"params"}:
+            raise UserError(
+                "config.addon.from_scratch trains backbones without BatchNorm statistics only "
+                f"(this one has {sorted(set(backbone_vars) - {'params'})})"
+            )
+        source = None
+    else:
+        backbone_vars, source = load_backbone(config, backbone)
+    addons = models.build_addons(config, backbone, backbone_vars)
+    addon_params = addon.init_addons(addons, rng)["params"]
+    recipe = config.backbone_training if a.from_scratch else config.attention_training
+    wd = recipe.weight_decay
+
+    if a.from_scratch:
+        params = {"addon": addon_params, "backbone": backbone_vars["params"]}
+
+        def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
+            del extra, frozen, example_offset
+            logits = addon.forward(
+                backbone,
+                addons,
+                {"params": params["addon"]},
+                {"params": params["backbone"]},
+                x,
+                train=True,
+                rngs={"dropout": rng},
+            )
+            loss = jnp.mean(steps.cross_entropy(logits, y))
+            return loss + wd * steps.l2_penalty(params, ("kernel",)), (logits, {})
+
+        def logits_fn(variables, frozen, x):
+            del frozen
+            p = variables["params"]
+            return addon.forward(
+                backbone, addons, {"params": p["addon"]}, {"params": p["backbone"]}, x
+            )
+
+        return Task("addon", params, loss_fn, logits_fn, recipe, {})
+
+    def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
+        del extra, rng, example_offset
+        logits = addon.forward(backbone, addons, {"params": params}, frozen, x)
+        loss = jnp.mean(steps.cross_entropy(logits, y))
+        return loss + wd * steps.l2_penalty(params, ("kernel",)), (logits, {})
+
+    def logits_fn(variables, frozen, x):
+        return addon.forward(backbone, addons, variables, frozen, x)
+
+    def baseline(variables, frozen, x):
+        del variables
+        return backbone.apply(frozen, x, train=False)
+
+    return Task("addon", addon_params, loss_fn, logits_fn, recipe, backbone_vars, baseline, source)
+
+
 @functools.lru_cache(maxsize=16)
 def _eval_step(logits_fn, batch_size: int, place: parallel.Placement):
     """One compiled evaluation step per (logits function, batch size), reused across epochs."""
@@ -208,7 +276,8 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
         models.attention_from_shapes(config, backbone)
     seed_key = jax.random.key(config.seed)
     init_key = jax.random.fold_in(seed_key, 0)
-    task = (backbone_task if config.stage == "backbone" else attention_task)(
+    make_task = {"backbone": backbone_task, "attention": attention_task, "addon": addon_task}
+    task = make_task[config.stage](
         config, backbone, init_key
     )  # reads the backbone's weights (if any) before the data: a wrong file fails fast
     data = input_pipeline.load(config, models.image_shape(config))
@@ -453,7 +522,8 @@ def _finish(config, task, state, data, best, path, meta, start_time):
         base = evaluate(task, variables, data.test, config.eval_batch_size, task.baseline_logits_fn)
         results["backbone_test_accuracy"] = base["accuracy"]
         results["backbone_test_loss"] = base["loss"]
-        results["alpha"] = {k: float(v["alpha"]) for k, v in params.items()}
+        if task.stage == "attention":
+            results["alpha"] = {k: float(v["alpha"]) for k, v in params.items()}
         where, step, _ = task.backbone_source
         results["backbone_checkpoint"] = where if step is None else f"{where}/{step}"
         results["backbone_checkpoint_sha256"] = task.backbone_source[2]

@@ -13,7 +13,9 @@ from pathlib import Path
 from train.errors import UserError
 from train.models import BACKBONES, DTYPES
 
-STAGES = ("backbone", "attention", "both")
+STAGES = ("backbone", "attention", "both", "addon")
+ADDONS = ("gala", "se", "gsa")
+SQUASHES = ("tanh", "sigmoid")
 NONFINITE = ("stop", "skip")
 PIPELINES = ("memory", "imagenet")
 
@@ -89,6 +91,15 @@ def check_config(config) -> None:
         if not isinstance(c[field], bool):
             _fail(field, "True or False", c[field])
     _positive_int(c, "checkpoint_every_steps", least=0)
+    if c["stage"] == "addon":
+        _choice(c, "addon.kind", ADDONS)
+        _choice(c, "addon.squash", SQUASHES)
+        _positive_int(c, "addon.reduction")
+        _positive_int(c, "addon.heads")
+        if not isinstance(c["addon.from_scratch"], bool):
+            _fail("addon.from_scratch", "True or False", c["addon.from_scratch"])
+        if not c["addon.sites"] or not all(isinstance(s, str) and s for s in c["addon.sites"]):
+            _fail("addon.sites", "a non-empty tuple of module paths", c["addon.sites"])
     _choice(c, "dataset.pipeline", PIPELINES)
     if c["dataset.pipeline"] == "imagenet":
         _positive_int(c, "dataset.workers")

@@ -6,6 +6,13 @@ remaining work.
 """
 
 from gattanet_jax.systems.gala import GALA, SqueezeExcitation
-from gattanet_jax.systems.gsa import GSA, content_attention, positional_attention
+from gattanet_jax.systems.gsa import GSA, ResidualGSA, content_attention, positional_attention
 
-__all__ = ["GALA", "GSA", "SqueezeExcitation", "content_attention", "positional_attention"]
+__all__ = [
+    "GALA",
+    "GSA",
+    "ResidualGSA",
+    "SqueezeExcitation",
+    "content_attention",
+    "positional_attention",
+]

@@ -86,3 +86,16 @@ class GSA(nn.Module):
         r_row = self.param("rel_row", init, (2 * ww - 1, hk))
         out = content_attention(q, k, v) + positional_attention(q, v, r_col, r_row)
         return out.reshape(b, hh, ww, self.features)
+
+
+class ResidualGSA(nn.Module):
+    """y + GSA(y), same channels: a GSA module added to a site's output (the add-on protocol).
+    Uses ``heads`` heads where they divide the channels, else one."""
+
+    features: int
+    heads: int = 8
+
+    @nn.compact
+    def __call__(self, y: jax.Array) -> jax.Array:
+        heads = self.heads if self.features % (2 * self.heads) == 0 else 1
+        return y + GSA(self.features, heads, name="gsa")(y).astype(y.dtype)
