@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import jax
@@ -35,6 +36,15 @@ def build(batch: int, dtype: str, d: int, backbone_name: str = "toy", image_size
     images = jnp.asarray(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8))
     labels = jnp.asarray(rng.integers(0, classes, (batch,)), jnp.int32)
     return backbone, backbone_vars, attention, attention_vars, images, labels
+
+
+def report(results: dict, as_json: bool) -> None:
+    """Prints a benchmark's results: one JSON object, or one 'key value' line per entry."""
+    if as_json:
+        print(json.dumps(results, indent=1))
+        return
+    for k, v in results.items():
+        print(f"{k:40s} {v}")
 
 
 def median_seconds(fn, *args, repeats: int, warmup: int) -> float:

@@ -11,7 +11,6 @@ of the same compiled functions the training loop uses. Keys: benchmarks/README.m
 from __future__ import annotations
 
 import functools
-import json
 import os
 import platform
 import time
@@ -23,7 +22,7 @@ import optax
 from absl import app, flags
 
 import gattanet_jax as gj
-from benchmarks.common import build, median_seconds
+from benchmarks.common import build, median_seconds, report
 from train import steps
 from train.train import attention_loss_fn, backbone_loss_fn
 
@@ -172,11 +171,7 @@ def main(argv):
         _BACKBONE.value,
         _IMAGE_SIZE.value,
     )
-    if _JSON.value:
-        print(json.dumps(results, indent=1))
-        return
-    for k, v in results.items():
-        print(f"{k:40s} {v}")
+    report(results, _JSON.value)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ the median of ``--repeats`` calls after ``--warmup``. Keys: benchmarks/README.md
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -18,7 +17,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from benchmarks.common import build, median_seconds
+from benchmarks.common import build, median_seconds, report
 from train import steps
 from train.train import attention_loss_fn
 
@@ -84,11 +83,7 @@ def main(argv):
         device=str(device), device_kind=device.device_kind, cpu_count=os.cpu_count(),
         jax=jax.__version__,
     )  # fmt: skip
-    if _JSON.value:
-        print(json.dumps(results, indent=1))
-        return
-    for k, v in results.items():
-        print(f"{k:32s} {v}")
+    report(results, _JSON.value)
 
 
 if __name__ == "__main__":
