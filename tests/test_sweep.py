@@ -74,3 +74,10 @@ def test_single_value_lists_broadcast(backbone_dir):
     assert [m.attention_training.learning_rate for m in members] == [5e-3] * 4
     assert [m.seed for m in members] == [0, 1, 2, 3]
     assert all(not m.sweep.seeds for m in members)
+
+
+def test_a_bad_lesion_in_a_sweep_is_one_clear_error(backbone_dir, tmp_path):
+    config = sweep_config(backbone_dir)
+    config.sweep.lesions = ("", "", "cc", "...d.")
+    with pytest.raises(UserError, match=r"config.sweep.lesions: lesion 'cc' must have one char"):
+        train.train_and_evaluate(config, str(tmp_path))

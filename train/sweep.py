@@ -102,14 +102,17 @@ def train_sweep(config, workdir: str):
     models.attention_from_shapes(config, backbone)
     backbone_vars, source = load_backbone(config, backbone)
     attention = models.build_attention(config, backbone, backbone_vars)
-    masks = np.stack(
-        [
-            sites.as_mask_array(
-                sites.lesion_mask(m.attention.get("lesion") or None, attention.sites)
-            )
-            for m in members
-        ]
-    )
+    try:
+        masks = np.stack(
+            [
+                sites.as_mask_array(
+                    sites.lesion_mask(m.attention.get("lesion") or None, attention.sites)
+                )
+                for m in members
+            ]
+        )
+    except ValueError as e:
+        raise UserError(f"config.sweep.lesions: {e}") from None
     data = input_pipeline.load(config, models.image_shape(config))
     if not isinstance(data.train, input_pipeline.Split):
         raise UserError(
