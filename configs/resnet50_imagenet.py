@@ -49,6 +49,11 @@ def imagenet_config(arch: str, arg: str | None) -> ml_collections.ConfigDict:
     for toy_only in ("features", "hidden", "dropout_rate"):
         del m[toy_only]
 
+    # Comparison systems (stage='addon'): GALA/SE before each block's residual addition (its
+    # last BatchNorm); GSA-ResNet: --config.addon.kind=gsa_conv --config.addon.sites=
+    # 'layer*/*/conv2' (every Bottleneck's 3x3 convolution) --config.addon.from_scratch=True.
+    config.addon.sites = ("layer*/*/bn3",) if arch == "resnet50" else ("layer*/*/bn2",)
+
     a = config.attention
     a.d = 16
     a.batch_norm_kq = True

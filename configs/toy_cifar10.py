@@ -100,15 +100,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.attention_training.augment = False
 
     # Comparison systems (stage='addon', gattanet_jax/systems): 'gala', 'se' or 'gsa' (a
-    # residual GSA module) after each conv block. from_scratch=False: an add-on to the frozen
-    # backbone at backbone_checkpoint, only its parameters trained (attention_training recipe);
-    # True: backbone and modules trained together from scratch (backbone_training recipe).
+    # residual GSA module) after each site, or 'gsa_conv' (GSA modules in place of the sites'
+    # convolutions: the GSA toy CNN, or GSA-ResNet with sites 'layer*/*/conv2'). Sites are module
+    # paths or glob patterns ('layer*/*/bn2': before each ResNet block's residual addition).
+    # from_scratch=False: an add-on to the frozen backbone at backbone_checkpoint, only its
+    # parameters trained (attention_training recipe); True: backbone and modules trained together
+    # from scratch (backbone_training recipe). configs/compare_toy_cifar10.py sets both up.
     config.addon = ml_collections.ConfigDict()
     config.addon.kind = "gala"
     config.addon.sites = ("conv1", "conv2", "conv3")
     config.addon.from_scratch = False
-    config.addon.reduction = 4  # hidden width C // reduction (GALA, SE)
+    # GALA, SE: hidden width C // reduction; residual GSA: GSA at C // reduction channels.
+    config.addon.reduction = 4
     config.addon.squash = "tanh"  # GALA: 'tanh' (the paper's formula) or 'sigmoid' (its code)
+    # GALA, SE: 'direct' (Y = s * X, the papers) or 'residual' (Y = (1 + gamma * s) * X, gamma
+    # from 0: the untrained add-on leaves a frozen backbone as it is, like GAttANet's alpha = 0).
+    config.addon.gate = "residual"
     config.addon.heads = 8  # GSA heads (one where they do not divide the channels)
 
     # vmap meta-experiments (train/sweep.py): per-member values, trained at once in one compiled

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import fnmatch
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
@@ -22,11 +23,14 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class SiteSpec:
-    """One attention site: module path, 'conv' or 'dense', and its output shape without batch."""
+    """One attention site: module path, 'conv' or 'dense', and its output shape without batch.
+    ``input_shape``: the shape (without batch) of the module's first argument, where it is an
+    array (what a module replacing the site receives; see ``intercept_sites(replace=True)``)."""
 
     name: str
     kind: str
     shape: tuple[int, ...]
+    input_shape: tuple[int, ...] | None = dataclasses.field(default=None, compare=False)
 
     @property
     def channels(self) -> int:
@@ -44,9 +48,13 @@ def module_name(module: nn.Module) -> str:
 
 @contextlib.contextmanager
 def intercept_sites(
-    names: Sequence[str], fn: Callable[[str, jax.Array], jax.Array]
+    names: Sequence[str], fn: Callable[[str, jax.Array], jax.Array], *, replace: bool = False
 ) -> Iterator[dict[str, int]]:
     """Within the context, replace the output y of every site in ``names`` by ``fn(name, y)``.
+
+    ``replace=True``: the site's module does not run at all; its output is ``fn(name, x)`` of its
+    first argument x (a module standing in for a layer, e.g. GSA for a convolution). The module's
+    own parameters are then never read.
 
     Only the outermost ``__call__`` of a module counts: where a module's ``__call__`` chains to a
     parent class's (``super().__call__``), the inner call's output is an intermediate value and
@@ -59,6 +67,13 @@ def intercept_sites(
     active: set[int] = set()
     in_fn = [False]  # modules that ``fn`` itself applies (add-on modules) are not sites
 
+    def call_fn(name, value):
+        in_fn[0] = True
+        try:
+            return fn(name, value)
+        finally:
+            in_fn[0] = False
+
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__" or id(module) in active or in_fn[0]:
@@ -66,22 +81,20 @@ def intercept_sites(
         name = module_name(module)
         if name not in wanted:
             return next_fun(*args, **kwargs)
-        active.add(id(module))
-        try:
-            out = next_fun(*args, **kwargs)
-        finally:
-            active.discard(id(module))
         seen[name] += 1
         if seen[name] > 1:
             raise ValueError(
                 f"attention site {name!r} ran more than once in one forward pass; a site must "
                 "be a module that is called once (a module applied twice shares its path)"
             )
-        in_fn[0] = True
+        if replace:
+            return call_fn(name, args[0])
+        active.add(id(module))
         try:
-            return fn(name, out)
+            out = next_fun(*args, **kwargs)
         finally:
-            in_fn[0] = False
+            active.discard(id(module))
+        return call_fn(name, out)
 
     with nn.intercept_methods(interceptor):
         yield seen
@@ -107,8 +120,13 @@ def record(apply_fn: Callable[[], jax.Array], names: Sequence[str]) -> tuple[jax
     return out, outputs
 
 
-def _all_module_outputs(backbone: nn.Module, variables, images) -> dict[str, tuple]:
-    """Shapes of every submodule's outermost ``__call__`` output, in call order."""
+def _shape(value) -> tuple[int, ...] | None:
+    return tuple(value.shape) if hasattr(value, "shape") else None
+
+
+def _all_module_io(backbone: nn.Module, variables, images) -> dict[str, tuple]:
+    """(output shape, first argument's shape or None) of every submodule's outermost
+    ``__call__``, in call order."""
     found: dict[str, tuple] = {}
     active: set[int] = set()
 
@@ -121,8 +139,8 @@ def _all_module_outputs(backbone: nn.Module, variables, images) -> dict[str, tup
             out = next_fun(*args, **kwargs)
         finally:
             active.discard(id(module))
-        if isinstance(out, jax.Array | jax.ShapeDtypeStruct) or hasattr(out, "shape"):
-            found.setdefault(module_name(module), tuple(out.shape))
+        if hasattr(out, "shape"):
+            found.setdefault(module_name(module), (_shape(out), _shape(args[0]) if args else None))
         return out
 
     def run(v, x):
@@ -135,19 +153,41 @@ def _all_module_outputs(backbone: nn.Module, variables, images) -> dict[str, tup
 
 def available_sites(backbone: nn.Module, variables, image_shape: Sequence[int]) -> dict[str, tuple]:
     """Every submodule path that could be a site, with its output shape at batch 1."""
+    return {k: out for k, (out, _) in _module_io(backbone, variables, image_shape).items()}
+
+
+def _module_io(backbone: nn.Module, variables, image_shape: Sequence[int]) -> dict[str, tuple]:
     images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    return _all_module_outputs(backbone, variables, images)
+    return _all_module_io(backbone, variables, images)
+
+
+def _expand(names: Sequence[str], available: Sequence[str]) -> list[str]:
+    """Glob patterns ('layer*/*/bn2') become the matching module paths, in call order."""
+    out: list[str] = []
+    for name in names:
+        if not any(ch in name for ch in "*?["):
+            out.append(name)
+            continue
+        matches = [a for a in available if fnmatch.fnmatchcase(a, name)]
+        if not matches:
+            raise ValueError(f"site pattern {name!r} matches no module path")
+        out.extend(matches)
+    return out
 
 
 def resolve_sites(
     backbone: nn.Module, variables, image_shape: Sequence[int], names: Sequence[str]
 ) -> tuple[SiteSpec, ...]:
-    """SiteSpecs for ``names``, in the order given; a clear error for names that are not modules."""
+    """SiteSpecs for ``names``, in the order given; a clear error for names that are not modules.
+    A name with glob characters ('layer*/*/bn2': every block's last BatchNorm) stands for every
+    module path it matches, in the order the modules run."""
+    io = _module_io(backbone, variables, image_shape)
+    outputs = {k: out for k, (out, _) in io.items()}
+    names = _expand(names, list(outputs))
     if not names:
         raise ValueError("at least one attention site is needed")
     if len(set(names)) != len(names):
         raise ValueError(f"attention sites are listed twice: {list(names)}")
-    outputs = available_sites(backbone, variables, image_shape)
     specs = []
     for name in names:
         if name not in outputs:
@@ -167,7 +207,8 @@ def resolve_sites(
                 f"attention site {name!r} outputs shape {outputs[name]}; a site must output "
                 "(batch, H, W, C) (conv) or (batch, C) (dense)"
             )
-        specs.append(SiteSpec(name, kind, tuple(shape)))
+        inp = io[name][1]
+        specs.append(SiteSpec(name, kind, tuple(shape), inp[1:] if inp else None))
     return tuple(specs)
 
 

@@ -1,11 +1,12 @@
 """GALA, SE and GSA against their formulas and direct loops over positions."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gattanet_jax.systems import GALA, GSA, SqueezeExcitation, gsa
+from gattanet_jax.systems import GALA, GSA, GSAConv, ResidualGSA, SqueezeExcitation, gsa
 
 RNG = np.random.default_rng(0)
 
@@ -189,13 +190,181 @@ def test_add_on_protocol_trains_only_the_module_on_the_frozen_backbone(
     assert_trees_equal(again_state["params"], state["params"])
 
 
-def test_from_scratch_protocol_trains_backbone_and_modules_together(tmp_path):
+@pytest.mark.parametrize("kind", ["gala", "gsa_conv"])
+def test_from_scratch_protocol_trains_backbone_and_modules_together(kind, tmp_path):
+    """GALA in the toy CNN, and the GSA toy CNN (its convolutions replaced by GSA modules)."""
     from tests.test_train import tiny_config
     from train import train
 
     config = tiny_config("addon", epochs=1)
+    config.addon.kind = kind
     config.addon.from_scratch = True
     state, results = train.train_and_evaluate(config, str(tmp_path))
     assert sorted(state["params"]) == ["addon", "backbone"]
     assert results["frozen_params"] == 0
     assert results["trainable_params"] == train.count_params(state["params"])
+    convs = {"conv1", "conv2", "conv3"} & set(state["params"]["backbone"])
+    assert convs == (set() if kind == "gsa_conv" else {"conv1", "conv2", "conv3"})
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: GALA(reduction=4, gate="residual"),
+        lambda: SqueezeExcitation(reduction=4, gate="residual"),
+        lambda: ResidualGSA(features=8, heads=2, reduction=2),
+    ],
+    ids=["gala", "se", "gsa"],
+)
+def test_residual_add_ons_are_the_identity_until_trained(make):
+    x = RNG.normal(size=(2, 5, 6, 8)).astype(np.float32)
+    module = make()
+    v = module.init(jax.random.key(0), x)
+    np.testing.assert_array_equal(module.apply(v, x), x)
+    # trained (random) parameters: no longer the identity
+    assert not np.allclose(module.apply(randomize(v), x), x)
+
+
+def test_gala_residual_gate_is_one_plus_gamma_times_the_papers_gate():
+    x = RNG.normal(size=(2, 5, 6, 8)).astype(np.float32)
+    residual = GALA(reduction=4, gate="residual")
+    v = randomize(residual.init(jax.random.key(0), x))
+    gamma = np.asarray(v["params"]["gamma"])
+    direct_params = {k: t for k, t in v["params"].items() if k != "gamma"}
+    s_times_x = GALA(reduction=4).apply({"params": direct_params}, x)  # s * x
+    np.testing.assert_allclose(
+        residual.apply(v, x), x + gamma * np.asarray(s_times_x), rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="gate"):
+        GALA(gate="sideways").init(jax.random.key(0), x)
+
+
+def test_gsa_conv_downsamples_by_average_pooling_and_applies_its_activation():
+    x = RNG.normal(size=(2, 8, 8, 6)).astype(np.float32)
+    module = GSAConv(features=8, heads=2, stride=2, activation="relu")
+    v = module.init(jax.random.key(0), x)
+    out = module.apply(v, x)
+    assert out.shape == (2, 4, 4, 8)
+    full = np.asarray(GSA(8, 2).apply({"params": v["params"]["gsa"]}, x))
+    pooled = full.reshape(2, 4, 2, 4, 2, 8).mean(axis=(2, 4))
+    np.testing.assert_allclose(out, np.maximum(pooled, 0), rtol=1e-5, atol=1e-6)
+
+
+def tiny_resnet(block):
+    from gattanet_jax.backbones import resnet
+
+    net = resnet.ResNet(stage_sizes=(2, 1, 1, 1), block=block, num_classes=5, width=4)
+    v = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    return net, randomize(v, seed=3)  # random BatchNorm statistics, scales and offsets too
+
+
+def test_site_patterns_expand_to_module_paths_in_call_order():
+    import gattanet_jax as gj
+
+    net, v = tiny_resnet("basic")
+    sites = gj.resolve_sites(net, v, (32, 32, 3), ("layer*/*/bn2",))
+    assert [s.name for s in sites] == [
+        "layer1/0/bn2",
+        "layer1/1/bn2",
+        "layer2/0/bn2",
+        "layer3/0/bn2",
+        "layer4/0/bn2",
+    ]
+    assert sites[2].shape == (4, 4, 8) and sites[2].input_shape == (4, 4, 8)
+    with pytest.raises(ValueError, match="matches no module"):
+        gj.resolve_sites(net, v, (32, 32, 3), ("layer*/*/bn9",))
+
+
+class _Zero(nn.Module):
+    @nn.compact
+    def __call__(self, y):
+        return jnp.zeros_like(y)
+
+
+def test_resnet_add_on_sits_before_the_residual_addition():
+    """A module that zeroes its input, at each layer1 block's last BatchNorm: each block then
+    returns relu(0 + identity) = its (non-negative) input, so layer1 is the identity. After the
+    addition it would give zeros; before the BatchNorm, BN(0) = its offset."""
+    import gattanet_jax as gj
+    from gattanet_jax import addon
+    from gattanet_jax import sites as sites_lib
+
+    net, v = tiny_resnet("basic")
+    sites = gj.resolve_sites(net, v, (32, 32, 3), ("layer1/*/bn2",))
+    addons = addon.addon_modules(sites, lambda s, name: _Zero(name=name))
+    x = RNG.uniform(size=(2, 32, 32, 3)).astype(np.float32)
+    with_zero = sites_lib.record(lambda: addon.forward(net, addons, {}, v, x), ["stem", "layer1"])[
+        1
+    ]
+    stem = with_zero["stem"]
+    pooled = nn.max_pool(stem, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    np.testing.assert_allclose(with_zero["layer1"], pooled, rtol=1e-6)
+    plain = sites_lib.record(lambda: net.apply(v, x), ["layer1"])[1]["layer1"]
+    assert not np.allclose(plain, pooled)
+
+
+def test_replaced_sites_get_the_input_and_the_replaced_module_never_runs():
+    """Bottleneck 3x3 convolutions (strided ones too) replaced by a copy of themselves: same
+    logits, with the originals' parameters removed from the backbone's tree."""
+    import gattanet_jax as gj
+    from gattanet_jax import addon
+    from gattanet_jax.backbones import resnet
+
+    net, v = tiny_resnet("bottleneck")
+    sites = gj.resolve_sites(net, v, (32, 32, 3), ("layer*/*/conv2",))
+    assert [s.input_shape for s in sites][2] == (8, 8, 8) and sites[2].shape == (4, 4, 8)
+
+    def make(site, name):
+        stride = site.input_shape[0] // site.shape[0]
+        return resnet._conv(site.channels, 3, stride, jnp.float32, name)
+
+    addons = addon.addon_modules(sites, make, replace=True)
+    copies = {
+        "params": {
+            gj.attention.param_name(s.name): _at(v["params"], s.name.split("/")) for s in sites
+        }
+    }
+    kept = addon.drop_replaced(v["params"], addons)
+    assert "conv2" not in kept["layer2"]["0"] and "conv1" in kept["layer2"]["0"]
+    assert "conv2" in v["params"]["layer2"]["0"]  # the caller's tree is left alone
+    x = RNG.uniform(size=(2, 32, 32, 3)).astype(np.float32)
+    ours = addon.forward(net, addons, copies, {**v, "params": kept}, x)
+    np.testing.assert_allclose(ours, net.apply(v, x), rtol=1e-5, atol=1e-5)
+
+
+def _at(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+@pytest.mark.parametrize(
+    "kind, sites", [("gala", "layer*/*/bn3"), ("gsa_conv", "layer*/*/conv2")], ids=["gala", "gsa"]
+)
+def test_from_scratch_resnet_add_on_trains_its_batch_norm_statistics(kind, sites):
+    """Protocol (b) on a ResNet: GALA-ResNet and GSA-ResNet (Bottleneck 3x3 convs replaced)."""
+    from configs import resnet50_imagenet
+    from train import models, train
+
+    config = resnet50_imagenet.get_config("tiny")
+    config.stage = "addon"
+    config.addon.kind, config.addon.sites, config.addon.heads = kind, (sites,), 2
+    config.addon.from_scratch = True
+    backbone = models.build_backbone(config)
+    task = train.addon_task(config, backbone, jax.random.key(0))
+    assert sorted(task.extra) == ["batch_stats"] and sorted(task.params) == ["addon", "backbone"]
+    if kind == "gsa_conv":
+        assert "conv2" not in task.params["backbone"]["layer1"]["0"]
+    x = RNG.uniform(size=(4, 64, 64, 3)).astype(np.float32)
+    y = np.arange(4) % 10
+
+    def loss(p):
+        return task.loss_fn(p, task.extra, {}, x, y, jax.random.key(1))
+
+    value, (logits, new_extra) = loss(task.params)
+    assert logits.shape == (4, 1000) and np.isfinite(value)
+    before, after = task.extra["batch_stats"]["stem"], new_extra["batch_stats"]["stem"]
+    assert not np.allclose(before["bn1"]["mean"], after["bn1"]["mean"])
+    grads = jax.grad(lambda p: loss(p)[0])(task.params)
+    # (with the residual gate at gamma = 0, only gamma gets a gradient at first)
+    assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["addon"])) > 0

@@ -76,10 +76,14 @@ def build_attention(config: ml_collections.ConfigDict, backbone, backbone_vars) 
     )
 
 
+ADDON_KINDS = ("gala", "se", "gsa", "gsa_conv")
+
+
 def build_addons(config: ml_collections.ConfigDict, backbone, backbone_vars):
-    """The comparison system of ``config.addon`` (GALA, SE or a residual GSA) at its sites."""
+    """The comparison system of ``config.addon`` at its sites: GALA, SE or a residual GSA after
+    each site, or ('gsa_conv') GSA modules in place of the sites' convolutions."""
     from gattanet_jax import addon
-    from gattanet_jax.systems import GALA, ResidualGSA, SqueezeExcitation
+    from gattanet_jax.systems import GALA, GSAConv, ResidualGSA, SqueezeExcitation
 
     a = config.addon
     try:
@@ -89,15 +93,26 @@ def build_addons(config: ml_collections.ConfigDict, backbone, backbone_vars):
     bad = [s.name for s in sites if s.kind != "conv"]
     if bad:
         raise UserError(f"config.addon.sites: {bad} are not conv sites (B, H, W, C)")
+    replace = a.kind == "gsa_conv"
+    if replace:
+        bad = [s.name for s in sites if s.input_shape is None or len(s.input_shape) != 3]
+        if bad:
+            raise UserError(f"config.addon.sites: {bad} do not take a (B, H, W, C) input")
+    # The toy CNN's conv modules include their ReLU; a ResNet's convolutions do not.
+    activation = "relu" if config.model.backbone == "toy" else "none"
+    gate = a.get("gate", "direct")
 
     def make(site, name):
         if a.kind == "gala":
-            return GALA(a.reduction, a.squash, name=name)
+            return GALA(a.reduction, a.squash, gate=gate, name=name)
         if a.kind == "se":
-            return SqueezeExcitation(a.reduction, name=name)
-        return ResidualGSA(site.channels, a.heads, name=name)
+            return SqueezeExcitation(a.reduction, gate=gate, name=name)
+        if a.kind == "gsa":
+            return ResidualGSA(site.channels, a.heads, a.reduction, name=name)
+        stride = site.input_shape[0] // site.shape[0]
+        return GSAConv(site.channels, a.heads, stride, activation, name=name)
 
-    return addon.addon_modules(sites, make)
+    return addon.addon_modules(sites, make, replace=replace)
 
 
 def attention_from_shapes(config: ml_collections.ConfigDict, backbone) -> AttentionSystem:

@@ -35,10 +35,39 @@ TABLE1 = {
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 
 
+def summarize_addon(config, backbone, backbone_vars) -> dict:
+    """stage='addon': the comparison system's trainable parameters at its sites."""
+    from gattanet_jax import addon
+    from gattanet_jax.attention import param_name
+
+    addons = models.build_addons(config, backbone, backbone_vars)
+    shapes = jax.eval_shape(lambda: addon.init_addons(addons, jax.random.key(0)))["params"]
+    kept = addon.drop_replaced(backbone_vars["params"], addons)
+    a = config.addon
+    return {
+        "backbone": config.model.backbone,
+        "addon": a.kind,
+        "protocol": "from_scratch" if a.from_scratch else "frozen_backbone",
+        "addon_params": count_params(shapes),
+        "backbone_params": count_params(kept),
+        "trainable_params": count_params(shapes) + (count_params(kept) if a.from_scratch else 0),
+        "sites": [
+            {
+                "name": s.name,
+                "shape": list(s.shape),
+                "params": count_params(shapes[param_name(s.name)]),
+            }
+            for s in addons.sites
+        ],
+    }
+
+
 def summarize(config) -> dict:
     validate.check_config(config)
     backbone = models.build_backbone(config)
     backbone_vars = models.backbone_shapes(backbone, config)
+    if config.stage == "addon":
+        return summarize_addon(config, backbone, backbone_vars)
     attention = models.build_attention(config, backbone, backbone_vars)
     att_shapes = jax.eval_shape(
         lambda: attention.init(

@@ -185,11 +185,6 @@ def addon_task(config, backbone, rng) -> Task:
     if a.from_scratch:
         x = jnp.zeros((1, *models.image_shape(config)), jnp.float32)
         backbone_vars = dict(jax.jit(backbone.init)(jax.random.fold_in(rng, 1), x))
-        if set(backbone_vars) != {"params"}:
-            raise UserError(
-                "config.addon.from_scratch trains backbones without BatchNorm statistics only "
-                f"(this one has {sorted(set(backbone_vars) - {'params'})})"
-            )
         source = None
     else:
         backbone_vars, source = load_backbone(config, backbone)
@@ -199,30 +194,37 @@ def addon_task(config, backbone, rng) -> Task:
     wd = recipe.weight_decay
 
     if a.from_scratch:
-        params = {"addon": addon_params, "backbone": backbone_vars["params"]}
+        stats = {k: v for k, v in backbone_vars.items() if k != "params"}  # BatchNorm's
+        params = {
+            "addon": addon_params,
+            "backbone": addon.drop_replaced(backbone_vars["params"], addons),
+        }
 
         def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
-            del extra, frozen, example_offset
-            logits = addon.forward(
+            del frozen, example_offset
+            out = addon.forward(
                 backbone,
                 addons,
                 {"params": params["addon"]},
-                {"params": params["backbone"]},
+                {"params": params["backbone"], **extra},
                 x,
                 train=True,
                 rngs={"dropout": rng},
+                mutable=list(extra),
             )
+            logits, updates = out if extra else (out, {})
             loss = jnp.mean(steps.cross_entropy(logits, y))
-            return loss + wd * steps.l2_penalty(params, ("kernel",)), (logits, {})
+            return loss + wd * steps.l2_penalty(params, ("kernel",)), (logits, dict(updates))
 
         def logits_fn(variables, frozen, x):
             del frozen
             p = variables["params"]
+            stats = {k: v for k, v in variables.items() if k != "params"}
             return addon.forward(
-                backbone, addons, {"params": p["addon"]}, {"params": p["backbone"]}, x
+                backbone, addons, {"params": p["addon"]}, {"params": p["backbone"], **stats}, x
             )
 
-        return Task("addon", params, loss_fn, logits_fn, recipe, {})
+        return Task("addon", params, loss_fn, logits_fn, recipe, {}, extra=stats)
 
     def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
         del extra, rng, example_offset

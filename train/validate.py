@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 
 from train.errors import UserError
-from train.models import BACKBONES, DTYPES
+from train.models import ADDON_KINDS, BACKBONES, DTYPES
 
 STAGES = ("backbone", "attention", "both", "addon")
-ADDONS = ("gala", "se", "gsa")
+GATES = ("direct", "residual")
 SQUASHES = ("tanh", "sigmoid")
 NONFINITE = ("stop", "skip")
 PIPELINES = ("memory", "imagenet")
@@ -92,8 +92,9 @@ def check_config(config) -> None:
             _fail(field, "True or False", c[field])
     _positive_int(c, "checkpoint_every_steps", least=0)
     if c["stage"] == "addon":
-        _choice(c, "addon.kind", ADDONS)
+        _choice(c, "addon.kind", ADDON_KINDS)
         _choice(c, "addon.squash", SQUASHES)
+        _choice(c, "addon.gate", GATES)
         _positive_int(c, "addon.reduction")
         _positive_int(c, "addon.heads")
         if not isinstance(c["addon.from_scratch"], bool):

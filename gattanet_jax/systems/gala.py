@@ -7,6 +7,11 @@ For a feature map X (B, H, W, C):
   output  Y = s * X
 ``squash='tanh'`` is the paper's formula; ``'sigmoid'`` is the authors' public code's default.
 The local map has one channel, as in the authors' code (broadcast over the channels).
+
+``gate='residual'`` (ours, for add-ons to a trained backbone): Y = (1 + gamma * s) * X with a
+per-channel gamma initialised to 0, so the untrained module is the identity, as GAttANet's
+(1 + alpha * agreement) with alpha = 0 is. The paper's Y = s * X ('direct') rescales every map
+at init (tanh(0) = 0, sigmoid(0) = 1/2) and wrecks a frozen backbone before any training.
 """
 
 from __future__ import annotations
@@ -16,6 +21,17 @@ import jax
 import jax.numpy as jnp
 
 SQUASH = {"tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid}
+GATES = ("direct", "residual")
+
+
+def apply_gate(module: nn.Module, gate: str, s: jax.Array, x: jax.Array) -> jax.Array:
+    """s * x ('direct'), or (1 + gamma * s) * x with gamma (C,) from zero ('residual')."""
+    if gate == "direct":
+        return s * x
+    if gate != "residual":
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    gamma = module.param("gamma", nn.initializers.zeros_init(), (x.shape[-1],))
+    return (1 + gamma * s) * x
 
 
 class _GlobalPath(nn.Module):
@@ -40,11 +56,14 @@ class GALA(nn.Module):
       squash: 'tanh' (the paper) or 'sigmoid' (the authors' code).
       use_local: False drops the local path (s_l = 0): with squash 'sigmoid' and a = 1 this is
         an SE block.
+      gate: 'direct' (Y = s * X, the paper) or 'residual' (Y = (1 + gamma * s) * X, identity at
+        init).
     """
 
     reduction: int = 4
     squash: str = "tanh"
     use_local: bool = True
+    gate: str = "direct"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -61,14 +80,16 @@ class GALA(nn.Module):
         a = self.param("a", nn.initializers.ones_init(), (c,))
         m = self.param("m", nn.initializers.zeros_init(), (c,))
         s = SQUASH[self.squash](a * (s_g + s_l) + m * (s_g * s_l))
-        return s * x
+        return apply_gate(self, self.gate, s, x)
 
 
 class SqueezeExcitation(nn.Module):
-    """SE block (Hu et al. 2018): Y = sigmoid(W2 relu(W1 GAP(X))) * X."""
+    """SE block (Hu et al. 2018): Y = sigmoid(W2 relu(W1 GAP(X))) * X; ``gate`` as in GALA."""
 
     reduction: int = 4
+    gate: str = "direct"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jax.nn.sigmoid(_GlobalPath(self.reduction, name="global")(x))[:, None, None] * x
+        s = jax.nn.sigmoid(_GlobalPath(self.reduction, name="global")(x))[:, None, None]
+        return apply_gate(self, self.gate, s, x)

@@ -89,13 +89,51 @@ class GSA(nn.Module):
 
 
 class ResidualGSA(nn.Module):
-    """y + GSA(y), same channels: a GSA module added to a site's output (the add-on protocol).
-    Uses ``heads`` heads where they divide the channels, else one."""
+    """y + W_out GSA(y): a GSA module added to a site's output (the add-on protocol).
+
+    GSA runs at ``features // reduction`` channels (keys at half that), a 1x1 projection
+    ``out`` maps back to ``features``; ``out`` starts at zero, so the untrained module is the
+    identity on a frozen backbone. Uses ``heads`` heads where they divide the channels, else one.
+    """
 
     features: int
     heads: int = 8
+    reduction: int = 1
 
     @nn.compact
     def __call__(self, y: jax.Array) -> jax.Array:
+        inner = max(1, self.features // self.reduction)
+        heads = self.heads if inner % (2 * self.heads) == 0 else 1
+        z = GSA(inner, heads, name="gsa")(y)
+        out = nn.Conv(
+            self.features, (1, 1), use_bias=False, kernel_init=nn.initializers.zeros, name="out"
+        )(z)
+        return y + out.astype(y.dtype)
+
+
+class GSAConv(nn.Module):
+    """A GSA module standing in for a convolution (GSA-ResNet, the GSA toy CNN): (B, H, W, C_in)
+    -> (B, H // stride, W // stride, features), then ``activation``.
+
+    A strided convolution's downsampling becomes ``stride`` x ``stride`` average pooling after
+    the module (our choice; the paper's summary in shared/papers does not say).
+    """
+
+    features: int
+    heads: int = 8
+    stride: int = 1
+    activation: str = "none"  # 'relu' where the replaced layer had one built in (toy ConvReLU)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
         heads = self.heads if self.features % (2 * self.heads) == 0 else 1
-        return y + GSA(self.features, heads, name="gsa")(y).astype(y.dtype)
+        y = GSA(self.features, heads, name="gsa")(x)
+        if self.stride > 1:
+            y = nn.avg_pool(y, (self.stride, self.stride), (self.stride, self.stride))
+        if self.activation == "relu":
+            return nn.relu(y)
+        if self.activation != "none":
+            raise ValueError(
+                f"GSAConv activation must be 'relu' or 'none', got {self.activation!r}"
+            )
+        return y

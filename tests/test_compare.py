@@ -1,0 +1,58 @@
+"""train.compare: every system on every frozen backbone, one table."""
+
+import json
+
+import pytest
+
+from configs import compare_toy_cifar10
+from tests.test_train import tiny_config
+from train import compare, summary, train
+
+
+def small(config):
+    config.dataset.name = "embedded"
+    config.dataset.max_train_examples = 96
+    config.dataset.max_test_examples = 64
+    config.model.features = (4, 8, 8)
+    config.model.hidden = 16
+    config.attention_training.num_epochs = 1
+    config.eval_batch_size = 64
+
+
+def test_two_systems_on_two_backbones_make_one_table(tmp_path):
+    backbones = []
+    for seed in (0, 1):
+        config = tiny_config(epochs=1)
+        config.seed = seed
+        train.train_and_evaluate(config, str(tmp_path / f"b{seed}"))
+        backbones.append(str(tmp_path / f"b{seed}"))
+    out = compare.compare(
+        str(tmp_path / "cmp"), backbones, ["gattanet", "se"], "smoke", configure=small
+    )
+    runs = out["systems"]
+    assert [len(v) for v in runs.values()] == [2, 2]
+    # each system ran on its own backbone, with that backbone's index as seed
+    b0, b1 = (r["backbone_test_accuracy"] for r in runs["se"])
+    assert [r["backbone_test_accuracy"] for r in runs["gattanet"]] == [b0, b1]
+    text = compare.table(out)
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
+    assert set(rows) == {"frozen backbone", "gattanet", "se"}
+    assert f"{100 * runs['se'][1]['test_accuracy']:.2f}" in rows["se"]
+    assert "±" in rows["gattanet"]
+    # a rerun reads the finished runs back
+    again = compare.compare(
+        str(tmp_path / "cmp"), backbones, ["gattanet", "se"], "smoke", configure=small
+    )
+    assert json.dumps(again, default=str) == json.dumps(out, default=str)
+
+
+def test_the_comparison_budgets_are_within_ten_percent_of_gattanet():
+    counts = {}
+    for system in compare_toy_cifar10.SYSTEMS:
+        s = summary.summarize(compare_toy_cifar10.get_config(system))
+        counts[system] = s.get("addon_params", s.get("attention_params"))
+    assert counts["gattanet"] == 15845
+    for system, n in counts.items():
+        assert abs(n - 15845) / 15845 < 0.1, (system, n)
+    with pytest.raises(ValueError, match="unknown system"):
+        compare_toy_cifar10.get_config("gattanet,scratch")
