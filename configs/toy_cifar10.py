@@ -75,6 +75,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # per position) on each agreement map. Off for the toy model, as in the paper.
     config.attention.batch_norm_kq = False
     config.attention.layer_norm_gatta = False
+    # Beyond the paper (docs/RESULTS.md). Modulated passes T: pass t + 1 is modulated by the
+    # agreement of pass t's modulated activations (1: the paper's two-pass model).
+    config.attention.iterations = 1
+    # tanh on every agreement map, so factors stay in 1 +- |alpha| (a stabiliser for T > 1).
+    config.attention.bounded = False
+    # Top-down cues: a learned class embedding (num_classes x d) mixed into q_avg,
+    # q_avg := (1 - w) q_avg + w e[class]; during training a fraction of the examples is cued
+    # with its true class at weight cue_weight (test accuracy stays uncued; cued accuracies:
+    # python -m train.analyze cues).
+    config.attention.cue_classes = False
+    config.attention.cue_weight = 0.5
+    config.attention.cue_fraction = 0.0
 
     # Backbone pretraining recipe (section 2.0.3): Adam with defaults, batch 128, augmentation,
     # early stopping with patience 50 epochs, at most 500 epochs.

@@ -7,7 +7,13 @@ The math is in ``agreement`` (pure functions over arrays), sites and the modulat
 from gattanet_jax import agreement
 from gattanet_jax.agreement import agreement as agreement_map
 from gattanet_jax.agreement import conv_project, dense_project, global_query, modulate
-from gattanet_jax.attention import Attention, AttentionSystem, count_params, init_attention
+from gattanet_jax.attention import (
+    Attention,
+    AttentionSystem,
+    count_params,
+    init_attention,
+    site_alphas,
+)
 from gattanet_jax.backbones import TOY_SITES, ToyCNN
 from gattanet_jax.gattanet import Output, backbone_logits, two_pass
 from gattanet_jax.sites import SiteSpec, available_sites, lesion_mask, resolve_sites
@@ -31,5 +37,6 @@ __all__ = [
     "lesion_mask",
     "modulate",
     "resolve_sites",
+    "site_alphas",
     "two_pass",
 ]

@@ -157,6 +157,11 @@ class AttentionSystem(nn.Module):
       layer_norm_gatta: the paper's ResNet variant: LayerNorm on each site's agreement map, with
         a scale and an offset per position (conv sites) or unit (dense sites).
       axis_name: set under pmap: BatchNorm statistics are averaged over this device axis.
+      iterations: modulated passes T of ``two_pass`` (the paper: 1; see there).
+      bounded: agreement maps pass through tanh, so each modulation factor stays within
+        1 +- |alpha| (a stabiliser for several iterations; off in the paper).
+      cue_classes: > 0 adds a learned class embedding (cue_classes, d), 'cue_embedding', for
+        top-down cues given as class indices (zeros at init).
     """
 
     sites: tuple[SiteSpec, ...]
@@ -166,6 +171,9 @@ class AttentionSystem(nn.Module):
     batch_norm_kq: bool = False
     layer_norm_gatta: bool = False
     axis_name: str | None = None
+    iterations: int = 1
+    bounded: bool = False
+    cue_classes: int = 0
 
     @nn.compact
     def __call__(
@@ -174,8 +182,15 @@ class AttentionSystem(nn.Module):
         train: bool = False,
         internals: bool = True,
         example_offset=0,
+        cue: jax.Array | None = None,
+        cue_weight=0.0,
     ) -> Attention:
         """Keys, queries, q_avg and agreement maps from the sites' pass-1 activations.
+
+        Top-down cue: ``cue`` is a raw query vector per example (B, d), or a class index per
+        example (B,) integers, looked up in the learned class embedding (``cue_classes``). It is
+        mixed into the global query, q_avg := (1 - w) q_avg + w cue, with ``cue_weight`` w a
+        scalar or one weight per example (B,) (0: uncued). Without a cue, q_avg is Eq. 3's.
 
         With ``internals=False`` outside training, keys and queries are not materialised (the
         returned dicts are empty) and q_avg and gatta come from the activations directly.
@@ -217,6 +232,13 @@ class AttentionSystem(nn.Module):
                 kernel, bias = (v.astype(acts.dtype) for v in mod.folded("Q"))
                 means.append(agr.mean_query(acts, kernel, bias, site.kind))
         q_avg = jnp.mean(jnp.stack(means), axis=0)  # Eq. 3
+        table = None
+        if self.cue_classes:
+            table = self.param(
+                "cue_embedding", nn.initializers.zeros_init(), (self.cue_classes, self.d)
+            )
+        if cue is not None:
+            q_avg = mix_cue(q_avg, cue_vector(cue, table, self.d), cue_weight)
         gatta = {}
         for site in self.sites:
             if materialise:
@@ -225,9 +247,34 @@ class AttentionSystem(nn.Module):
                 acts = site_acts[site.name]
                 kernel, bias = (v.astype(acts.dtype) for v in mods[site.name].folded("K"))
                 g = agr.agreement_from_acts(acts, kernel, bias, q_avg, site.kind)
-            gatta[site.name] = mods[site.name].normalize_gatta(g)
+            g = mods[site.name].normalize_gatta(g)
+            gatta[site.name] = jnp.tanh(g) if self.bounded else g
         alpha = {name: p["alpha"] for name, p in params.items()}
         return Attention(keys=keys, queries=queries, q_avg=q_avg, gatta=gatta, alpha=alpha)
+
+
+def cue_vector(cue: jax.Array, table: jax.Array | None, d: int) -> jax.Array:
+    """A top-down cue as a (B, d) query: raw vectors as they are, class indices looked up."""
+    cue = jnp.asarray(cue)
+    if jnp.issubdtype(cue.dtype, jnp.integer):
+        if table is None:
+            raise ValueError("a class-index cue needs AttentionSystem(cue_classes=...) > 0")
+        if cue.ndim != 1:
+            raise ValueError(f"a class-index cue must have shape (batch,), got {cue.shape}")
+        return table[cue]
+    if cue.ndim != 2 or cue.shape[1] != d:
+        raise ValueError(f"a query-vector cue must have shape (batch, {d}), got {cue.shape}")
+    return cue
+
+
+def mix_cue(q_avg: jax.Array, cue: jax.Array, weight) -> jax.Array:
+    """(1 - w) q_avg + w cue, w a scalar or (B,)."""
+    w = jnp.asarray(weight, jnp.float32)
+    if w.ndim == 1:
+        w = w[:, None]
+    elif w.ndim:
+        raise ValueError(f"cue_weight must be a scalar or (batch,), got shape {w.shape}")
+    return ((1 - w) * q_avg + w * cue.astype(jnp.float32)).astype(q_avg.dtype)
 
 
 def gatta_shape(site: SiteSpec) -> tuple[int, ...]:
@@ -243,6 +290,12 @@ def init_attention(attention: AttentionSystem, rng: jax.Array) -> dict:
     """The attention system's variables (a tree of its own: never mixed with the backbone's)."""
     init = jax.jit(attention.init, static_argnames="train")
     return init({"params": rng}, example_activations(attention.sites), train=False)
+
+
+def site_alphas(params: Mapping) -> dict[str, jax.Array]:
+    """{site parameter name: alpha} of an attention parameter tree (other entries, such as the
+    cue embedding, skipped)."""
+    return {k: v["alpha"] for k, v in params.items() if isinstance(v, Mapping) and "alpha" in v}
 
 
 def count_params(tree) -> int:

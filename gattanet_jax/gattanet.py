@@ -8,6 +8,10 @@ every site's output multiplied by (1 + alpha_i * gatta_i). The logits of pass 2 
 Gradients flow only into the attention variables: the backbone's variables and the pass-1
 activations are wrapped in ``stop_gradient``, so differentiating this function costs a backward
 pass for input gradients through pass 2 and nothing more.
+
+Beyond the paper (``iterations`` T > 1): keys and queries are recomputed from the *modulated*
+site outputs of modulated pass t to modulate pass t + 1; T = 1 is the paper's model. Gradients
+then flow through every modulated pass.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ def two_pass(
     lesion: str | jax.Array | None = None,
     return_internals: bool = False,
     example_offset=0,
+    iterations: int | None = None,
+    cue: jax.Array | None = None,
+    cue_weight=0.0,
 ) -> Output:
     """GAttANet's two-pass forward.
 
@@ -75,7 +82,16 @@ def two_pass(
       return_internals: also return keys, queries, q_avg, gatta and alpha per site.
       example_offset: where ``images`` start in the global batch when a data-parallel shard
         calls this (0 otherwise): key/query dropout masks then match the unsharded run's.
+      iterations: modulated passes T (default: ``attention.iterations``; the paper: 1). Pass
+        t + 1 is modulated by the agreement computed from pass t's modulated site outputs (same
+        attention parameters every time; dropout redrawn per iteration; BatchNorm statistics
+        updated by each in turn).
+      cue, cue_weight: a top-down cue mixed into every iteration's global query (see
+        ``AttentionSystem.__call__``); ``cue=None`` or weight 0 is the uncued model.
     """
+    iterations = attention.iterations if iterations is None else iterations
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
     sites = attention.sites
     names = [s.name for s in sites]
     flags, mask = _lesion_factors(lesion, sites)
@@ -97,6 +113,8 @@ def two_pass(
             train=train,
             internals=return_internals,
             example_offset=example_offset,
+            cue=cue,
+            cue_weight=cue_weight,
             rngs=rngs,
             mutable=mutable or False,
         )
@@ -104,21 +122,42 @@ def two_pass(
     result = run_attention(attention_vars, acts, rngs)
     att, updates = result if mutable else (result, {})
 
-    # Pass 2: each modulated site's output is scaled by (1 + alpha * gatta) from pass 1.
-    factors = {}
-    for i, (site, on) in enumerate(zip(sites, flags, strict=True)):
-        if not on:
-            continue
-        alpha = att.alpha[site.name] if mask is None else att.alpha[site.name] * mask[i]
-        factors[site.name] = agr.modulation(att.gatta[site.name], alpha, site.kind)
+    for t in range(iterations):
+        factors = {}  # each modulated site's (1 + alpha * gatta)
+        for i, (site, on) in enumerate(zip(sites, flags, strict=True)):
+            if not on:
+                continue
+            alpha = att.alpha[site.name] if mask is None else att.alpha[site.name] * mask[i]
+            factors[site.name] = agr.modulation(att.gatta[site.name], alpha, site.kind)
+        last = t == iterations - 1
+        logits, acts = _modulated_pass(
+            backbone, backbone_vars, images, factors, [] if last else names
+        )
+        if last:
+            break
+        # The next agreement comes from this pass's modulated site outputs.
+        if rng is not None:
+            rngs = {"dropout": jax.random.fold_in(rng, t + 1)}
+        result = run_attention({**attention_vars, **updates}, acts, rngs)
+        att, updates = result if mutable else (result, {})
+    return Output(logits=logits, attention=att if return_internals else None, updates=updates)
+
+
+def _modulated_pass(backbone, backbone_vars, images, factors: dict, record: Sequence[str]):
+    """The backbone with each site in ``factors`` scaled by its factor; also returns the
+    (modulated) outputs of the sites in ``record``."""
+    acts = {}
 
     def scale(name, y):
-        return y * factors[name].astype(y.dtype)
+        out = y * factors[name].astype(y.dtype) if name in factors else y
+        if name in record:
+            acts[name] = out
+        return out
 
-    with sites_lib.intercept_sites(list(factors), scale) as seen:
+    with sites_lib.intercept_sites(list(dict.fromkeys([*factors, *record])), scale) as seen:
         logits = backbone.apply(backbone_vars, images, train=False)
     sites_lib.check_seen(seen)
-    return Output(logits=logits, attention=att if return_internals else None, updates=updates)
+    return logits, acts
 
 
 def backbone_logits(backbone: nn.Module, backbone_vars, images: jax.Array) -> jax.Array:

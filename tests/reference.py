@@ -106,8 +106,12 @@ def toy_forward(params, images, site_hook=None):
     return hook("logits", x @ p["kernel"] + p["bias"])
 
 
-def gattanet_toy(params, att, images, sites, lesion=None):
-    """GAttANet on the toy model: pass 1, attention, pass 2, all in NumPy."""
+def gattanet_toy(
+    params, att, images, sites, lesion=None, iterations=1, cue=None, cue_weight=0.0, bounded=False
+):
+    """GAttANet on the toy model: pass 1, attention, pass 2, all in NumPy. ``iterations`` T:
+    T modulated passes, each agreement from the previous pass's modulated site outputs;
+    ``cue`` (B, d) mixed into q_avg with ``cue_weight``; ``bounded``: tanh of the agreement."""
     acts = {}
 
     def keep(name, a):
@@ -115,17 +119,28 @@ def gattanet_toy(params, att, images, sites, lesion=None):
         return a
 
     toy_forward(params, images, keep)
-    keys, queries = {}, {}
-    for name, kind in sites:
-        p = att[name]
-        project = conv_keys if kind == "conv" else dense_keys
-        keys[name] = project(acts[name], p["K"], p["K_bias"])
-        queries[name] = project(acts[name], p["Q"], p["Q_bias"])
-    q_avg = global_query([queries[n] for n, _ in sites])
-    gatta = {n: agreement(keys[n], q_avg) for n, _ in sites}
     on = {n: lesion is None or lesion[i] != "." for i, (n, _) in enumerate(sites)}
+    for _ in range(iterations):
+        keys, queries = {}, {}
+        for name, kind in sites:
+            p = att[name]
+            project = conv_keys if kind == "conv" else dense_keys
+            keys[name] = project(acts[name], p["K"], p["K_bias"])
+            queries[name] = project(acts[name], p["Q"], p["Q_bias"])
+        q_avg = global_query([queries[n] for n, _ in sites])
+        if cue is not None:
+            w = np.reshape(np.asarray(cue_weight, np.float64), (-1, 1))
+            q_avg = (1 - w) * q_avg + w * np.asarray(cue, np.float64)
+        gatta = {n: agreement(keys[n], q_avg) for n, _ in sites}
+        if bounded:
+            gatta = {n: np.tanh(g) for n, g in gatta.items()}
+        acts = {}
 
-    def mod(name, a):
-        return modulate(a, gatta[name], att[name]["alpha"]) if on[name] else a
+        def mod(name, a, gatta=gatta, acts=acts):
+            if name in gatta and on[name]:
+                a = modulate(a, gatta[name], att[name]["alpha"])
+            acts[name] = a
+            return a
 
-    return toy_forward(params, images, mod), q_avg, gatta
+        logits = toy_forward(params, images, mod)
+    return logits, q_avg, gatta

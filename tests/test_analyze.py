@@ -103,3 +103,32 @@ def test_cli(trained):
     )
     r = cli("histogram", f"--workdir={trained}")
     assert r.returncode == 2 and "usage: python -m train.analyze {noise|lesion|" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def cued(tmp_path_factory):
+    """Trained with top-down cues (half the examples cued with their class) and T = 2."""
+    root = tmp_path_factory.mktemp("cued")
+    config = tiny_config("both", epochs=1)
+    config.dataset.max_test_examples = 96
+    config.attention.cue_classes = True
+    config.attention.cue_fraction = 0.5
+    config.attention.iterations = 2
+    config.attention.bounded = True
+    train.train_and_evaluate(config, str(root))
+    return analyze.load(str(root / "attention"))
+
+
+def test_cue_analysis_true_wrong_and_uncued(cued, model):
+    table = np.asarray(cued.variables["params"]["cue_embedding"])
+    assert table.shape == (10, 16) and np.abs(table).sum() > 0  # trained from zeros
+    result = analyze.cues(cued, weights=(0.0, 1.0))
+    assert written(cued, "cues")["rows"] == result["rows"]
+    first = result["rows"][0]  # weight 0: every cue is ignored
+    assert first["true_cue_accuracy"] == first["wrong_cue_accuracy"] == first["uncued_accuracy"]
+    assert first["uncued_accuracy"] == pytest.approx(cued.results["test_accuracy"])
+    labels = np.asarray(cued.test.labels)
+    wrong = analyze.wrong_classes(labels, 10)
+    assert np.all(wrong != labels) and np.all((wrong >= 0) & (wrong < 10))
+    with pytest.raises(UserError, match="without top-down cues"):
+        analyze.cues(model)

@@ -291,3 +291,75 @@ def test_bad_lesion_strings(lesion, match):
     backbone, bv, attention, av = tiny()
     with pytest.raises(ValueError, match=match):
         gj.two_pass(backbone, attention, av, bv, images(1, size=8), lesion=lesion)
+
+
+@pytest.mark.parametrize("iterations", [2, 3])
+@pytest.mark.parametrize("bounded", [False, True])
+def test_several_iterations_match_numpy(iterations, bounded):
+    backbone, bv, attention, av = make(d=5, features=(4, 8, 8), hidden=16, size=16)
+    attention = attention.clone(bounded=bounded)
+    x = images(2, size=16)
+    run = jitted(backbone, attention, return_internals=True, iterations=iterations)
+    out = run(av, bv, x)
+    sites = [(s.name, s.kind) for s in attention.sites]
+    att_np = {k.replace(".", "/"): v for k, v in to_numpy(av["params"]).items()}
+    logits, q_avg, _ = ref.gattanet_toy(
+        to_numpy(bv["params"]), att_np, np.asarray(x), sites, None, iterations, bounded=bounded
+    )
+    assert rel_err(out.logits, logits) < 1e-5
+    assert rel_err(out.attention.q_avg, q_avg) < 1e-5
+    one = jitted(backbone, attention)(av, bv, x).logits
+    assert rel_err(one, logits) > 1e-4  # a second iteration changes the prediction
+
+
+def test_one_iteration_and_no_cue_are_the_papers_model_exactly():
+    backbone, bv, attention, av = make(d=5, features=(4, 8, 8), hidden=16, size=16)
+    x = images(3, size=16)
+    paper = jitted(backbone, attention)(av, bv, x).logits
+    np.testing.assert_array_equal(
+        jitted(backbone, attention, iterations=1)(av, bv, x).logits, paper
+    )
+    cue = jax.random.normal(jax.random.key(9), (3, 5))
+    cued = jax.jit(
+        lambda av, bv, x, c, w: gj.two_pass(backbone, attention, av, bv, x, cue=c, cue_weight=w)
+    )
+    np.testing.assert_array_equal(cued(av, bv, x, cue, 0.0).logits, paper)
+    np.testing.assert_array_equal(cued(av, bv, x, cue, jnp.zeros(3)).logits, paper)
+
+
+def test_a_cue_mixes_into_the_global_query_as_numpy_does():
+    backbone, bv, attention, av = make(d=5, features=(4, 8, 8), hidden=16, size=16)
+    x = images(3, size=16)
+    cue = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
+    weight = np.array([0.0, 0.5, 1.0], np.float32)  # one weight per example
+    out = gj.two_pass(
+        backbone, attention, av, bv, x, cue=cue, cue_weight=weight, return_internals=True
+    )
+    sites = [(s.name, s.kind) for s in attention.sites]
+    att_np = {k.replace(".", "/"): v for k, v in to_numpy(av["params"]).items()}
+    logits, q_avg, _ = ref.gattanet_toy(
+        to_numpy(bv["params"]), att_np, np.asarray(x), sites, cue=cue, cue_weight=weight
+    )
+    assert rel_err(out.logits, logits) < 1e-5 and rel_err(out.attention.q_avg, q_avg) < 1e-5
+    np.testing.assert_allclose(out.attention.q_avg[2], cue[2], rtol=1e-6)  # weight 1: the cue
+
+
+def test_class_cues_use_a_learned_embedding_that_trains():
+    backbone, bv, attention, av = make(d=5, features=(4, 8, 8), hidden=16, size=16)
+    attention = attention.clone(cue_classes=10)
+    av = gj.init_attention(attention, jax.random.key(1))
+    assert av["params"]["cue_embedding"].shape == (10, 5)
+    x = images(2, size=16)
+    labels = jnp.array([3, 7])
+
+    def loss(av):
+        out = gj.two_pass(backbone, attention, av, bv, x, cue=labels, cue_weight=0.5)
+        return jnp.sum(out.logits[jnp.arange(2), labels])
+
+    grads = jax.grad(loss)(av)["params"]["cue_embedding"]
+    used = np.abs(np.asarray(grads)).sum(axis=1) > 0
+    assert used.tolist() == [i in (3, 7) for i in range(10)]  # only the cued classes' rows
+    with pytest.raises(ValueError, match="cue_classes"):
+        gj.two_pass(backbone, attention.clone(cue_classes=0), av, bv, x, cue=labels, cue_weight=1.0)
+    with pytest.raises(ValueError, match="iterations"):
+        gj.two_pass(backbone, attention, av, bv, x, iterations=0)

@@ -4,6 +4,7 @@ r"""The paper's analyses of a trained GAttANet, one command each.
   python -m train.analyze lesion --workdir DIR [--lesions cccdd,.ccdd,c.cdd]
   python -m train.analyze umap   --workdir DIR
   python -m train.analyze maps   --workdir DIR [--images 0,1,2]
+  python -m train.analyze cues   --workdir DIR [--cue_weights 0,0.25,0.5,0.75,1]
   python -m train.analyze table  --workdir OUT --runs DIR1,DIR2,...
 
 DIR is an attention-stage workdir (what ``--config.stage=attention`` wrote, or <dir>/attention of
@@ -35,7 +36,8 @@ from train import checkpoints, input_pipeline, models, plots
 from train.augment import to_float
 from train.errors import UserError
 
-ANALYSES = ("noise", "lesion", "umap", "maps", "table")
+ANALYSES = ("noise", "lesion", "umap", "maps", "cues", "table")
+DEFAULT_CUE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # 0, then a log grid up to 0.25 (images in [0, 1]), as in Figures 2a and 4a.
 DEFAULT_SIGMAS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.25)
 
@@ -181,6 +183,66 @@ def noise(m: Trained, sigmas=DEFAULT_SIGMAS, seed: int = 0) -> dict:
     return result
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _cued_logits(backbone, attention, variables, bvars, images, cue, weight):
+    out = two_pass(
+        backbone, attention, variables, bvars, to_float(images), cue=cue, cue_weight=weight
+    )
+    return out.logits
+
+
+def wrong_classes(labels: np.ndarray, num_classes: int, seed: int = 0) -> np.ndarray:
+    """A uniformly drawn class other than the true one, per example (fixed by ``seed``)."""
+    shift = np.random.default_rng(seed).integers(1, num_classes, size=len(labels))
+    return (labels + shift) % num_classes
+
+
+def cues(m: Trained, weights=DEFAULT_CUE_WEIGHTS, seed: int = 0, batch: int = 500) -> dict:
+    """Test accuracy with the true class cued, a wrong class cued, and uncued, per cue weight."""
+    if not m.attention.cue_classes:
+        raise UserError(
+            f"{m.workdir} was trained without top-down cues (config.attention.cue_classes=False)"
+        )
+    labels = np.asarray(m.test.labels)
+    wrong = wrong_classes(labels, m.attention.cue_classes, seed)
+    att, base, _ = outputs(m, m.test.images)
+    uncued, base_acc = accuracy(att, labels), accuracy(base, labels)
+
+    def acc(cue, w):
+        pieces = []
+        for start in range(0, len(labels), batch):
+            chunk, c = m.test.images[start : start + batch], cue[start : start + batch]
+            pad = batch - len(chunk)
+            if pad:  # one shape, one compilation
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+                c = np.concatenate([c, np.repeat(c[-1:], pad)])
+            logits = _cued_logits(
+                m.backbone, m.attention, m.variables, m.backbone_vars, chunk, c, jnp.float32(w)
+            )
+            pieces.append(np.asarray(logits)[: batch - pad])
+        return accuracy(np.concatenate(pieces), labels)
+
+    rows = []
+    for w in weights:
+        rows.append(
+            {
+                "weight": float(w),
+                "true_cue_accuracy": acc(labels, w),
+                "wrong_cue_accuracy": acc(wrong, w),
+                "uncued_accuracy": uncued,
+            }
+        )
+        r = rows[-1]
+        print(
+            f"weight {w:<5g} true cue {r['true_cue_accuracy']:.4f} wrong cue "
+            f"{r['wrong_cue_accuracy']:.4f} uncued {uncued:.4f}",
+            flush=True,
+        )
+    result = {"test_examples": len(labels), "baseline_accuracy": base_acc, "rows": rows}
+    _write(m, "cues", result, plots.cues(rows, base_acc, _title(m)))
+    return result
+
+
 def default_lesions(sites) -> list[str]:
     """The full model, every single-site removal, every single-site-only model, no site."""
     n = len(sites)
@@ -311,6 +373,9 @@ def define_flags() -> dict:
         "sigmas": flags.DEFINE_list("sigmas", [str(s) for s in DEFAULT_SIGMAS], "noise levels."),
         "lesions": flags.DEFINE_list("lesions", [], "lesion strings (default: single sites)."),
         "images": flags.DEFINE_list("images", ["0", "1", "2", "3"], "maps: test indices."),
+        "cue_weights": flags.DEFINE_list(
+            "cue_weights", [str(w) for w in DEFAULT_CUE_WEIGHTS], "cues: weights of the cue."
+        ),
         "max_examples": flags.DEFINE_integer("max_examples", 0, "First N test images (0: all)."),
         "data_dir": flags.DEFINE_string("data_dir", "", "Override the tfds data directory."),
     }
@@ -333,6 +398,8 @@ def run(analysis: str, f: dict) -> None:
         umap(m)
     elif analysis == "maps":
         maps(m, _parse(f["images"], int, "--images must be test indices"))
+    elif analysis == "cues":
+        cues(m, _parse(f["cue_weights"], float, "--cue_weights must be numbers"))
 
 
 def _parse(values: list[str], kind, what: str) -> list:

@@ -6,9 +6,10 @@ r"""GAttANet against GALA, SE and GSA add-ons on the same frozen backbones, one 
 
 For every backbone (a backbone-stage workdir or checkpoint) and every system of
 configs/compare_toy_cifar10.py, trains the system on that frozen backbone into
-``<workdir>/<system>/<backbone index>`` (seed = the backbone's index; a run finished with the same config is read
-back, an interrupted one resumes), then writes ``compare.md`` (mean and standard deviation
-over the backbones, the gain over each frozen backbone) and ``compare.json``.
+``<workdir>/<system>/<backbone index>`` (seed = the backbone's index; a run finished with the
+same config is read back, an interrupted one resumes), then writes ``compare.md`` (mean and
+standard deviation over the backbones, the gain over each frozen backbone) and
+``compare.json``.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from gattanet_jax import site_alphas
 from train import checkpoints
 from train.augment import to_float
 from train.errors import UserError
@@ -23,7 +24,7 @@ from train.errors import UserError
 def check_alpha_zero_is_backbone(task, variables, images, dtype_name: str) -> None:
     if task.baseline_logits_fn is None or task.stage != "attention":
         return
-    if any(float(v["alpha"]) != 0.0 for v in variables["params"].values()):
+    if any(float(v) != 0.0 for v in site_alphas(variables["params"]).values()):
         return
     x = to_float(task.place.replicate(images))
     ours = np.asarray(jax.jit(task.logits_fn)(variables, task.frozen, x), np.float32)

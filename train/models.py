@@ -73,6 +73,9 @@ def build_attention(config: ml_collections.ConfigDict, backbone, backbone_vars) 
         alpha_init=a.alpha_init,
         batch_norm_kq=a.get("batch_norm_kq", False),
         layer_norm_gatta=a.get("layer_norm_gatta", False),
+        iterations=a.get("iterations", 1),
+        bounded=a.get("bounded", False),
+        cue_classes=config.dataset.num_classes if a.get("cue_classes", False) else 0,
     )
 
 

@@ -46,6 +46,35 @@ def noise(rows: list[dict], title: str):
     return fig
 
 
+def cues(rows: list[dict], baseline: float, title: str):
+    """Top-down cues: accuracy against the cue weight, true class cued, a wrong class cued."""
+    w = [r["weight"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(
+        w,
+        [100 * r["true_cue_accuracy"] for r in rows],
+        "o-",
+        color="#2ca02c",
+        label="true class cued",
+    )
+    ax.plot(
+        w,
+        [100 * r["wrong_cue_accuracy"] for r in rows],
+        "o-",
+        color=ATTENTION,
+        label="wrong class cued",
+    )
+    ax.axhline(100 * rows[0]["uncued_accuracy"], color="black", lw=1, label="uncued")
+    ax.axhline(100 * baseline, color=BASELINE, ls="--", lw=1, label="frozen baseline")
+    ax.set_xlabel("cue weight w in q_avg := (1 - w) q_avg + w e[class]")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(f"top-down cues — {title}")
+    fig.tight_layout()
+    return fig
+
+
 def lesion(rows: list[dict], baseline: float, title: str):
     """Figure 4c: accuracy of the model with some sites receiving no modulation."""
     names = [r["lesion"] for r in rows]

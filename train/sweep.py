@@ -35,7 +35,7 @@ import numpy as np
 import optax
 import tqdm
 
-from gattanet_jax import count_params, init_attention, sites, two_pass
+from gattanet_jax import count_params, init_attention, site_alphas, sites, two_pass
 from train import checkpoints, input_pipeline, models, progress, steps, validate
 from train.errors import UserError
 
@@ -256,7 +256,7 @@ def train_sweep(config, workdir: str):
                 "best_validation_accuracy": float(meta["best_val"][m]),
                 "best_epoch": int(meta["best_epoch"][m]),
                 "early_stopped": bool(meta["done"][m]),
-                "alpha": {k: float(v["alpha"]) for k, v in best_vars["params"].items()},
+                "alpha": {k: float(v) for k, v in site_alphas(best_vars["params"]).items()},
             }
         )
     results = {

@@ -23,7 +23,7 @@ import optax
 import tqdm
 from absl import logging
 
-from gattanet_jax import count_params, init_attention, two_pass, weights
+from gattanet_jax import count_params, init_attention, site_alphas, two_pass, weights
 from gattanet_jax import sites as sites_lib
 from train import (
     checkpoints,
@@ -70,12 +70,29 @@ def backbone_loss_fn(backbone, weight_decay: float) -> steps.LossFn:
     return loss_fn
 
 
-def attention_loss_fn(backbone, attention, weight_decay: float, lesion=None) -> steps.LossFn:
+def true_class_cues(rng, batch: int, fraction: float, weight: float, example_offset=0):
+    """Per-example cue weights: ``weight`` for a ``fraction`` of the examples, else 0. Example i
+    of the global batch draws from (rng, i), however the batch is split across devices."""
+    index = example_offset + jnp.arange(batch)
+    key = jax.random.fold_in(rng, 0x0C0E)
+    u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(index)
+    return jnp.where(u < fraction, jnp.float32(weight), jnp.float32(0))
+
+
+def attention_loss_fn(
+    backbone, attention, weight_decay: float, lesion=None, cue_fraction=0.0, cue_weight=0.0
+) -> steps.LossFn:
     """GAttANet's training loss; ``frozen`` holds the backbone's variables (no gradient).
-    ``lesion``: sites trained without modulation (a lesion string, or a float mask)."""
+    ``lesion``: sites trained without modulation (a lesion string, or a float mask).
+    ``cue_fraction`` > 0: that fraction of the examples is cued with its true class at
+    ``cue_weight`` (needs ``attention.cue_classes``)."""
 
     def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
         variables = {"params": params, **extra}
+        cue = {}
+        if cue_fraction > 0:
+            w = true_class_cues(rng, x.shape[0], cue_fraction, cue_weight, example_offset)
+            cue = {"cue": y, "cue_weight": w}
         out = two_pass(
             backbone,
             attention,
@@ -86,6 +103,7 @@ def attention_loss_fn(backbone, attention, weight_decay: float, lesion=None) -> 
             rng=rng,
             lesion=lesion,
             example_offset=example_offset,
+            **cue,
         )
         loss = jnp.mean(steps.cross_entropy(out.logits, y))
         return loss + weight_decay * steps.l2_penalty(params, ("K", "Q")), (out.logits, out.updates)
@@ -148,8 +166,14 @@ def attention_task(config, backbone, rng) -> Task:
         sites_lib.lesion_mask(lesion, attention.sites)
     except ValueError as e:
         raise UserError(f"config.attention.lesion: {e}") from None
+    a = config.attention
     loss_fn = attention_loss_fn(
-        backbone, attention, config.attention_training.weight_decay, lesion=lesion
+        backbone,
+        attention,
+        config.attention_training.weight_decay,
+        lesion=lesion,
+        cue_fraction=a.get("cue_fraction", 0.0) if a.get("cue_classes", False) else 0.0,
+        cue_weight=a.get("cue_weight", 0.0),
     )
 
     def logits_fn(variables, frozen, x):
@@ -525,7 +549,7 @@ def _finish(config, task, state, data, best, path, meta, start_time):
         results["backbone_test_accuracy"] = base["accuracy"]
         results["backbone_test_loss"] = base["loss"]
         if task.stage == "attention":
-            results["alpha"] = {k: float(v["alpha"]) for k, v in params.items()}
+            results["alpha"] = {k: float(v) for k, v in site_alphas(params).items()}
         where, step, _ = task.backbone_source
         results["backbone_checkpoint"] = where if step is None else f"{where}/{step}"
         results["backbone_checkpoint_sha256"] = task.backbone_source[2]

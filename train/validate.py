@@ -90,6 +90,16 @@ def check_config(config) -> None:
     for field in ("attention.batch_norm_kq", "attention.layer_norm_gatta"):
         if not isinstance(c[field], bool):
             _fail(field, "True or False", c[field])
+    a = config.attention
+    if "iterations" in a:
+        _positive_int(c, "attention.iterations")
+        for field in ("attention.bounded", "attention.cue_classes"):
+            if not isinstance(c[field], bool):
+                _fail(field, "True or False", c[field])
+        _number(c, "attention.cue_weight", 0.0, 1.0)
+        _number(c, "attention.cue_fraction", 0.0, 1.0)
+        if c["attention.cue_fraction"] > 0 and not c["attention.cue_classes"]:
+            _fail("attention.cue_fraction", "0 without attention.cue_classes=True", a.cue_fraction)
     _positive_int(c, "checkpoint_every_steps", least=0)
     if c["stage"] == "addon":
         _choice(c, "addon.kind", ADDON_KINDS)
