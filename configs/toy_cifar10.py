@@ -87,6 +87,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.attention.cue_classes = False
     config.attention.cue_weight = 0.5
     config.attention.cue_fraction = 0.0
+    # Multi-head agreement: h heads, each with its own K, Q, q_avg and alpha, each modulating
+    # 1/h of the channels (units) of every site; 1 is the paper's model.
+    config.attention.heads = 1
 
     # Backbone pretraining recipe (section 2.0.3): Adam with defaults, batch 128, augmentation,
     # early stopping with patience 50 epochs, at most 500 epochs.
@@ -106,6 +109,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.attention_training.batch_size = 128
     config.attention_training.num_epochs = 1000
     config.attention_training.patience = 500
+    # Joint fine-tuning (beyond the paper): the backbone trains too, with its own Adam learning
+    # rate; its BatchNorm statistics 'frozen' (stored, unchanged) or 'update' (batch statistics
+    # and trained running averages; the backbone then runs in training mode, dropout included).
+    config.attention_training.finetune_backbone = False
+    config.attention_training.backbone_learning_rate = 1e-5
+    config.attention_training.backbone_batch_stats = "frozen"
     # The paper does not say. Measured on the CIFAR-10 JPEG copy (docs/RESULTS.md; same frozen
     # backbone at 71.04 %, 5 attention epochs, seed 0): 71.17 % with the backbone's augmentation
     # in this stage, 73.78 % without. The embedded demo data agree (configs/demo.py). Off.

@@ -170,3 +170,44 @@ def agreement_from_acts(
     if kind == "dense":
         return acts * per_channel + offset[:, None]
     raise ValueError(f"site kind must be 'conv' or 'dense', got {kind!r}")
+
+
+# --- multi-head agreement (beyond the paper) ----------------------------------------------------
+# h heads, each with its own keys, queries, global query and alpha. At a conv site head j reads
+# every channel (its own (C, d) slice of K and Q) and modulates the j-th group of C / h channels;
+# at a dense site the units are split into h groups, and group j's keys and queries (the rows of
+# the per-unit K and Q) belong to head j. h = 1 is Eqs. 1-5.
+
+
+def head_keys(keys: jax.Array, heads: int, kind: str) -> jax.Array:
+    """Per-head keys or queries: conv (B, *spatial, h*d) -> (B, *spatial, h, d); dense
+    (B, C, d) -> (B, h, C/h, d)."""
+    if kind == "conv":
+        return keys.reshape(*keys.shape[:-1], heads, keys.shape[-1] // heads)
+    b, c, d = keys.shape
+    return keys.reshape(b, heads, c // heads, d)
+
+
+def head_site_query(queries: jax.Array, kind: str) -> jax.Array:
+    """(B, h, d): each head's mean query over the site's positions (conv) or its units (dense)."""
+    if kind == "conv":
+        return jnp.mean(queries, axis=tuple(range(1, queries.ndim - 2)))
+    return jnp.mean(queries, axis=2)
+
+
+def head_agreement(keys: jax.Array, q_avg: jax.Array, kind: str) -> jax.Array:
+    """Each head's agreement with its own global query q_avg (B, h, d): conv (B, *spatial, h),
+    dense (B, C) (unit c with its head's q_avg)."""
+    if kind == "conv":
+        return jnp.einsum("b...hd,bhd->b...h", keys, q_avg)
+    g = jnp.einsum("bhud,bhd->bhu", keys, q_avg)
+    return g.reshape(g.shape[0], -1)
+
+
+def head_modulation(gatta: jax.Array, alpha: jax.Array, kind: str, channels: int) -> jax.Array:
+    """(1 + alpha_j * gatta_j) on head j's channels (conv: (B, *spatial, h) -> (B, *spatial, C))
+    or units (dense: alpha (h,) repeated over each group of units)."""
+    heads = alpha.shape[0]
+    if kind == "conv":
+        return jnp.repeat(1.0 + alpha * gatta, channels // heads, axis=-1)
+    return 1.0 + jnp.repeat(alpha, channels // heads) * gatta

@@ -50,11 +50,16 @@ class SiteParams(nn.Module):
         per position (or unit): the shape of the map without the batch axis.
       momentum, epsilon: of the BatchNorm (Keras' defaults, 0.99 and 1e-3).
       axis_name: under pmap, the device axis the BatchNorm's batch statistics are averaged over.
+      heads, kind: multi-head agreement: with h > 1, a conv site's K and Q are (channels, h*d)
+        (head j's in columns j*d .. j*d + d), a dense site's stay (channels, d) (per unit); the
+        biases are (h*d,) and alpha is (h,).
     """
 
     channels: int
     d: int
     alpha_init: float = 0.0
+    heads: int = 1
+    kind: str = "conv"
     kernel_init: nn.initializers.Initializer = nn.initializers.glorot_uniform()
     batch_norm: bool = False
     gatta_shape: tuple[int, ...] | None = None
@@ -63,13 +68,14 @@ class SiteParams(nn.Module):
     axis_name: str | None = None
 
     def setup(self):
-        c, d = self.channels, self.d
+        c, d, h = self.channels, self.d, self.heads
         zeros, ones = nn.initializers.zeros_init(), nn.initializers.ones_init()
+        cols = h * d if self.kind == "conv" else d
         # Creation order K, K_bias, Q, Q_bias, alpha: each parameter's init key depends on it.
-        self.K = self.param("K", self.kernel_init, (c, d), jnp.float32)
-        k_bias = None if self.batch_norm else self.param("K_bias", zeros, (d,), jnp.float32)
-        self.Q = self.param("Q", self.kernel_init, (c, d), jnp.float32)
-        q_bias = None if self.batch_norm else self.param("Q_bias", zeros, (d,), jnp.float32)
+        self.K = self.param("K", self.kernel_init, (c, cols), jnp.float32)
+        k_bias = None if self.batch_norm else self.param("K_bias", zeros, (h * d,), jnp.float32)
+        self.Q = self.param("Q", self.kernel_init, (c, cols), jnp.float32)
+        q_bias = None if self.batch_norm else self.param("Q_bias", zeros, (h * d,), jnp.float32)
         no_bias = jnp.zeros((d,), jnp.float32)  # under batch_norm the offset replaces the bias
         self.biases = {
             "K": no_bias if k_bias is None else k_bias,
@@ -85,7 +91,10 @@ class SiteParams(nn.Module):
                 )
                 for w in ("K", "Q")
             }
-        self.alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), (), jnp.float32)
+        alpha_shape = () if h == 1 else (h,)
+        self.alpha = self.param(
+            "alpha", nn.initializers.constant(self.alpha_init), alpha_shape, jnp.float32
+        )
         if self.gatta_shape is not None:
             self.gatta_scale = self.param("gatta_scale", ones, self.gatta_shape, jnp.float32)
             self.gatta_offset = self.param("gatta_offset", zeros, self.gatta_shape, jnp.float32)
@@ -162,6 +171,10 @@ class AttentionSystem(nn.Module):
         1 +- |alpha| (a stabiliser for several iterations; off in the paper).
       cue_classes: > 0 adds a learned class embedding (cue_classes, d), 'cue_embedding', for
         top-down cues given as class indices (zeros at init).
+      heads: multi-head agreement (see ``agreement.head_agreement``): h heads, each with its
+        own K, Q, global query and alpha, each modulating a group of channels (units at dense
+        sites); 1 is the paper's model. Cues are then (B, h*d) vectors (embedding (classes,
+        h*d)), one d-vector per head.
     """
 
     sites: tuple[SiteSpec, ...]
@@ -174,6 +187,7 @@ class AttentionSystem(nn.Module):
     iterations: int = 1
     bounded: bool = False
     cue_classes: int = 0
+    heads: int = 1
 
     @nn.compact
     def __call__(
@@ -199,6 +213,8 @@ class AttentionSystem(nn.Module):
         (data-parallel shards), so that each example gets the same dropout masks however the
         batch is split.
         """
+        if self.heads > 1:
+            return self._multi_head(site_acts, train, example_offset, cue, cue_weight)
         use_dropout = train and self.dropout_rate > 0
         materialise = internals or use_dropout or (train and self.batch_norm_kq)
         key = self.make_rng("dropout") if use_dropout else None
@@ -221,11 +237,7 @@ class AttentionSystem(nn.Module):
                 k = mod.normalize("K", agr.project(acts, p["K"], p["K_bias"], site.kind), train)
                 q = mod.normalize("Q", agr.project(acts, p["Q"], p["Q_bias"], site.kind), train)
                 if use_dropout:
-                    start = example_offset * math.prod(k.shape[1:])
-                    k = dropout.dropout(jax.random.fold_in(key, 2 * i), k, self.dropout_rate, start)
-                    q = dropout.dropout(
-                        jax.random.fold_in(key, 2 * i + 1), q, self.dropout_rate, start
-                    )
+                    k, q = _dropout_kq(key, i, k, q, self.dropout_rate, example_offset)
                 keys[site.name], queries[site.name] = k, q
                 means.append(agr.site_query(q))
             else:
@@ -251,6 +263,67 @@ class AttentionSystem(nn.Module):
             gatta[site.name] = jnp.tanh(g) if self.bounded else g
         alpha = {name: p["alpha"] for name, p in params.items()}
         return Attention(keys=keys, queries=queries, q_avg=q_avg, gatta=gatta, alpha=alpha)
+
+    def _multi_head(self, site_acts, train, example_offset, cue, cue_weight) -> Attention:
+        """``__call__`` with h > 1 heads (keys and queries always materialised)."""
+        h = self.heads
+        if self.batch_norm_kq or self.layer_norm_gatta:
+            raise ValueError("multi-head agreement does not support batch_norm_kq/layer_norm_gatta")
+        for site in self.sites:
+            if site.channels % h:
+                raise ValueError(
+                    f"heads ({h}) must divide the channels (units) of site {site.name!r} "
+                    f"({site.channels})"
+                )
+        use_dropout = train and self.dropout_rate > 0
+        key = self.make_rng("dropout") if use_dropout else None
+        keys, queries, alpha, means = {}, {}, {}, []
+        for i, site in enumerate(self.sites):
+            mod = SiteParams(
+                site.channels, self.d, self.alpha_init, heads=h, kind=site.kind,
+                name=param_name(site.name),
+            )  # fmt: skip
+            acts = site_acts[site.name]
+            p = {k: v.astype(acts.dtype) if v.ndim > 1 else v for k, v in mod().items()}
+            if site.kind == "conv":
+                k = agr.conv_project(acts, p["K"], p["K_bias"].astype(acts.dtype))
+                q = agr.conv_project(acts, p["Q"], p["Q_bias"].astype(acts.dtype))
+            else:
+                k = agr.dense_project(acts, p["K"])
+                q = agr.dense_project(acts, p["Q"])
+            if use_dropout:
+                k, q = _dropout_kq(key, i, k, q, self.dropout_rate, example_offset)
+            k, q = agr.head_keys(k, h, site.kind), agr.head_keys(q, h, site.kind)
+            if site.kind == "dense":  # one bias per head, shared by its units
+                kb, qb = (
+                    p[b].reshape(h, 1, self.d).astype(acts.dtype) for b in ("K_bias", "Q_bias")
+                )
+                k, q = k + kb, q + qb
+            keys[site.name], queries[site.name] = k, q
+            alpha[site.name] = p["alpha"]
+            means.append(agr.head_site_query(q, site.kind))
+        q_avg = jnp.mean(jnp.stack(means), axis=0)  # (B, h, d)
+        table = None
+        if self.cue_classes:
+            table = self.param(
+                "cue_embedding", nn.initializers.zeros_init(), (self.cue_classes, h * self.d)
+            )
+        if cue is not None:
+            flat = q_avg.reshape(q_avg.shape[0], -1)
+            q_avg = mix_cue(flat, cue_vector(cue, table, h * self.d), cue_weight).reshape(
+                q_avg.shape
+            )
+        gatta = {}
+        for site in self.sites:
+            g = agr.head_agreement(keys[site.name], q_avg, site.kind)
+            gatta[site.name] = jnp.tanh(g) if self.bounded else g
+        return Attention(keys=keys, queries=queries, q_avg=q_avg, gatta=gatta, alpha=alpha)
+
+
+def _dropout_kq(key, i, k, q, rate, example_offset):
+    start = example_offset * math.prod(k.shape[1:])
+    k = dropout.dropout(jax.random.fold_in(key, 2 * i), k, rate, start)
+    return k, dropout.dropout(jax.random.fold_in(key, 2 * i + 1), q, rate, start)
 
 
 def cue_vector(cue: jax.Array, table: jax.Array | None, d: int) -> jax.Array:

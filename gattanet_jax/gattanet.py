@@ -12,10 +12,15 @@ pass for input gradients through pass 2 and nothing more.
 Beyond the paper (``iterations`` T > 1): keys and queries are recomputed from the *modulated*
 site outputs of modulated pass t to modulate pass t + 1; T = 1 is the paper's model. Gradients
 then flow through every modulated pass.
+
+Joint fine-tuning (``train_backbone=True``): the backbone's variables and the pass-1 activations
+are no longer constants, so gradients reach the backbone's parameters through every pass; its
+BatchNorm statistics stay as stored unless ``backbone_batch_stats='update'`` (see ``two_pass``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -37,6 +42,7 @@ class Output:
     logits: jax.Array
     attention: Attention | None
     updates: dict
+    backbone_updates: dict = flax.struct.field(default_factory=dict)
 
 
 def _lesion_factors(lesion, sites: Sequence[sites_lib.SiteSpec]):
@@ -64,6 +70,8 @@ def two_pass(
     iterations: int | None = None,
     cue: jax.Array | None = None,
     cue_weight=0.0,
+    train_backbone: bool = False,
+    backbone_batch_stats: str = "frozen",
 ) -> Output:
     """GAttANet's two-pass forward.
 
@@ -88,18 +96,41 @@ def two_pass(
         updated by each in turn).
       cue, cue_weight: a top-down cue mixed into every iteration's global query (see
         ``AttentionSystem.__call__``); ``cue=None`` or weight 0 is the uncued model.
+      train_backbone: joint fine-tuning: gradients reach ``backbone_vars['params']``.
+      backbone_batch_stats: with ``train_backbone`` and ``train``: 'frozen' (every pass
+        normalises with the stored statistics, which stay as they are: the usual choice for
+        fine-tuning with small batches) or 'update' (every pass runs the backbone in training
+        mode, with batch statistics, and dropout drawn from ``rng``; the running averages of
+        the last pass are returned in ``Output.backbone_updates``).
     """
+    if backbone_batch_stats not in ("frozen", "update"):
+        raise ValueError(
+            f"backbone_batch_stats must be 'frozen' or 'update', got {backbone_batch_stats!r}"
+        )
     iterations = attention.iterations if iterations is None else iterations
     if not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
     sites = attention.sites
     names = [s.name for s in sites]
     flags, mask = _lesion_factors(lesion, sites)
-    backbone_vars = jax.lax.stop_gradient(backbone_vars)
+    if not train_backbone:
+        backbone_vars = jax.lax.stop_gradient(backbone_vars)
+    update_stats = train and train_backbone and backbone_batch_stats == "update"
+    if update_stats:
+        run_backbone = functools.partial(
+            _backbone_in_training_mode, backbone, rng, [c for c in backbone_vars if c != "params"]
+        )
+    else:
+        run_backbone = functools.partial(_backbone_frozen, backbone)
+    backbone_updates = {}
 
-    # Pass 1: unmodulated; its activations are constants for the attention system.
-    _, acts = sites_lib.record(lambda: backbone.apply(backbone_vars, images, train=False), names)
-    acts = jax.lax.stop_gradient(acts)
+    # Pass 1: unmodulated; its activations are constants for the attention system (unless the
+    # backbone is fine-tuned with it).
+    (_, backbone_updates), acts = sites_lib.record(
+        lambda: run_backbone(backbone_vars, images, 0), names
+    )
+    if not train_backbone:
+        acts = jax.lax.stop_gradient(acts)
 
     if train and attention.dropout_rate > 0 and rng is None:
         raise ValueError("two_pass(train=True) needs an rng for key/query dropout")
@@ -128,10 +159,14 @@ def two_pass(
             if not on:
                 continue
             alpha = att.alpha[site.name] if mask is None else att.alpha[site.name] * mask[i]
-            factors[site.name] = agr.modulation(att.gatta[site.name], alpha, site.kind)
+            if attention.heads > 1:
+                f = agr.head_modulation(att.gatta[site.name], alpha, site.kind, site.channels)
+            else:
+                f = agr.modulation(att.gatta[site.name], alpha, site.kind)
+            factors[site.name] = f
         last = t == iterations - 1
-        logits, acts = _modulated_pass(
-            backbone, backbone_vars, images, factors, [] if last else names
+        (logits, backbone_updates), acts = _modulated_pass(
+            run_backbone, backbone_vars, images, factors, [] if last else names, t + 1
         )
         if last:
             break
@@ -140,10 +175,32 @@ def two_pass(
             rngs = {"dropout": jax.random.fold_in(rng, t + 1)}
         result = run_attention({**attention_vars, **updates}, acts, rngs)
         att, updates = result if mutable else (result, {})
-    return Output(logits=logits, attention=att if return_internals else None, updates=updates)
+    return Output(
+        logits=logits,
+        attention=att if return_internals else None,
+        updates=updates,
+        backbone_updates=backbone_updates,
+    )
 
 
-def _modulated_pass(backbone, backbone_vars, images, factors: dict, record: Sequence[str]):
+def _backbone_frozen(backbone, variables, images, index):
+    """(logits, {}): inference mode (the paper's frozen backbone)."""
+    del index
+    return backbone.apply(variables, images, train=False), {}
+
+
+def _backbone_in_training_mode(backbone, rng, collections, variables, images, index):
+    """(logits, new statistics): training mode, batch statistics; dropout keys per pass."""
+    rngs = {"dropout": jax.random.fold_in(rng, 1000 + index)} if rng is not None else {}
+    if not collections:
+        return backbone.apply(variables, images, train=True, rngs=rngs), {}
+    logits, updates = backbone.apply(
+        variables, images, train=True, rngs=rngs, mutable=list(collections)
+    )
+    return logits, dict(updates)
+
+
+def _modulated_pass(run_backbone, backbone_vars, images, factors: dict, record, index: int):
     """The backbone with each site in ``factors`` scaled by its factor; also returns the
     (modulated) outputs of the sites in ``record``."""
     acts = {}
@@ -155,9 +212,9 @@ def _modulated_pass(backbone, backbone_vars, images, factors: dict, record: Sequ
         return out
 
     with sites_lib.intercept_sites(list(dict.fromkeys([*factors, *record])), scale) as seen:
-        logits = backbone.apply(backbone_vars, images, train=False)
+        out = run_backbone(backbone_vars, images, index)
     sites_lib.check_seen(seen)
-    return logits, acts
+    return out, acts
 
 
 def backbone_logits(backbone: nn.Module, backbone_vars, images: jax.Array) -> jax.Array:

@@ -363,3 +363,76 @@ def test_class_cues_use_a_learned_embedding_that_trains():
         gj.two_pass(backbone, attention.clone(cue_classes=0), av, bv, x, cue=labels, cue_weight=1.0)
     with pytest.raises(ValueError, match="iterations"):
         gj.two_pass(backbone, attention, av, bv, x, iterations=0)
+
+
+def multi_head_numpy(bparams, att, x, sites, heads, d):
+    """Multi-head GAttANet on the toy model, head by head, from the one-head NumPy functions."""
+    acts = {}
+
+    def keep(name, a):
+        acts[name] = a
+        return a
+
+    ref.toy_forward(bparams, x, keep)
+    keys, q_sites = {}, {}
+    for name, kind in sites:
+        p, c = att[name], acts[name].shape[-1]
+        for j in range(heads):
+            cols = slice(j * d, (j + 1) * d)
+            if kind == "conv":
+                k = ref.conv_keys(acts[name], p["K"][:, cols], p["K_bias"][cols])
+                q = ref.conv_keys(acts[name], p["Q"][:, cols], p["Q_bias"][cols])
+            else:
+                units = slice(j * c // heads, (j + 1) * c // heads)
+                k = ref.dense_keys(acts[name][:, units], p["K"][units], p["K_bias"][cols])
+                q = ref.dense_keys(acts[name][:, units], p["Q"][units], p["Q_bias"][cols])
+            keys[name, j], q_sites[name, j] = k, q
+    q_avg = [ref.global_query([q_sites[n, j] for n, _ in sites]) for j in range(heads)]
+
+    def mod(name, a):
+        if name not in att:
+            return a
+        out = a.copy()
+        c = a.shape[-1]
+        for j in range(heads):
+            g = ref.agreement(keys[name, j], q_avg[j])
+            group = slice(j * c // heads, (j + 1) * c // heads)
+            out[..., group] = ref.modulate(a[..., group], g, att[name]["alpha"][j])
+        return out
+
+    return ref.toy_forward(bparams, x, mod), np.stack(q_avg, axis=1)
+
+
+def test_multi_head_agreement_matches_a_loop_over_heads():
+    backbone, bv, attention, _ = make(d=3, features=(4, 8, 8), hidden=16, size=16)
+    attention = attention.clone(heads=2)
+    av = perturb(gj.init_attention(attention, jax.random.key(1)), 5)
+    p = av["params"]
+    assert p["conv1"]["K"].shape == (4, 6) and p["dense1"]["K"].shape == (16, 3)
+    assert p["conv1"]["alpha"].shape == (2,) and p["dense1"]["K_bias"].shape == (6,)
+    x = images(2, size=16)
+    out = jitted(backbone, attention, return_internals=True)(av, bv, x)
+    sites = [(s.name, s.kind) for s in attention.sites]
+    att_np = {k.replace(".", "/"): v for k, v in to_numpy(p).items()}
+    logits, q_avg = multi_head_numpy(to_numpy(bv["params"]), att_np, np.asarray(x), sites, 2, 3)
+    assert rel_err(out.logits, logits) < 1e-5
+    assert rel_err(out.attention.q_avg, q_avg) < 1e-5
+    # trainable: every head's parameters get a gradient
+    grads = jax.grad(lambda av: jnp.sum(gj.two_pass(backbone, attention, av, bv, x).logits ** 2))(
+        av
+    )
+    assert np.all(np.abs(np.asarray(grads["params"]["conv2"]["alpha"])) > 0)
+    with pytest.raises(ValueError, match="must divide"):
+        gj.init_attention(attention.clone(heads=3), jax.random.key(0))
+
+
+def test_one_head_is_the_papers_model_exactly():
+    backbone, bv, attention, av = make(d=5, features=(4, 8, 8), hidden=16, size=16)
+    one = attention.clone(heads=1)
+    fresh = gj.init_attention(one, jax.random.key(7))
+    paper = gj.init_attention(attention, jax.random.key(7))
+    assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, paper)
+    x = images(2, size=16)
+    np.testing.assert_array_equal(
+        jitted(backbone, one)(av, bv, x).logits, jitted(backbone, attention)(av, bv, x).logits
+    )

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from gattanet_jax import init_attention, two_pass
+from gattanet_jax import two_pass
 from gattanet_jax.attention import param_name
 from gattanet_jax.sites import lesion_mask, lesion_string
 from train import checkpoints, input_pipeline, models, plots
@@ -55,6 +55,7 @@ class Trained:
     test: input_pipeline.Split
     class_names: tuple[str, ...]
     results: dict
+    baseline_vars: dict  # the frozen backbone before any fine-tuning (else = backbone_vars)
 
     @property
     def out(self) -> Path:
@@ -71,7 +72,8 @@ def read_config(workdir: Path) -> ml_collections.ConfigDict:
 
 
 def load(workdir: str, data_dir: str = "", max_examples: int = 0) -> Trained:
-    from train.train import load_backbone  # the same loading (and checks) as training
+    from train import steps
+    from train.train import attention_task, split_finetuned  # the same loading as training
 
     path = Path(workdir)
     config = read_config(path)
@@ -85,12 +87,18 @@ def load(workdir: str, data_dir: str = "", max_examples: int = 0) -> Trained:
     if max_examples:
         config.dataset.max_test_examples = max_examples
     backbone = models.build_backbone(config)
-    backbone_vars, _ = load_backbone(config, backbone)
-    attention = models.build_attention(config, backbone, backbone_vars)
-    abstract = jax.eval_shape(lambda: init_attention(attention, jax.random.key(0)))
+    task = attention_task(config, backbone, jax.random.key(0))
+    abstract = jax.eval_shape(lambda: steps.variables({"params": task.params, "extra": task.extra}))
     directory, step = checkpoints.find_model_checkpoint(str(path))
     mngr = checkpoints.manager(directory, keep=1, create=False)
     restored = checkpoints.restore(mngr, step, {"variables": abstract}, "attention checkpoint")
+    variables = restored["variables"]
+    if config.attention_training.get("finetune_backbone", False):
+        variables, backbone_vars = split_finetuned(variables, task.frozen)
+        baseline_vars = task.frozen["backbone"]
+    else:
+        backbone_vars = baseline_vars = task.frozen
+    attention = models.build_attention(config, backbone, backbone_vars)
     if config.dataset.get("pipeline", "memory") != "memory":
         raise UserError(
             "the analyses read the test split into memory; they are not available for streamed "
@@ -105,10 +113,11 @@ def load(workdir: str, data_dir: str = "", max_examples: int = 0) -> Trained:
         backbone,
         attention,
         backbone_vars,
-        restored["variables"],
+        variables,
         data.test,
         data.class_names,
         results,
+        baseline_vars,
     )
 
 
@@ -116,13 +125,15 @@ def load(workdir: str, data_dir: str = "", max_examples: int = 0) -> Trained:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _batch_outputs(backbone, attention, internals, variables, bvars, images, mask, sigma, key):
+def _batch_outputs(
+    backbone, attention, internals, variables, bvars, base_vars, images, mask, sigma, key
+):
     x = to_float(images)
     x = x + sigma * jax.random.normal(key, x.shape, x.dtype)  # additive, not clipped
     out = two_pass(
         backbone, attention, variables, bvars, x, lesion=mask, return_internals=internals
     )
-    base = backbone.apply(bvars, x, train=False)
+    base = backbone.apply(base_vars, x, train=False)
     extra = (out.attention.q_avg, out.attention.gatta) if internals else None
     return out.logits, base, extra
 
@@ -146,6 +157,7 @@ def outputs(m: Trained, images, *, sigma=0.0, mask=None, seed=0, internals=False
             internals,
             m.variables,
             m.backbone_vars,
+            m.baseline_vars,
             chunk,
             mask,
             jnp.float32(sigma),

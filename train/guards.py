@@ -24,7 +24,10 @@ from train.errors import UserError
 def check_alpha_zero_is_backbone(task, variables, images, dtype_name: str) -> None:
     if task.baseline_logits_fn is None or task.stage != "attention":
         return
-    if any(float(v) != 0.0 for v in site_alphas(variables["params"]).values()):
+    params = variables["params"]
+    if set(params) == {"attention", "backbone"}:  # joint fine-tuning (train.finetune_task)
+        params = params["attention"]
+    if any(np.any(np.asarray(v) != 0) for v in site_alphas(params).values()):
         return
     x = to_float(task.place.replicate(images))
     ours = np.asarray(jax.jit(task.logits_fn)(variables, task.frozen, x), np.float32)

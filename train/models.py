@@ -66,6 +66,16 @@ def build_attention(config: ml_collections.ConfigDict, backbone, backbone_vars) 
         )
     except ValueError as e:
         raise UserError(f"config.model.sites: {e}") from None
+    heads = a.get("heads", 1)
+    bad = [f"{s.name} ({s.channels})" for s in sites if s.channels % heads]
+    if bad:
+        raise UserError(
+            f"config.attention.heads={heads} must divide the channels of every site: {bad}"
+        )
+    if heads > 1 and (a.get("batch_norm_kq") or a.get("layer_norm_gatta")):
+        raise UserError(
+            "config.attention.heads > 1 does not support batch_norm_kq/layer_norm_gatta"
+        )
     return AttentionSystem(
         sites,
         d=a.d,
@@ -76,6 +86,7 @@ def build_attention(config: ml_collections.ConfigDict, backbone, backbone_vars) 
         iterations=a.get("iterations", 1),
         bounded=a.get("bounded", False),
         cue_classes=config.dataset.num_classes if a.get("cue_classes", False) else 0,
+        heads=a.get("heads", 1),
     )
 
 

@@ -78,6 +78,8 @@ def summarize(config) -> dict:
     n_attention = count_params(att_shapes.get("params", {}))
     row = (config.model.backbone, config.dataset.num_classes, config.attention.d)
     default_arch = not config.model.get("stage_sizes") and config.model.get("width", 64) == 64
+    a = config.attention
+    default_arch = default_arch and a.get("heads", 1) == 1 and not a.get("cue_classes", False)
     paper = TABLE1.get(row) if default_arch else None
     table = (
         {

@@ -93,6 +93,11 @@ def train_sweep(config, workdir: str):
         )
     if config.parallel != "none":
         raise UserError("config.sweep runs on one device: set config.parallel='none'")
+    if config.attention_training.get("finetune_backbone", False):
+        raise UserError(
+            "config.sweep trains attention systems on a frozen backbone: set "
+            "config.attention_training.finetune_backbone=False"
+        )
     members = member_configs(config)
     for member in members:
         validate.check_config(member)
@@ -160,7 +165,15 @@ def train_sweep(config, workdir: str):
     (path / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     def member_step(state, seed_data, lr, mask, frozen, images, labels, perm, index):
-        loss_fn = attention_loss_fn(backbone, attention, recipe.weight_decay, lesion=mask)
+        a = config.attention
+        loss_fn = attention_loss_fn(
+            backbone,
+            attention,
+            recipe.weight_decay,
+            lesion=mask,
+            cue_fraction=a.get("cue_fraction", 0.0) if a.get("cue_classes", False) else 0.0,
+            cue_weight=a.get("cue_weight", 0.0),
+        )
         tx = optax.adam(lr, eps=1e-7)
         seed_key = jax.random.wrap_key_data(seed_data)
         return steps.train_step(
@@ -256,7 +269,9 @@ def train_sweep(config, workdir: str):
                 "best_validation_accuracy": float(meta["best_val"][m]),
                 "best_epoch": int(meta["best_epoch"][m]),
                 "early_stopped": bool(meta["done"][m]),
-                "alpha": {k: float(v) for k, v in site_alphas(best_vars["params"]).items()},
+                "alpha": {
+                    k: np.asarray(v).tolist() for k, v in site_alphas(best_vars["params"]).items()
+                },
             }
         )
     results = {

@@ -53,6 +53,7 @@ class Task:
     backbone_source: tuple[str, int | None, str] | None = None  # (dir or file, step, sha256)
     place: parallel.Placement = dataclasses.field(default_factory=lambda: parallel.Placement(None))
     extra: dict = dataclasses.field(default_factory=dict)  # initial non-parameter collections
+    tx: optax.GradientTransformation | None = None  # default: Adam at recipe.learning_rate
 
 
 def backbone_loss_fn(backbone, weight_decay: float) -> steps.LossFn:
@@ -166,22 +167,27 @@ def attention_task(config, backbone, rng) -> Task:
         sites_lib.lesion_mask(lesion, attention.sites)
     except ValueError as e:
         raise UserError(f"config.attention.lesion: {e}") from None
-    a = config.attention
-    loss_fn = attention_loss_fn(
-        backbone,
-        attention,
-        config.attention_training.weight_decay,
-        lesion=lesion,
-        cue_fraction=a.get("cue_fraction", 0.0) if a.get("cue_classes", False) else 0.0,
-        cue_weight=a.get("cue_weight", 0.0),
-    )
-
-    def logits_fn(variables, frozen, x):
-        return two_pass(backbone, attention, variables, frozen, x, lesion=lesion).logits
+    a, t = config.attention, config.attention_training
+    cue_fraction = a.get("cue_fraction", 0.0) if a.get("cue_classes", False) else 0.0
+    cue_weight = a.get("cue_weight", 0.0)
 
     def baseline(variables, frozen, x):
         del variables
         return backbone.apply(frozen, x, train=False)
+
+    if t.get("finetune_backbone", False):
+        return finetune_task(config, backbone, attention, params, variables, backbone_vars, source)
+    loss_fn = attention_loss_fn(
+        backbone,
+        attention,
+        t.weight_decay,
+        lesion=lesion,
+        cue_fraction=cue_fraction,
+        cue_weight=cue_weight,
+    )
+
+    def logits_fn(variables, frozen, x):
+        return two_pass(backbone, attention, variables, frozen, x, lesion=lesion).logits
 
     return Task(
         "attention",
@@ -193,6 +199,98 @@ def attention_task(config, backbone, rng) -> Task:
         baseline,
         source,
         extra=variables,
+    )
+
+
+def split_finetuned(variables: dict, frozen: dict) -> tuple[dict, dict]:
+    """(attention variables, backbone variables) of a jointly fine-tuned model: its variables
+    are {'params': {'attention', 'backbone'}, 'attention_state'?, 'backbone_state'?} and
+    ``frozen`` is {'backbone': the original backbone's variables} (BatchNorm statistics are read
+    there unless they are trained, in 'backbone_state')."""
+    original = {k: v for k, v in frozen["backbone"].items() if k != "params"}
+    att = {"params": variables["params"]["attention"], **variables.get("attention_state", {})}
+    bb = {**original, "params": variables["params"]["backbone"]}
+    bb.update(variables.get("backbone_state", {}))
+    return att, bb
+
+
+def finetune_task(config, backbone, attention, att_params, att_extra, backbone_vars, source):
+    """Joint fine-tuning (beyond the paper): the attention system and the backbone train
+    together, each with its own Adam (optax.multi_transform): attention_training.learning_rate
+    and .backbone_learning_rate. BatchNorm statistics of the backbone: 'frozen' (stored ones,
+    unchanged) or 'update' (batch statistics in training, running averages trained). The
+    original backbone stays in ``frozen`` for the baseline accuracy."""
+    t = config.attention_training
+    mode = t.get("backbone_batch_stats", "frozen")
+    lesion = config.attention.get("lesion") or None
+    a = config.attention
+    cue_fraction = a.get("cue_fraction", 0.0) if a.get("cue_classes", False) else 0.0
+    stats = {k: v for k, v in backbone_vars.items() if k != "params"}
+    # A copy: the training state is donated, the original stays for the baseline.
+    params = {"attention": att_params, "backbone": jax.tree.map(jnp.copy, backbone_vars["params"])}
+    extra = {}
+    if att_extra:
+        extra["attention_state"] = att_extra
+    if mode == "update" and stats:
+        extra["backbone_state"] = jax.tree.map(jnp.copy, stats)
+
+    def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
+        att_vars, bb_vars = split_finetuned({"params": params, **extra}, frozen)
+        cue = {}
+        if cue_fraction > 0:
+            w = true_class_cues(rng, x.shape[0], cue_fraction, a.cue_weight, example_offset)
+            cue = {"cue": y, "cue_weight": w}
+        out = two_pass(
+            backbone,
+            attention,
+            att_vars,
+            bb_vars,
+            x,
+            train=True,
+            rng=rng,
+            lesion=lesion,
+            example_offset=example_offset,
+            train_backbone=True,
+            backbone_batch_stats=mode,
+            **cue,
+        )
+        new_extra = {}
+        if "attention_state" in extra:
+            new_extra["attention_state"] = out.updates
+        if "backbone_state" in extra:
+            new_extra["backbone_state"] = out.backbone_updates
+        loss = jnp.mean(steps.cross_entropy(out.logits, y))
+        return loss + t.weight_decay * steps.l2_penalty(params["attention"], ("K", "Q")), (
+            out.logits,
+            new_extra,
+        )
+
+    def logits_fn(variables, frozen, x):
+        att_vars, bb_vars = split_finetuned(variables, frozen)
+        return two_pass(backbone, attention, att_vars, bb_vars, x, lesion=lesion).logits
+
+    def baseline(variables, frozen, x):
+        del variables
+        return backbone.apply(frozen["backbone"], x, train=False)
+
+    def adam(lr):
+        return optax.adam(lr, eps=1e-7)
+
+    tx = optax.multi_transform(
+        {"attention": adam(t.learning_rate), "backbone": adam(t.backbone_learning_rate)},
+        lambda p: {k: jax.tree.map(lambda _, k=k: k, v) for k, v in p.items()},
+    )
+    return Task(
+        "attention",
+        params,
+        loss_fn,
+        logits_fn,
+        t,
+        {"backbone": backbone_vars},
+        baseline,
+        source,
+        extra=extra,
+        tx=tx,
     )
 
 
@@ -313,7 +411,7 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
     if steps_per_epoch == 0:
         raise UserError(f"batch size {batch} exceeds the {len(data.train)} training examples")
 
-    tx = optax.adam(recipe.learning_rate, eps=1e-7)  # Keras' Adam defaults
+    tx = task.tx or optax.adam(recipe.learning_rate, eps=1e-7)  # Keras' Adam defaults
     task = dataclasses.replace(task, frozen=place.replicate(task.frozen), place=place)
     if isinstance(data.validation, input_pipeline.Split):  # evaluated from device memory
         data = dataclasses.replace(
@@ -549,7 +647,11 @@ def _finish(config, task, state, data, best, path, meta, start_time):
         results["backbone_test_accuracy"] = base["accuracy"]
         results["backbone_test_loss"] = base["loss"]
         if task.stage == "attention":
-            results["alpha"] = {k: float(v) for k, v in site_alphas(params).items()}
+            finetuned = config.attention_training.get("finetune_backbone", False)
+            att_params = params["attention"] if finetuned else params
+            results["alpha"] = {
+                k: np.asarray(v).tolist() for k, v in site_alphas(att_params).items()
+            }
         where, step, _ = task.backbone_source
         results["backbone_checkpoint"] = where if step is None else f"{where}/{step}"
         results["backbone_checkpoint_sha256"] = task.backbone_source[2]
