@@ -64,3 +64,19 @@ def test_fine_tuning_gradients_and_batch_norm_statistics_frozen_or_updated():
     assert not np.allclose(new, bv["batch_stats"]["stem"]["bn1"]["mean"])
     with pytest.raises(ValueError, match="backbone_batch_stats"):
         run(bv, train_backbone=True, backbone_batch_stats="sometimes")
+
+
+def test_beyond_config_variants():
+    from configs import beyond_toy_cifar10 as beyond
+    from train import summary
+
+    t2 = beyond.get_config("t2")
+    assert t2.attention.iterations == 2 and t2.attention.bounded
+    assert not beyond.get_config("t2free").attention.bounded
+    assert beyond.get_config("t1").attention.iterations == 1
+    assert summary.summarize(beyond.get_config("heads2"))["attention_params"] == 23178
+    cue = summary.summarize(beyond.get_config("cue"))
+    assert cue["attention_params"] == 15845 + 10 * 16  # plus the class embedding
+    assert beyond.get_config("finetune").attention_training.finetune_backbone
+    with pytest.raises(ValueError, match="unknown variant"):
+        beyond.get_config("t")
