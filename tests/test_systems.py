@@ -31,8 +31,8 @@ def test_gala_matches_the_formula_by_hand(squash):
     gap = x.mean(axis=(1, 2))
     s_g = relu(gap @ p["global"]["fc1"]["kernel"] + p["global"]["fc1"]["bias"])
     s_g = s_g @ p["global"]["fc2"]["kernel"] + p["global"]["fc2"]["bias"]  # (B, C)
-    h = relu(x @ p["local1"]["kernel"][0, 0] + p["local1"]["bias"])
-    s_l = h @ p["local2"]["kernel"][0, 0] + p["local2"]["bias"]  # (B, H, W, 1)
+    h = relu(x @ p["local1"]["kernel"] + p["local1"]["bias"])
+    s_l = h @ p["local2"]["kernel"] + p["local2"]["bias"]  # (B, H, W, 1)
     s_g = s_g[:, None, None, :]
     z = p["a"] * (s_g + s_l) + p["m"] * (s_g * s_l)
     s = np.tanh(z) if squash == "tanh" else 1 / (1 + np.exp(-z))
@@ -118,11 +118,11 @@ def test_gsa_module_shapes_parameters_and_sum_of_the_two_layers():
     module = GSA(features=16, heads=4, key_features=8)
     v = module.init(jax.random.key(0), x)
     p = v["params"]
-    assert p["qkv"]["kernel"].shape == (1, 1, 12, 8 + 8 + 16)
+    assert p["qkv"]["kernel"].shape == (12, 8 + 8 + 16)
     assert p["rel_col"].shape == (2 * 5 - 1, 2) and p["rel_row"].shape == (2 * 6 - 1, 2)
     out = module.apply(v, x)
     assert out.shape == (2, 5, 6, 16)
-    proj = np.asarray(x @ np.asarray(p["qkv"]["kernel"][0, 0]))
+    proj = np.asarray(x @ np.asarray(p["qkv"]["kernel"]))
     q, k, val = (proj[..., :8], proj[..., 8:16], proj[..., 16:])
     heads = lambda t: t.reshape(2, 5, 6, 4, -1)  # noqa: E731
     q, k, val = heads(q), heads(k), heads(val)
