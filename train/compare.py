@@ -98,22 +98,20 @@ def table(out: dict) -> str:
     n = len(first)
     head = " | ".join(f"backbone {i}" for i in range(n))
     lines = [
-        f"| system | trainable params | {head} | mean ± sd | gain (mean ± sd) | epochs (best) | "
-        "wall time / run |",
-        "|---" * (n + 6) + "|",
+        f"| system | trainable params | {head} | mean ± sd | gain (mean ± sd) | epochs (best) |",
+        "|---" * (n + 5) + "|",
     ]
     base = [r["backbone_test_accuracy"] for r in first]
     cells = " | ".join(f"{100 * b:.2f}" for b in base)
-    lines.append(f"| frozen backbone | 0 | {cells} | {_mean_std(base)} | | | |")
+    lines.append(f"| frozen backbone | 0 | {cells} | {_mean_std(base)} | | |")
     for system, results in runs.items():
         acc = [r["test_accuracy"] for r in results]
         gain = [r["test_accuracy"] - r["backbone_test_accuracy"] for r in results]
         cells = " | ".join(f"{100 * a:.2f}" for a in acc)
         epochs = ", ".join(f"{r['epochs']} ({r['best_epoch']})" for r in results)
-        wall = np.mean([r["wall_time_s"] for r in results])
         lines.append(
             f"| {system} | {results[0]['trainable_params']:,} | {cells} | {_mean_std(acc)} | "
-            f"{_mean_std(gain)} | {epochs} | {wall:.0f} s |"
+            f"{_mean_std(gain)} | {epochs} |"
         )
     return "\n".join(lines) + "\n"
 
