@@ -45,25 +45,32 @@ def test_fine_tuning_gradients_and_batch_norm_statistics_frozen_or_updated():
     av = gj.init_attention(attention, jax.random.key(1))
     x = jax.random.uniform(jax.random.key(2), (4, 32, 32, 3))
 
-    def run(bv, **kw):
+    def run(bv, train_backbone=True, backbone_batch_stats="frozen"):
+        kw = dict(train_backbone=train_backbone, backbone_batch_stats=backbone_batch_stats)
         return gj.two_pass(net, attention, av, bv, x, train=True, rng=jax.random.key(3), **kw)
 
-    def loss(params, **kw):
-        return jnp.sum(run({**bv, "params": params}, **kw).logits ** 2)
+    run = jax.jit(run, static_argnames=("train_backbone", "backbone_batch_stats"))
 
-    frozen_grads = jax.grad(loss)(bv["params"])
+    def grads(train_backbone):
+        def loss(params):
+            out = run({**bv, "params": params}, train_backbone=train_backbone)
+            return jnp.sum(out.logits**2)
+
+        return jax.jit(jax.grad(loss))(bv["params"])
+
+    frozen_grads = grads(False)
     assert all(float(jnp.abs(g).sum()) == 0 for g in jax.tree.leaves(frozen_grads))
-    tuned_grads = jax.grad(lambda p: loss(p, train_backbone=True))(bv["params"])
+    tuned_grads = grads(True)
     assert float(jnp.abs(tuned_grads["stem"]["conv1"]["kernel"]).sum()) > 0
     # 'frozen' statistics: stored ones used, nothing to update
-    out = run(bv, train_backbone=True)
+    out = run(bv)
     assert out.backbone_updates == {}
     # 'update': batch statistics, new running averages returned
-    out = run(bv, train_backbone=True, backbone_batch_stats="update")
+    out = run(bv, backbone_batch_stats="update")
     new = out.backbone_updates["batch_stats"]["stem"]["bn1"]["mean"]
     assert not np.allclose(new, bv["batch_stats"]["stem"]["bn1"]["mean"])
     with pytest.raises(ValueError, match="backbone_batch_stats"):
-        run(bv, train_backbone=True, backbone_batch_stats="sometimes")
+        run(bv, backbone_batch_stats="sometimes")
 
 
 def test_beyond_config_variants():
