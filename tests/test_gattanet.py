@@ -293,8 +293,7 @@ def test_bad_lesion_strings(lesion, match):
         gj.two_pass(backbone, attention, av, bv, images(1, size=8), lesion=lesion)
 
 
-@pytest.mark.parametrize("iterations", [2, 3])
-@pytest.mark.parametrize("bounded", [False, True])
+@pytest.mark.parametrize(("iterations", "bounded"), [(2, False), (3, True)])
 def test_several_iterations_match_numpy(iterations, bounded):
     backbone, bv, attention, av = make(d=5, features=(4, 8, 8), hidden=16, size=16)
     attention = attention.clone(bounded=bounded)

@@ -358,6 +358,7 @@ def test_from_scratch_resnet_add_on_trains_its_batch_norm_statistics(kind, sites
     x = RNG.uniform(size=(4, 64, 64, 3)).astype(np.float32)
     y = np.arange(4) % 10
 
+    @jax.jit
     def loss(p):
         return task.loss_fn(p, task.extra, {}, x, y, jax.random.key(1))
 

@@ -23,15 +23,22 @@ from absl import app, flags, logging
 
 from train.errors import UserError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and the table.")
-_BACKBONES = flags.DEFINE_list("backbones", None, "Frozen backbones: workdirs or checkpoints.")
-_SYSTEMS = flags.DEFINE_list("systems", "gattanet,gala,se,gsa", "Systems to compare.")
-_EPOCHS = flags.DEFINE_integer("epochs", None, "attention_training.num_epochs (default: config).")
-_PATIENCE = flags.DEFINE_integer("patience", None, "attention_training.patience.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "dataset.data_dir.")
-_DATASET = flags.DEFINE_string("dataset", None, "dataset.name.")
-_ARG = flags.DEFINE_string("arg", "", "Config arguments for every run, e.g. 'smoke'.")
-flags.mark_flags_as_required(["workdir", "backbones"])
+
+def define_flags() -> dict:
+    """The CLI's flags; defined only when run as a program, so importing this module (tests,
+    notebooks) never clashes with other modules' absl flags."""
+    defined = {
+        "workdir": flags.DEFINE_string("workdir", None, "Directory for the runs and the table."),
+        "backbones": flags.DEFINE_list("backbones", None, "Frozen backbone workdirs/checkpoints."),
+        "systems": flags.DEFINE_list("systems", "gattanet,gala,se,gsa", "Systems to compare."),
+        "epochs": flags.DEFINE_integer("epochs", None, "attention_training.num_epochs."),
+        "patience": flags.DEFINE_integer("patience", None, "attention_training.patience."),
+        "data_dir": flags.DEFINE_string("data_dir", None, "dataset.data_dir."),
+        "dataset": flags.DEFINE_string("dataset", None, "dataset.name."),
+        "arg": flags.DEFINE_string("arg", "", "Config arguments for every run, e.g. 'smoke'."),
+    }
+    flags.mark_flags_as_required(["workdir", "backbones"])
+    return defined
 
 
 def run_config(system: str, backbone: str, seed: int, arg: str = "", **overrides):
@@ -116,28 +123,25 @@ def table(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv):
+def main(argv, defined: dict):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    overrides = dict(
-        epochs=_EPOCHS.value,
-        patience=_PATIENCE.value,
-        data_dir=_DATA_DIR.value,
-        dataset=_DATASET.value,
-    )
+    f = {k: v.value for k, v in defined.items()}
+    overrides = {k: f[k] for k in ("epochs", "patience", "data_dir", "dataset")}
     try:
-        out = compare(_WORKDIR.value, _BACKBONES.value, _SYSTEMS.value, _ARG.value, **overrides)
+        out = compare(f["workdir"], f["backbones"], f["systems"], f["arg"], **overrides)
     except (UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     text = table(out)
-    with open(os.path.join(_WORKDIR.value, "compare.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(_WORKDIR.value, "compare.json"), "w") as f:
-        json.dump(out, f, indent=1, default=str)
+    with open(os.path.join(f["workdir"], "compare.md"), "w") as fh:
+        fh.write(text)
+    with open(os.path.join(f["workdir"], "compare.json"), "w") as fh:
+        json.dump(out, fh, indent=1, default=str)
     print(text)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _defined = define_flags()
+    app.run(lambda argv: main(argv, _defined))
