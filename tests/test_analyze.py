@@ -106,17 +106,19 @@ def test_cli(trained):
 
 
 @pytest.fixture(scope="module")
-def cued(tmp_path_factory):
-    """Trained with top-down cues (half the examples cued with their class) and T = 2."""
+def cued(trained, tmp_path_factory):
+    """Trained with top-down cues (half the examples cued with their class) and T = 2, on the
+    backbone of `trained`."""
     root = tmp_path_factory.mktemp("cued")
-    config = tiny_config("both", epochs=1)
+    config = tiny_config("attention", epochs=1)
+    config.backbone_checkpoint = str(trained.parent / "backbone")
     config.dataset.max_test_examples = 96
     config.attention.cue_classes = True
     config.attention.cue_fraction = 0.5
     config.attention.iterations = 2
     config.attention.bounded = True
     train.train_and_evaluate(config, str(root))
-    return analyze.load(str(root / "attention"))
+    return analyze.load(str(root))
 
 
 def test_cue_analysis_true_wrong_and_uncued(cued, model):

@@ -15,10 +15,21 @@ def numpy_tree(tree):
     return jax.tree.map(np.asarray, tree)
 
 
-def randomize(variables, seed=1):
-    """Random values everywhere (a and m too), so no term vanishes at its init."""
+def randomize(variables, seed=1, fan_in=False):
+    """Random values everywhere (a and m too), so no term vanishes at its init; BatchNorm's
+    running variances positive. ``variables`` may be shapes only (``jax.eval_shape``).
+    ``fan_in``: kernels scaled by 1/sqrt(fan-in), activations kept in range through a deep net."""
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda x: rng.normal(0, 0.5, x.shape).astype(np.float32), variables)
+
+    def draw(path, x):
+        value = rng.normal(0, 0.5, x.shape)
+        if path[-1].key == "var":
+            value = np.abs(value) + 0.1
+        elif fan_in and path[-1].key == "kernel":
+            value = value * 2 / np.sqrt(np.prod(x.shape[:-1]))
+        return value.astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, variables)
 
 
 @pytest.mark.parametrize("squash", ["tanh", "sigmoid"])
@@ -254,8 +265,8 @@ def tiny_resnet(block):
     from gattanet_jax.backbones import resnet
 
     net = resnet.ResNet(stage_sizes=(2, 1, 1, 1), block=block, num_classes=5, width=4)
-    v = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    return net, randomize(v, seed=3)  # random BatchNorm statistics, scales and offsets too
+    shapes = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    return net, randomize(shapes, seed=3)  # random BatchNorm statistics, scales and offsets too
 
 
 def test_site_patterns_expand_to_module_paths_in_call_order():
@@ -358,14 +369,14 @@ def test_from_scratch_resnet_add_on_trains_its_batch_norm_statistics(kind, sites
     x = RNG.uniform(size=(4, 64, 64, 3)).astype(np.float32)
     y = np.arange(4) % 10
 
-    @jax.jit
     def loss(p):
         return task.loss_fn(p, task.extra, {}, x, y, jax.random.key(1))
 
-    value, (logits, new_extra) = loss(task.params)
+    (value, (logits, new_extra)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        task.params
+    )
     assert logits.shape == (4, 1000) and np.isfinite(value)
     before, after = task.extra["batch_stats"]["stem"], new_extra["batch_stats"]["stem"]
     assert not np.allclose(before["bn1"]["mean"], after["bn1"]["mean"])
-    grads = jax.grad(lambda p: loss(p)[0])(task.params)
     # (with the residual gate at gamma = 0, only gamma gets a gradient at first)
     assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["addon"])) > 0
