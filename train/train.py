@@ -90,26 +90,39 @@ def attention_loss_fn(
 
     def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
         variables = {"params": params, **extra}
-        cue = {}
-        if cue_fraction > 0:
-            w = true_class_cues(rng, x.shape[0], cue_fraction, cue_weight, example_offset)
-            cue = {"cue": y, "cue_weight": w}
-        out = two_pass(
-            backbone,
-            attention,
-            variables,
-            frozen,
-            x,
-            train=True,
-            rng=rng,
-            lesion=lesion,
-            example_offset=example_offset,
-            **cue,
+        cues = (cue_fraction, cue_weight)
+        out = training_two_pass(
+            backbone, attention, variables, frozen, x, y, rng, lesion, cues, example_offset
         )
         loss = jnp.mean(steps.cross_entropy(out.logits, y))
         return loss + weight_decay * steps.l2_penalty(params, ("K", "Q")), (out.logits, out.updates)
 
     return loss_fn
+
+
+def training_two_pass(
+    backbone, attention, att_vars, bb_vars, x, y, rng, lesion, cues, example_offset, **kw
+):
+    """The two-pass forward of a training step; ``cues`` = (fraction, weight): that fraction of
+    the examples is cued with its true class at that weight (none if the fraction is 0)."""
+    fraction, weight = cues
+    cue = {}
+    if fraction > 0:
+        w = true_class_cues(rng, x.shape[0], fraction, weight, example_offset)
+        cue = {"cue": y, "cue_weight": w}
+    return two_pass(
+        backbone,
+        attention,
+        att_vars,
+        bb_vars,
+        x,
+        train=True,
+        rng=rng,
+        lesion=lesion,
+        example_offset=example_offset,
+        **cue,
+        **kw,
+    )
 
 
 def backbone_task(config, backbone, rng) -> Task:
@@ -236,23 +249,20 @@ def finetune_task(config, backbone, attention, att_params, att_extra, backbone_v
 
     def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
         att_vars, bb_vars = split_finetuned({"params": params, **extra}, frozen)
-        cue = {}
-        if cue_fraction > 0:
-            w = true_class_cues(rng, x.shape[0], cue_fraction, a.cue_weight, example_offset)
-            cue = {"cue": y, "cue_weight": w}
-        out = two_pass(
+        cues = (cue_fraction, a.cue_weight)
+        out = training_two_pass(
             backbone,
             attention,
             att_vars,
             bb_vars,
             x,
-            train=True,
-            rng=rng,
-            lesion=lesion,
-            example_offset=example_offset,
+            y,
+            rng,
+            lesion,
+            cues,
+            example_offset,
             train_backbone=True,
             backbone_batch_stats=mode,
-            **cue,
         )
         new_extra = {}
         if "attention_state" in extra:
