@@ -45,22 +45,31 @@ EMBEDDED_CLASSES = (
 )  # fmt: skip
 
 
-def _shape_masks(label, dx, dy, r):
+def _shape_mask(label: int, dx, dy, r):
+    """Where the shape of class ``label`` covers the pixels at offsets (dx, dy) from its centre."""
     ax, ay = np.abs(dx), np.abs(dy)
     dist2 = dx**2 + dy**2
-    masks = [
-        dist2 < r**2,
-        np.maximum(ax, ay) < r,
-        ax + ay < r,
-        (dist2 < r**2) & (dist2 > (0.55 * r) ** 2),
-        ((ax < r / 3) & (ay < r)) | ((ay < r / 3) & (ax < r)),
-        (ay < r / 3) & (ax < r),
-        (ax < r / 3) & (ay < r),
-        (dy > -r) & (dy < r) & (ax < (dy + r) / 2),
-        (np.abs(ax - ay) < r / 4) & (np.maximum(ax, ay) < r),
-        ((dx - r / 2) ** 2 + dy**2 < (r / 2.5) ** 2) | ((dx + r / 2) ** 2 + dy**2 < (r / 2.5) ** 2),
-    ]
-    return np.select([label == i for i in range(len(masks))], masks)
+    if label == 0:
+        return dist2 < r**2
+    if label == 1:
+        return np.maximum(ax, ay) < r
+    if label == 2:
+        return ax + ay < r
+    if label == 3:
+        return (dist2 < r**2) & (dist2 > (0.55 * r) ** 2)
+    if label == 4:
+        return ((ax < r / 3) & (ay < r)) | ((ay < r / 3) & (ax < r))
+    if label == 5:
+        return (ay < r / 3) & (ax < r)
+    if label == 6:
+        return (ax < r / 3) & (ay < r)
+    if label == 7:
+        return (dy > -r) & (dy < r) & (ax < (dy + r) / 2)
+    if label == 8:
+        return (np.abs(ax - ay) < r / 4) & (np.maximum(ax, ay) < r)
+    return ((dx - r / 2) ** 2 + dy**2 < (r / 2.5) ** 2) | (
+        (dx + r / 2) ** 2 + dy**2 < (r / 2.5) ** 2
+    )
 
 
 def embedded_split(n: int, seed: int, size: int = 32) -> Split:
@@ -71,7 +80,10 @@ def embedded_split(n: int, seed: int, size: int = 32) -> Split:
     cx = rng.uniform(10, size - 10, (n, 1, 1))
     cy = rng.uniform(10, size - 10, (n, 1, 1))
     r = rng.uniform(5, 9, (n, 1, 1))
-    mask = _shape_masks(labels[:, None, None], xx - cx, yy - cy, r)
+    mask = np.zeros((n, size, size), bool)
+    for label in range(len(EMBEDDED_CLASSES)):  # each image's own shape only
+        i = np.flatnonzero(labels == label)
+        mask[i] = _shape_mask(label, xx - cx[i], yy - cy[i], r[i])
     # A dark shape on a light background or the reverse, in random hues, with pixel noise.
     dark = rng.uniform(0, 100, (n, 1, 1, 3))
     light = rng.uniform(155, 255, (n, 1, 1, 3))
