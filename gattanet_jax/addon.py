@@ -13,6 +13,7 @@ unlike GAttANet's two.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -24,14 +25,16 @@ from gattanet_jax.attention import param_name
 
 
 class AddOns(nn.Module):
-    """One module per site, made by ``make(site, name)``; ``__call__(name, y)`` applies site
-    ``name``'s module (its parameters live under the site's name).
+    """One module per site, made by ``make(site, name)``; ``__call__(name, y, train)`` applies
+    site ``name``'s module (its variables live under the site's name).
 
     Attributes:
       sites: the SiteSpecs the modules attach to.
       make: (SiteSpec, name) -> a Flax module (constructed with that name) mapping the site's
         output to a tensor of the same shape, e.g. ``lambda s, name: GALA(name=name)``; with
         ``replace``, mapping the site's input (``SiteSpec.input_shape``) to its output's shape.
+        A module whose ``__call__`` takes ``train`` gets it (GSA's BatchNorm); others are
+        called as ``module(y)``.
       replace: the modules stand in for the sites' modules instead of following them.
     """
 
@@ -40,9 +43,12 @@ class AddOns(nn.Module):
     replace: bool = False
 
     @nn.compact
-    def __call__(self, name: str, y: jax.Array) -> jax.Array:
+    def __call__(self, name: str, y: jax.Array, train: bool = False) -> jax.Array:
         site = {s.name: s for s in self.sites}[name]
-        return self.make(site, param_name(name))(y)
+        module = self.make(site, param_name(name))
+        if "train" in inspect.signature(type(module).__call__).parameters:
+            return module(y, train=train)
+        return module(y)
 
     def init_all(self, y_by_site: dict[str, jax.Array]) -> list[jax.Array]:
         """Runs every site's module once (for ``init``)."""
@@ -54,6 +60,8 @@ def addon_modules(sites: Sequence[sites_lib.SiteSpec], make, replace: bool = Fal
 
 
 def init_addons(addons: AddOns, rng: jax.Array) -> dict:
+    """The modules' variables: 'params', and 'batch_stats' where a module has BatchNorm (GSA)."""
+
     def example(s):
         shape = s.input_shape if addons.replace else s.shape
         if shape is None:
@@ -72,19 +80,39 @@ def forward(
     images,
     *,
     train: bool = False,
+    train_addons: bool | None = None,
     rngs: dict | None = None,
     mutable: Sequence[str] = (),
 ):
     """The backbone's logits with every site's output y replaced by its add-on module's output
     module(y) (with ``addons.replace``: the site's module replaced by module(x) of its input).
+
     Gradients reach ``addon_vars`` and, if the caller lets them, ``backbone_vars`` (trained
     together from scratch). ``train`` runs the backbone in training mode (its dropout, with
-    ``rngs``; its BatchNorm statistics, returned as ``(logits, updates)`` when ``mutable``
-    names them); a frozen backbone runs with the default, inference mode."""
+    ``rngs``; its BatchNorm statistics, made mutable by naming them in ``mutable``); a frozen
+    backbone runs in inference mode, the default. ``train_addons`` (default: ``train``) runs
+    the modules in training mode: those with BatchNorm normalise with the batch's statistics
+    and update the running averages in ``addon_vars``' other collections.
+
+    Returns the logits, or ``(logits, updates)`` when ``mutable`` names backbone collections
+    or the modules have statistics to update in training mode: ``updates`` holds 'backbone'
+    (the backbone's mutated collections) and 'addon' (the modules'), each where present.
+    """
     names = [s.name for s in addons.sites]
+    train_addons = train if train_addons is None else train_addons
+    state = [k for k in addon_vars if k != "params"]
+    update_addons = train_addons and bool(state)
+    addon_updates = {k: dict(addon_vars[k]) for k in state}
 
     def apply_addon(name, y):
-        out = addons.apply(addon_vars, name, y)
+        if update_addons:
+            out, new = addons.apply(addon_vars, name, y, True, mutable=state)
+            for k in state:  # each call returns the whole collection; keep this site's part
+                key = param_name(name)
+                if key in new[k]:
+                    addon_updates[k][key] = new[k][key]
+        else:
+            out = addons.apply(addon_vars, name, y, train_addons)
         return out if addons.replace else out.astype(y.dtype)
 
     with sites_lib.intercept_sites(names, apply_addon, replace=addons.replace) as seen:
@@ -92,7 +120,15 @@ def forward(
             backbone_vars, images, train=train, rngs=rngs or {}, mutable=list(mutable) or False
         )
     sites_lib.check_seen(seen)
-    return out
+    if not mutable and not update_addons:
+        return out
+    logits, backbone_updates = out if mutable else (out, None)
+    updates = {}
+    if mutable:
+        updates["backbone"] = dict(backbone_updates)
+    if update_addons:
+        updates["addon"] = addon_updates
+    return logits, updates
 
 
 def drop_replaced(params: dict, addons: AddOns) -> dict:

@@ -162,7 +162,10 @@ class AttentionSystem(nn.Module):
       d: attention dimension of keys and queries.
       dropout_rate: dropout on keys and queries while training (the paper: 0.25).
       alpha_init: initial alpha of every site. 0 starts training exactly at the backbone.
-      batch_norm_kq: the paper's ResNet variant: BatchNorm on keys and queries.
+      batch_norm_kq: the paper's ResNet variant: BatchNorm on keys and queries at conv sites;
+        dense sites keep plain biases. This reading of the paper makes all eight of Table 1's
+        ResNet attention parameter counts exact (BatchNorm at the dense sites too would add 4d
+        parameters and miss six of them by 0.1K).
       layer_norm_gatta: the paper's ResNet variant: LayerNorm on each site's agreement map, with
         a scale and an offset per position (conv sites) or unit (dense sites).
       axis_name: set under pmap: BatchNorm statistics are averaged over this device axis.
@@ -224,7 +227,7 @@ class AttentionSystem(nn.Module):
                 site.channels,
                 self.d,
                 self.alpha_init,
-                batch_norm=self.batch_norm_kq,
+                batch_norm=self.batch_norm_kq and site.kind == "conv",
                 gatta_shape=gatta_shape(site) if self.layer_norm_gatta else None,
                 axis_name=self.axis_name,
                 name=param_name(site.name),

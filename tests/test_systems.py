@@ -8,8 +8,6 @@ import pytest
 
 from gattanet_jax.systems import GALA, GSA, GSAConv, ResidualGSA, SqueezeExcitation, gsa
 
-RNG = np.random.default_rng(0)
-
 
 def numpy_tree(tree):
     return jax.tree.map(np.asarray, tree)
@@ -32,89 +30,111 @@ def randomize(variables, seed=1, fan_in=False):
     return jax.tree_util.tree_map_with_path(draw, variables)
 
 
+def relu(t):
+    return np.maximum(t, 0)
+
+
+def sigmoid(t):
+    return 1 / (1 + np.exp(-t))
+
+
+def gala_numpy(p, x, squash="tanh", gate="direct"):
+    """GALA written out from its formula (float64): global path W2 relu(W1 GAP(X)), local
+    one-channel map conv1x1(relu(conv1x1(X))), s = squash(a (s_g + s_l) + m s_g s_l); the
+    paper's Y = s X, or Y = (1 + gamma s) X for the residual gate."""
+    x = np.asarray(x, np.float64)
+    g, l1, l2 = p["global"], p["local1"], p["local2"]
+    s_g = relu(x.mean(axis=(1, 2)) @ g["fc1"]["kernel"] + g["fc1"]["bias"])
+    s_g = (s_g @ g["fc2"]["kernel"] + g["fc2"]["bias"])[:, None, None, :]  # (B, 1, 1, C)
+    s_l = relu(x @ l1["kernel"] + l1["bias"]) @ l2["kernel"] + l2["bias"]  # (B, H, W, 1)
+    z = p["a"] * (s_g + s_l) + p["m"] * (s_g * s_l)
+    s = np.tanh(z) if squash == "tanh" else sigmoid(z)
+    return s * x if gate == "direct" else (1 + p["gamma"] * s) * x
+
+
 @pytest.mark.parametrize("squash", ["tanh", "sigmoid"])
 def test_gala_matches_the_formula_by_hand(squash):
-    x = RNG.normal(size=(2, 5, 6, 8)).astype(np.float32)
+    x = np.random.default_rng(10).normal(size=(2, 5, 6, 8)).astype(np.float32)
     module = GALA(reduction=4, squash=squash)
     v = randomize(module.init(jax.random.key(0), x))
-    p = numpy_tree(v["params"])
-    relu = lambda t: np.maximum(t, 0)  # noqa: E731
-    gap = x.mean(axis=(1, 2))
-    s_g = relu(gap @ p["global"]["fc1"]["kernel"] + p["global"]["fc1"]["bias"])
-    s_g = s_g @ p["global"]["fc2"]["kernel"] + p["global"]["fc2"]["bias"]  # (B, C)
-    h = relu(x @ p["local1"]["kernel"] + p["local1"]["bias"])
-    s_l = h @ p["local2"]["kernel"] + p["local2"]["bias"]  # (B, H, W, 1)
-    s_g = s_g[:, None, None, :]
-    z = p["a"] * (s_g + s_l) + p["m"] * (s_g * s_l)
-    s = np.tanh(z) if squash == "tanh" else 1 / (1 + np.exp(-z))
-    np.testing.assert_allclose(module.apply(v, x), s * x, rtol=1e-5, atol=1e-6)
+    expected = gala_numpy(numpy_tree(v["params"]), x, squash)
+    np.testing.assert_allclose(module.apply(v, x), expected, rtol=1e-5, atol=1e-6)
     # parameters: two dense layers (8 -> 2 -> 8), two 1x1 convs (8 -> 2 -> 1), a and m
     n = sum(t.size for t in jax.tree.leaves(v))
     assert n == (8 * 2 + 2) + (2 * 8 + 8) + (8 * 2 + 2) + (2 * 1 + 1) + 8 + 8
 
 
 def test_se_is_gala_without_the_local_path():
-    x = RNG.normal(size=(2, 4, 4, 8)).astype(np.float32)
+    x = np.random.default_rng(11).normal(size=(2, 4, 4, 8)).astype(np.float32)
     se = SqueezeExcitation(reduction=4)
     v = randomize(se.init(jax.random.key(0), x))
     p = numpy_tree(v["params"])["global"]
-    z = np.maximum(x.mean(axis=(1, 2)) @ p["fc1"]["kernel"] + p["fc1"]["bias"], 0)
+    z = relu(x.mean(axis=(1, 2)) @ p["fc1"]["kernel"] + p["fc1"]["bias"])
     z = z @ p["fc2"]["kernel"] + p["fc2"]["bias"]
-    np.testing.assert_allclose(
-        se.apply(v, x), x / (1 + np.exp(-z))[:, None, None], rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(se.apply(v, x), x * sigmoid(z)[:, None, None], rtol=1e-5, atol=1e-6)
     gala = GALA(reduction=4, squash="sigmoid", use_local=False)
     gv = gala.init(jax.random.key(0), x)
     gv = {"params": {"global": v["params"]["global"], "a": jnp.ones(8), "m": gv["params"]["m"]}}
     np.testing.assert_allclose(gala.apply(gv, x), se.apply(v, x), rtol=1e-6, atol=1e-7)
 
 
-def softmax(t, axis):
-    e = np.exp(t - t.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+# GSA, from the GSA paper's equations (Appendix B), in float64 loops over pixels. Relative
+# embedding tables hold offset o in row L - 1 + o, o = -(L-1) .. L-1.
 
 
-def test_content_attention_against_a_loop_over_positions():
-    b, hh, ww, heads, dk, dv = 2, 3, 4, 2, 3, 5
-    q = RNG.normal(size=(b, hh, ww, heads, dk)).astype(np.float32)
-    k = RNG.normal(size=(b, hh, ww, heads, dk)).astype(np.float32)
-    v = RNG.normal(size=(b, hh, ww, heads, dv)).astype(np.float32)
-    out = np.zeros((b, hh, ww, heads, dv), np.float32)
-    for bi in range(b):
-        for h in range(heads):
-            keys = k[bi, :, :, h].reshape(hh * ww, dk)
-            keys = softmax(keys, axis=0)  # each key channel normalised over the positions
-            vals = v[bi, :, :, h].reshape(hh * ww, dv)
-            for y in range(hh):
-                for x in range(ww):
-                    for n in range(hh * ww):  # every position contributes to every query
-                        out[bi, y, x, h] += (q[bi, y, x, h] @ keys[n]) * vals[n]
-    np.testing.assert_allclose(gsa.content_attention(q, k, v), out, rtol=1e-5, atol=1e-5)
-
-
-def positional_loop(q, v, r_col, r_row):
-    b, hh, ww, heads, _ = q.shape
-    f_col = np.zeros(v.shape, np.float32)
-    for bi, y, x, h in np.ndindex(b, hh, ww, heads):
-        logits = np.array([q[bi, y, x, h] @ r_col[(y2 - y) + hh - 1] for y2 in range(hh)])
-        w = softmax(logits, 0)
-        f_col[bi, y, x, h] = sum(w[y2] * v[bi, y2, x, h] for y2 in range(hh))
-    out = np.zeros(v.shape, np.float32)
-    for bi, y, x, h in np.ndindex(b, hh, ww, heads):
-        logits = np.array([q[bi, y, x, h] @ r_row[(x2 - x) + ww - 1] for x2 in range(ww)])
-        w = softmax(logits, 0)
-        out[bi, y, x, h] = sum(w[x2] * f_col[bi, y, x2, h] for x2 in range(ww))
+def content_loop(q, k, v):
+    """F_c(p) = sum_n (q(p) . softmax_n(k)(n)) v(n): keys normalised over the positions n,
+    channel by channel; queries not normalised."""
+    b, hh, ww, heads, dk = k.shape
+    out = np.zeros((*q.shape[:4], v.shape[-1]))
+    for bi, h in np.ndindex(b, heads):
+        keys = np.asarray(k[bi, :, :, h], np.float64).reshape(hh * ww, dk)
+        keys = np.exp(keys - keys.max(axis=0))
+        keys = keys / keys.sum(axis=0)  # each key channel sums to 1 over the positions
+        vals = np.asarray(v[bi, :, :, h], np.float64).reshape(hh * ww, -1)
+        for y, x, n in np.ndindex(hh, ww, hh * ww):  # every position reaches every query
+            out[bi, y, x, h] += (q[bi, y, x, h] @ keys[n]) * vals[n]
     return out
 
 
+def positional_loop(q, v, r_col, r_row, normalize=lambda f: f):
+    """F_col(y, x) = sum_y' (q(y, x) . r_col[y' - y]) v(y', x); then ``normalize`` (the
+    BatchNorm); F_pos(y, x) = sum_x' (q(y, x) . r_row[x' - x]) F_col(y, x'). No softmax."""
+    b, hh, ww, heads, _ = q.shape
+    f_col = np.zeros(v.shape)
+    for bi, y, x, h, y2 in np.ndindex(b, hh, ww, heads, hh):
+        f_col[bi, y, x, h] += (q[bi, y, x, h] @ r_col[(y2 - y) + hh - 1]) * v[bi, y2, x, h]
+    f_col = normalize(f_col)
+    out = np.zeros(v.shape)
+    for bi, y, x, h, x2 in np.ndindex(b, hh, ww, heads, ww):
+        out[bi, y, x, h] += (q[bi, y, x, h] @ r_row[(x2 - x) + ww - 1]) * f_col[bi, y, x2, h]
+    return out
+
+
+def test_content_attention_against_a_loop_over_positions():
+    rng = np.random.default_rng(12)
+    b, hh, ww, heads, dk, dv = 2, 3, 4, 2, 3, 5
+    q = rng.normal(size=(b, hh, ww, heads, dk)).astype(np.float32)
+    k = rng.normal(size=(b, hh, ww, heads, dk)).astype(np.float32)
+    v = rng.normal(size=(b, hh, ww, heads, dv)).astype(np.float32)
+    np.testing.assert_allclose(
+        gsa.content_attention(q, k, v), content_loop(q, k, v), rtol=1e-5, atol=1e-5
+    )
+
+
 def test_positional_attention_against_a_loop_with_explicit_offsets():
+    rng = np.random.default_rng(13)
     b, hh, ww, heads, dk, dv = 2, 4, 3, 2, 3, 4
-    q = RNG.normal(size=(b, hh, ww, heads, dk)).astype(np.float32)
-    v = RNG.normal(size=(b, hh, ww, heads, dv)).astype(np.float32)
-    r_col = RNG.normal(size=(2 * hh - 1, dk)).astype(np.float32)  # offsets -(H-1) .. H-1
-    r_row = RNG.normal(size=(2 * ww - 1, dk)).astype(np.float32)
+    q = rng.normal(size=(b, hh, ww, heads, dk)).astype(np.float32)
+    v = rng.normal(size=(b, hh, ww, heads, dv)).astype(np.float32)
+    r_col = rng.normal(size=(2 * hh - 1, dk)).astype(np.float32)  # offsets -(H-1) .. H-1
+    r_row = rng.normal(size=(2 * ww - 1, dk)).astype(np.float32)
     ours = np.asarray(gsa.positional_attention(q, v, r_col, r_row))
-    np.testing.assert_allclose(ours, positional_loop(q, v, r_col, r_row), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours, positional_loop(q, v, r_col, r_row), rtol=1e-5, atol=1e-4)
+    # linear in v (no softmax anywhere in the positional branch)
+    np.testing.assert_allclose(
+        gsa.positional_attention(q, 3 * v, r_col, r_row), 3 * ours, rtol=1e-5, atol=1e-4
+    )
     # the extreme offsets -(L-1) and L-1 are used: changing either changes the output
     for row in (0, 2 * hh - 2):
         bumped = r_col.copy()
@@ -124,23 +144,48 @@ def test_positional_attention_against_a_loop_with_explicit_offsets():
         gsa.positional_attention(q, v, r_col[:-1], r_row)
 
 
-def test_gsa_module_shapes_parameters_and_sum_of_the_two_layers():
-    x = RNG.normal(size=(2, 5, 6, 12)).astype(np.float32)
-    module = GSA(features=16, heads=4, key_features=8)
-    v = module.init(jax.random.key(0), x)
-    p = v["params"]
-    assert p["qkv"]["kernel"].shape == (12, 8 + 8 + 16)
-    assert p["rel_col"].shape == (2 * 5 - 1, 2) and p["rel_row"].shape == (2 * 6 - 1, 2)
-    out = module.apply(v, x)
-    assert out.shape == (2, 5, 6, 16)
-    proj = np.asarray(x @ np.asarray(p["qkv"]["kernel"]))
-    q, k, val = (proj[..., :8], proj[..., 8:16], proj[..., 16:])
-    heads = lambda t: t.reshape(2, 5, 6, 4, -1)  # noqa: E731
-    q, k, val = heads(q), heads(k), heads(val)
-    expected = np.asarray(gsa.content_attention(q, k, val)) + positional_loop(
-        q, val, np.asarray(p["rel_col"]), np.asarray(p["rel_row"])
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_gsa_module_is_the_papers_equations(train):
+    """The whole module against the loops: 1x1 projections, content + positional branches,
+    the BatchNorm between the column and row steps (batch statistics in training, running
+    averages otherwise), and the running averages' update."""
+    b, hh, ww, heads, dk, features = 2, 5, 6, 4, 8, 16
+    x = np.random.default_rng(14).normal(size=(b, hh, ww, 12)).astype(np.float32)
+    module = GSA(features=features, heads=heads, key_features=dk)
+    v = randomize(module.init(jax.random.key(0), x), seed=4)
+    p, stats = numpy_tree(v["params"]), numpy_tree(v["batch_stats"])["col_norm"]
+    assert p["qkv"]["kernel"].shape == (12, dk + dk + features)
+    assert p["rel_col"].shape == (2 * hh - 1, dk // heads)
+    assert p["rel_row"].shape == (2 * ww - 1, dk // heads)
+    proj = np.asarray(x, np.float64) @ p["qkv"]["kernel"]
+    split = lambda t: t.reshape(b, hh, ww, heads, -1)  # noqa: E731
+    q, k, val = split(proj[..., :dk]), split(proj[..., dk : 2 * dk]), split(proj[..., 2 * dk :])
+    per_head = lambda t: t.reshape(heads, features // heads)  # noqa: E731
+    scale, offset = per_head(p["col_norm"]["scale"]), per_head(p["col_norm"]["bias"])
+    seen = {}
+
+    def batch_norm(f):  # each of the d_out channels (head, channel) on its own
+        if train:
+            mean, var = f.mean(axis=(0, 1, 2)), f.var(axis=(0, 1, 2))
+            seen["mean"], seen["var"] = mean, var
+        else:
+            mean, var = per_head(stats["mean"]), per_head(stats["var"])
+        return (f - mean) / np.sqrt(var + 1e-5) * scale + offset
+
+    expected = content_loop(q, k, val) + positional_loop(
+        q, val, p["rel_col"], p["rel_row"], batch_norm
     )
-    np.testing.assert_allclose(out, expected.reshape(2, 5, 6, 16), rtol=1e-4, atol=1e-5)
+    if train:
+        out, updates = module.apply(v, x, True, mutable=["batch_stats"])
+        new = numpy_tree(updates["batch_stats"]["col_norm"])
+        for name in ("mean", "var"):
+            np.testing.assert_allclose(
+                new[name], 0.9 * stats[name] + 0.1 * seen[name].reshape(-1), rtol=1e-4
+            )
+    else:
+        out = module.apply(v, x)
+    assert out.shape == (b, hh, ww, features)
+    np.testing.assert_allclose(out, expected.reshape(out.shape), rtol=2e-4, atol=2e-4)
     with pytest.raises(ValueError, match="heads"):
         GSA(features=10, heads=4).init(jax.random.key(0), x)
 
@@ -155,14 +200,12 @@ def test_gala_add_on_on_the_toy_cnn_equals_the_reference_forward_with_gala_by_ha
     sites = gj.resolve_sites(backbone, bv, (16, 16, 3), ("conv1", "conv2", "conv3"))
     addons = addon.addon_modules(sites, lambda s, name: GALA(reduction=2, name=name))
     av = randomize(addon.init_addons(addons, jax.random.key(1)))
-    x = RNG.uniform(size=(2, 16, 16, 3)).astype(np.float32)
+    x = np.random.default_rng(15).uniform(size=(2, 16, 16, 3)).astype(np.float32)
     ours = jax.jit(lambda av, x: addon.forward(backbone, addons, av, bv, x))(av, x)
+    p = numpy_tree(av["params"])
 
-    def gala_by_hand(name, a):  # the module's own formula, checked above
-        if name not in ("conv1", "conv2", "conv3"):
-            return a
-        v = {"params": av["params"][name]}
-        return np.asarray(GALA(reduction=2).apply(v, a.astype(np.float32)), np.float64)
+    def gala_by_hand(name, a):  # GALA's formula, in NumPy
+        return gala_numpy(p[name], a) if name in ("conv1", "conv2", "conv3") else a
 
     expected = ref.toy_forward(numpy_tree(bv["params"]), x, gala_by_hand)
     np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
@@ -228,7 +271,7 @@ def test_from_scratch_protocol_trains_backbone_and_modules_together(kind, tmp_pa
     ids=["gala", "se", "gsa"],
 )
 def test_residual_add_ons_are_the_identity_until_trained(make):
-    x = RNG.normal(size=(2, 5, 6, 8)).astype(np.float32)
+    x = np.random.default_rng(16).normal(size=(2, 5, 6, 8)).astype(np.float32)
     module = make()
     v = module.init(jax.random.key(0), x)
     np.testing.assert_array_equal(module.apply(v, x), x)
@@ -237,28 +280,30 @@ def test_residual_add_ons_are_the_identity_until_trained(make):
 
 
 def test_gala_residual_gate_is_one_plus_gamma_times_the_papers_gate():
-    x = RNG.normal(size=(2, 5, 6, 8)).astype(np.float32)
+    x = np.random.default_rng(17).normal(size=(2, 5, 6, 8)).astype(np.float32)
     residual = GALA(reduction=4, gate="residual")
     v = randomize(residual.init(jax.random.key(0), x))
-    gamma = np.asarray(v["params"]["gamma"])
-    direct_params = {k: t for k, t in v["params"].items() if k != "gamma"}
-    s_times_x = GALA(reduction=4).apply({"params": direct_params}, x)  # s * x
+    p = numpy_tree(v["params"])
     np.testing.assert_allclose(
-        residual.apply(v, x), x + gamma * np.asarray(s_times_x), rtol=1e-5, atol=1e-6
+        residual.apply(v, x), x + p["gamma"] * gala_numpy(p, x), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        residual.apply(v, x), gala_numpy(p, x, gate="residual"), rtol=1e-5, atol=1e-6
     )
     with pytest.raises(ValueError, match="gate"):
         GALA(gate="sideways").init(jax.random.key(0), x)
 
 
 def test_gsa_conv_downsamples_by_average_pooling_and_applies_its_activation():
-    x = RNG.normal(size=(2, 8, 8, 6)).astype(np.float32)
+    x = np.random.default_rng(18).normal(size=(2, 8, 8, 6)).astype(np.float32)
     module = GSAConv(features=8, heads=2, stride=2, activation="relu")
-    v = module.init(jax.random.key(0), x)
+    v = randomize(module.init(jax.random.key(0), x), seed=5)
     out = module.apply(v, x)
     assert out.shape == (2, 4, 4, 8)
-    full = np.asarray(GSA(8, 2).apply({"params": v["params"]["gsa"]}, x))
+    inner = {"params": v["params"]["gsa"], "batch_stats": v["batch_stats"]["gsa"]}
+    full = np.asarray(GSA(8, 2).apply(inner, x))
     pooled = full.reshape(2, 4, 2, 4, 2, 8).mean(axis=(2, 4))
-    np.testing.assert_allclose(out, np.maximum(pooled, 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, np.maximum(pooled, 0), rtol=1e-5, atol=1e-5)
 
 
 def tiny_resnet(block):
@@ -303,7 +348,7 @@ def test_resnet_add_on_sits_before_the_residual_addition():
     net, v = tiny_resnet("basic")
     sites = gj.resolve_sites(net, v, (32, 32, 3), ("layer1/*/bn2",))
     addons = addon.addon_modules(sites, lambda s, name: _Zero(name=name))
-    x = RNG.uniform(size=(2, 32, 32, 3)).astype(np.float32)
+    x = np.random.default_rng(19).uniform(size=(2, 32, 32, 3)).astype(np.float32)
     with_zero = sites_lib.record(lambda: addon.forward(net, addons, {}, v, x), ["stem", "layer1"])[
         1
     ]
@@ -338,7 +383,7 @@ def test_replaced_sites_get_the_input_and_the_replaced_module_never_runs():
     kept = addon.drop_replaced(v["params"], addons)
     assert "conv2" not in kept["layer2"]["0"] and "conv1" in kept["layer2"]["0"]
     assert "conv2" in v["params"]["layer2"]["0"]  # the caller's tree is left alone
-    x = RNG.uniform(size=(2, 32, 32, 3)).astype(np.float32)
+    x = np.random.default_rng(20).uniform(size=(2, 32, 32, 3)).astype(np.float32)
     ours = addon.forward(net, addons, copies, {**v, "params": kept}, x)
     np.testing.assert_allclose(ours, net.apply(v, x), rtol=1e-5, atol=1e-5)
 
@@ -363,10 +408,12 @@ def test_from_scratch_resnet_add_on_trains_its_batch_norm_statistics(kind, sites
     config.addon.from_scratch = True
     backbone = models.build_backbone(config)
     task = train.addon_task(config, backbone, jax.random.key(0))
-    assert sorted(task.extra) == ["batch_stats"] and sorted(task.params) == ["addon", "backbone"]
+    # GSA modules have statistics of their own (the BatchNorm between column and row steps)
+    stateful = ["addon_state", "batch_stats"] if kind == "gsa_conv" else ["batch_stats"]
+    assert sorted(task.extra) == stateful and sorted(task.params) == ["addon", "backbone"]
     if kind == "gsa_conv":
         assert "conv2" not in task.params["backbone"]["layer1"]["0"]
-    x = RNG.uniform(size=(4, 64, 64, 3)).astype(np.float32)
+    x = np.random.default_rng(21).uniform(size=(4, 64, 64, 3)).astype(np.float32)
     y = np.arange(4) % 10
 
     def loss(p):
@@ -378,5 +425,10 @@ def test_from_scratch_resnet_add_on_trains_its_batch_norm_statistics(kind, sites
     assert logits.shape == (4, 1000) and np.isfinite(value)
     before, after = task.extra["batch_stats"]["stem"], new_extra["batch_stats"]["stem"]
     assert not np.allclose(before["bn1"]["mean"], after["bn1"]["mean"])
+    assert sorted(new_extra) == stateful
+    if kind == "gsa_conv":
+        before = task.extra["addon_state"]["batch_stats"]["layer1.0.conv2"]["gsa"]["col_norm"]
+        after = new_extra["addon_state"]["batch_stats"]["layer1.0.conv2"]["gsa"]["col_norm"]
+        assert not np.allclose(before["var"], after["var"])
     # (with the residual gate at gamma = 0, only gamma gets a gradient at first)
     assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["addon"])) > 0

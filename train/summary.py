@@ -85,6 +85,7 @@ def summarize(config) -> dict:
         {
             "table1_attention_params": paper,
             "relative_difference": round((n_attention - paper) / paper, 6),
+            "matches_table1": round(n_attention / 100) * 100 == round(paper),  # to 0.1K
         }
         if paper
         else {}

@@ -310,7 +310,8 @@ def addon_task(config, backbone, rng) -> Task:
     Protocol (a), ``addon.from_scratch=False``: an add-on to the frozen backbone at
     ``backbone_checkpoint``; only the modules' parameters train (the attention_training recipe).
     Protocol (b), ``from_scratch=True``: backbone and modules initialised afresh and trained
-    together (the backbone_training recipe, the backbone's dropout on)."""
+    together (the backbone_training recipe, the backbone's dropout on). Modules with BatchNorm
+    (GSA) keep their statistics in 'addon_state' (the backbone's stay in 'batch_stats')."""
     from gattanet_jax import addon
 
     a = config.addon
@@ -321,9 +322,23 @@ def addon_task(config, backbone, rng) -> Task:
     else:
         backbone_vars, source = load_backbone(config, backbone)
     addons = models.build_addons(config, backbone, backbone_vars)
-    addon_params = addon.init_addons(addons, rng)["params"]
+    addon_vars = dict(addon.init_addons(addons, rng))
+    addon_params = addon_vars.pop("params")
+    addon_state = {"addon_state": addon_vars} if addon_vars else {}
     recipe = config.backbone_training if a.from_scratch else config.attention_training
     wd = recipe.weight_decay
+
+    def split(variables):
+        """(the modules' variables, the backbone's statistics) of a model's variables."""
+        module_vars = {"params": variables["params"], **variables.get("addon_state", {})}
+        stats = {k: v for k, v in variables.items() if k not in ("params", "addon_state")}
+        return module_vars, stats
+
+    def new_extra(extra, updates):
+        out = dict(updates.get("backbone", {}))
+        if "addon_state" in extra:
+            out["addon_state"] = updates["addon"]
+        return out
 
     if a.from_scratch:
         stats = {k: v for k, v in backbone_vars.items() if k != "params"}  # BatchNorm's
@@ -334,44 +349,64 @@ def addon_task(config, backbone, rng) -> Task:
 
         def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
             del frozen, example_offset
+            module_vars, stats = split({"params": params["addon"], **extra})
             out = addon.forward(
                 backbone,
                 addons,
-                {"params": params["addon"]},
-                {"params": params["backbone"], **extra},
+                module_vars,
+                {"params": params["backbone"], **stats},
                 x,
                 train=True,
                 rngs={"dropout": rng},
-                mutable=list(extra),
+                mutable=list(stats),
             )
-            logits, updates = out if extra else (out, {})
+            logits, updates = out if isinstance(out, tuple) else (out, {})
             loss = jnp.mean(steps.cross_entropy(logits, y))
-            return loss + wd * steps.l2_penalty(params, ("kernel",)), (logits, dict(updates))
+            return loss + wd * steps.l2_penalty(params, ("kernel",)), (
+                logits,
+                new_extra(extra, updates),
+            )
 
         def logits_fn(variables, frozen, x):
             del frozen
             p = variables["params"]
-            stats = {k: v for k, v in variables.items() if k != "params"}
+            module_vars, stats = split({**variables, "params": p["addon"]})
             return addon.forward(
-                backbone, addons, {"params": p["addon"]}, {"params": p["backbone"], **stats}, x
+                backbone, addons, module_vars, {"params": p["backbone"], **stats}, x
             )
 
-        return Task("addon", params, loss_fn, logits_fn, recipe, {}, extra=stats)
+        extra = {**stats, **addon_state}
+        return Task("addon", params, loss_fn, logits_fn, recipe, {}, extra=extra)
 
     def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
-        del extra, rng, example_offset
-        logits = addon.forward(backbone, addons, {"params": params}, frozen, x)
+        del rng, example_offset
+        module_vars, _ = split({"params": params, **extra})
+        out = addon.forward(backbone, addons, module_vars, frozen, x, train_addons=True)
+        logits, updates = out if isinstance(out, tuple) else (out, {})
         loss = jnp.mean(steps.cross_entropy(logits, y))
-        return loss + wd * steps.l2_penalty(params, ("kernel",)), (logits, {})
+        return loss + wd * steps.l2_penalty(params, ("kernel",)), (
+            logits,
+            new_extra(extra, updates),
+        )
 
     def logits_fn(variables, frozen, x):
-        return addon.forward(backbone, addons, variables, frozen, x)
+        return addon.forward(backbone, addons, split(variables)[0], frozen, x)
 
     def baseline(variables, frozen, x):
         del variables
         return backbone.apply(frozen, x, train=False)
 
-    return Task("addon", addon_params, loss_fn, logits_fn, recipe, backbone_vars, baseline, source)
+    return Task(
+        "addon",
+        addon_params,
+        loss_fn,
+        logits_fn,
+        recipe,
+        backbone_vars,
+        baseline,
+        source,
+        extra=addon_state,
+    )
 
 
 @functools.lru_cache(maxsize=16)

@@ -2,18 +2,23 @@
 positional attention with relative position embeddings, outputs summed.
 
 For X (B, H, W, C_in), 1x1 projections give queries and keys (d_k channels) and values (d_out),
-split into ``heads`` groups:
+split into ``heads`` groups. As the paper's Appendix B writes it:
   content     C = softmax_over_positions(K)^T V   (d_k x d_v per head: the global context)
               F_c(p) = q(p) C                     linear in the number of positions
-  positional  along columns, then rows: for a pixel (y, x) and a column offset,
-              F_col(y, x) = sum_y' softmax_y'(q(y, x) . r_col[y' - y]) v(y', x)
-              F_pos(y, x) = sum_x' softmax_x'(q(y, x) . r_row[x' - x]) F_col(y, x')
+  positional  along columns, a BatchNorm, then along rows, with no softmax:
+              F_col(y, x) = sum_y' (q(y, x) . r_col[y' - y]) v(y', x)
+              F_pos(y, x) = sum_x' (q(y, x) . r_row[x' - x]) BN(F_col)(y, x')
               r_col, r_row: learned embeddings of the 2L - 1 relative offsets -(L-1) .. L-1
   output      F_c + F_pos
-The pure functions are tested against direct loops over positions (tests/test_systems.py).
+The module's one softmax is the content branch's, over the keys' positions. The BatchNorm
+normalises each of the d_out value channels of F_col (statistics over batch and positions in
+training, running averages in 'batch_stats' otherwise). The pure functions are tested against
+loops over positions written from these equations (tests/test_systems.py).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -45,14 +50,25 @@ def relative_logits(q: jax.Array, table: jax.Array, axis: int) -> jax.Array:
     return jnp.einsum("byxhk,xjk->byxhj", q, r)
 
 
+def axial_step(q: jax.Array, v: jax.Array, table: jax.Array, axis: int) -> jax.Array:
+    """One axial step of positional attention: out(y, x) = sum over the L positions j of the
+    pixel's column (axis 1) or row (axis 2) of (q(y, x) . r[j - i]) v at j; no normalisation."""
+    logits = relative_logits(q, table, axis)
+    if axis == 1:
+        return jnp.einsum("byxhj,bjxhv->byxhv", logits, v)
+    return jnp.einsum("byxhj,byjhv->byxhv", logits, v)
+
+
 def positional_attention(
-    q: jax.Array, v: jax.Array, r_col: jax.Array, r_row: jax.Array
+    q: jax.Array,
+    v: jax.Array,
+    r_col: jax.Array,
+    r_row: jax.Array,
+    normalize: Callable[[jax.Array], jax.Array] = lambda t: t,
 ) -> jax.Array:
-    """Axial positional attention: along columns, then along rows on the column output."""
-    col = jax.nn.softmax(relative_logits(q, r_col, axis=1), axis=-1)
-    f_col = jnp.einsum("byxhj,bjxhv->byxhv", col, v)
-    row = jax.nn.softmax(relative_logits(q, r_row, axis=2), axis=-1)
-    return jnp.einsum("byxhj,byjhv->byxhv", row, f_col)
+    """Axial positional attention: along columns, ``normalize`` (the module's BatchNorm), then
+    along rows on the column output."""
+    return axial_step(q, normalize(axial_step(q, v, r_col, 1)), r_row, 2)
 
 
 class GSA(nn.Module):
@@ -61,14 +77,19 @@ class GSA(nn.Module):
     Attributes:
       features: output channels (d_out); heads: attention heads (dividing d_k and d_out);
       key_features: d_k (default: features // 2, at least one channel per head).
+      momentum, epsilon: of the BatchNorm between the column and row steps.
+    Call with ``train=True`` to normalise with the batch's statistics (then make 'batch_stats'
+    mutable); inference uses the running averages.
     """
 
     features: int
     heads: int = 8
     key_features: int | None = None
+    momentum: float = 0.9
+    epsilon: float = 1e-5
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         b, hh, ww, _ = x.shape
         dk = self.key_features or max(self.heads, self.features // 2)
         if dk % self.heads or self.features % self.heads:
@@ -85,7 +106,17 @@ class GSA(nn.Module):
         init = nn.initializers.normal(hk**-0.5)
         r_col = self.param("rel_col", init, (2 * hh - 1, hk))
         r_row = self.param("rel_row", init, (2 * ww - 1, hk))
-        out = content_attention(q, k, v) + positional_attention(q, v, r_col, r_row)
+        norm = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            name="col_norm",
+        )
+
+        def normalize(f_col):  # over the d_out value channels, heads together
+            return norm(f_col.reshape(b, hh, ww, self.features)).reshape(f_col.shape)
+
+        out = content_attention(q, k, v) + positional_attention(q, v, r_col, r_row, normalize)
         return out.reshape(b, hh, ww, self.features)
 
 
@@ -102,10 +133,10 @@ class ResidualGSA(nn.Module):
     reduction: int = 1
 
     @nn.compact
-    def __call__(self, y: jax.Array) -> jax.Array:
+    def __call__(self, y: jax.Array, train: bool = False) -> jax.Array:
         inner = max(1, self.features // self.reduction)
         heads = self.heads if inner % (2 * self.heads) == 0 else 1
-        z = GSA(inner, heads, name="gsa")(y)
+        z = GSA(inner, heads, name="gsa")(y, train)
         out = nn.Dense(
             self.features, use_bias=False, kernel_init=nn.initializers.zeros, name="out"
         )(z)
@@ -126,9 +157,9 @@ class GSAConv(nn.Module):
     activation: str = "none"  # 'relu' where the replaced layer had one built in (toy ConvReLU)
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         heads = self.heads if self.features % (2 * self.heads) == 0 else 1
-        y = GSA(self.features, heads, name="gsa")(x)
+        y = GSA(self.features, heads, name="gsa")(x, train)
         if self.stride > 1:
             y = nn.avg_pool(y, (self.stride, self.stride), (self.stride, self.stride))
         if self.activation == "relu":
