@@ -28,17 +28,28 @@ def make(
     alpha=0.3,
     dtype=jnp.float32,
 ):
+    """A toy backbone with non-zero biases and an attention system whose alphas alternate in
+    sign across sites (magnitudes around ``alpha``), with random biases."""
     backbone = gj.ToyCNN(num_classes, features=features, hidden=hidden, dtype=dtype)
     x = jnp.zeros((1, size, size, 3))
     bv = jax.jit(backbone.init)(jax.random.key(seed), x)
+    rng = np.random.default_rng(seed + 3)  # the backbone's zero-initialised biases too
+    bv = jax.tree_util.tree_map_with_path(
+        lambda p, a: (
+            a + 0.05 * rng.normal(size=a.shape).astype(a.dtype) if p[-1].key == "bias" else a
+        ),
+        bv,
+    )
     sites = gj.resolve_sites(backbone, bv, (size, size, 3), gj.TOY_SITES)
     attention = gj.AttentionSystem(sites, d=d, alpha_init=alpha)
-    av = gj.init_attention(attention, jax.random.key(seed + 1))
-    return backbone, bv, attention, perturb(av, seed + 2)
+    av = perturb(gj.init_attention(attention, jax.random.key(seed + 1)), seed + 2)
+    signs = {gj.attention.param_name(s.name): (-1) ** i for i, s in enumerate(sites)}
+    params = {k: {**v, "alpha": signs[k] * v["alpha"]} for k, v in av["params"].items()}
+    return backbone, bv, attention, {**av, "params": params}
 
 
 def perturb(tree, seed):
-    """Random biases and per-site alphas, so that nothing hides behind zeros or equal values."""
+    """Random offsets on every leaf, so that nothing hides behind zeros or equal values."""
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda a: a + 0.1 * rng.normal(size=a.shape).astype(a.dtype), tree)
 
@@ -101,6 +112,7 @@ def test_alpha_zero_and_full_lesion_equal_the_backbone_exactly():
     backbone, bv, attention, av = make()
     x = images(4)
     base = jax.jit(gj.backbone_logits, static_argnums=0)(backbone, bv, x)
+    assert np.all(np.isfinite(base))  # (NaN would compare equal below)
     zero = jax.tree.map(lambda a: jnp.zeros_like(a) if a.ndim == 0 else a, av)
     np.testing.assert_array_equal(jitted(backbone, attention)(zero, bv, x).logits, base)
     np.testing.assert_array_equal(
@@ -204,16 +216,37 @@ def test_vmap_over_lesion_masks():
 
 
 def test_training_mode_applies_key_query_dropout():
+    """Each key and query element is kept with probability 1 - p = 0.75 and scaled by
+    1 / (1 - p); nothing else differs from inference (no backbone dropout, no other noise)."""
     backbone, bv, attention, av = tiny()
-    x = images(4, size=8)
+    x = images(16, size=8)
     with pytest.raises(ValueError, match="needs an rng"):
         gj.two_pass(backbone, attention, av, bv, x, train=True)
-    train = jitted(backbone, attention, train=True)
-    a = train(av, bv, x, rng=jax.random.key(1))
-    b = train(av, bv, x, rng=jax.random.key(2))
-    c = jitted(backbone, attention)(av, bv, x)
-    assert not np.allclose(a.logits, b.logits)
-    assert not np.allclose(a.logits, c.logits)
+    internals = jitted(backbone, attention, return_internals=True)
+    train = jitted(backbone, attention, train=True, return_internals=True)
+    plain = internals(av, bv, x).attention
+    dropped = train(av, bv, x, rng=jax.random.key(1)).attention
+    kept = total = 0
+    for which in ("keys", "queries"):
+        for name in plain.keys:
+            full = np.asarray(getattr(plain, which)[name])
+            got = np.asarray(getattr(dropped, which)[name])
+            assert np.all(np.isfinite(got)) and np.all(full != 0)
+            mask = got != 0
+            np.testing.assert_allclose(got[mask], full[mask] / 0.75, rtol=1e-6)
+            kept, total = kept + mask.sum(), total + mask.size
+    assert total > 4000 and abs(kept / total - 0.75) < 0.03, kept / total
+    # the global query is the mean of the dropped queries; different rngs, different masks
+    q = [np.asarray(dropped.queries[s.name]) for s in attention.sites]
+    q_avg = np.mean([v.reshape(16, -1, v.shape[-1]).mean(1) for v in q], axis=0)
+    np.testing.assert_allclose(dropped.q_avg, q_avg, rtol=1e-5, atol=1e-6)
+    other = train(av, bv, x, rng=jax.random.key(2)).attention
+    assert not np.array_equal(other.keys["conv1"] != 0, dropped.keys["conv1"] != 0)
+    # with the rate at 0, training mode is inference mode exactly: only keys and queries drop
+    no_drop = attention.clone(dropout_rate=0.0)
+    a = jitted(backbone, no_drop, train=True)(av, bv, x, rng=jax.random.key(1)).logits
+    np.testing.assert_array_equal(a, jitted(backbone, no_drop)(av, bv, x).logits)
+    assert np.all(np.isfinite(a))
 
 
 class ChainedSite(nn.Dense):
@@ -315,6 +348,7 @@ def test_one_iteration_and_no_cue_are_the_papers_model_exactly():
     backbone, bv, attention, av = make(d=5, features=(4, 8, 8), hidden=16, size=16)
     x = images(3, size=16)
     paper = jitted(backbone, attention)(av, bv, x).logits
+    assert np.all(np.isfinite(paper))  # (NaN would compare equal below)
     np.testing.assert_array_equal(
         jitted(backbone, attention, iterations=1)(av, bv, x).logits, paper
     )
@@ -432,6 +466,6 @@ def test_one_head_is_the_papers_model_exactly():
     paper = gj.init_attention(attention, jax.random.key(7))
     assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, paper)
     x = images(2, size=16)
-    np.testing.assert_array_equal(
-        jitted(backbone, one)(av, bv, x).logits, jitted(backbone, attention)(av, bv, x).logits
-    )
+    logits = jitted(backbone, attention)(av, bv, x).logits
+    assert np.all(np.isfinite(logits))  # (NaN would compare equal below)
+    np.testing.assert_array_equal(jitted(backbone, one)(av, bv, x).logits, logits)

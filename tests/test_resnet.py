@@ -163,6 +163,40 @@ def resnet_attention(batch_norm=True, layer_norm=True, d=3):
     return model, bv, att
 
 
+def test_key_query_batch_norm_in_training_mode_is_its_formula():
+    """Training mode: each of the d key (query) features normalised with the batch's mean and
+    biased variance over batch and positions, epsilon 1e-3, then scale and offset; running
+    averages move by momentum 0.99. Dense sites: plain biases, no normalisation."""
+    _, _, att = resnet_attention(layer_norm=False)
+    att = att.clone(dropout_rate=0.0)
+    rng = np.random.default_rng(30)
+    acts = {s.name: rng.normal(size=(4, *s.shape)).astype(np.float32) for s in att.sites}
+    av = gj.init_attention(att, jax.random.key(1))
+    av = jax.tree.map(lambda a: a + rng.uniform(0.2, 0.8, a.shape).astype(np.float32), av)
+    out, updates = att.apply(av, acts, train=True, mutable=["batch_stats"])
+    for site in att.sites:
+        p = jax.tree.map(np.asarray, av["params"][gj.attention.param_name(site.name)])
+        a = acts[site.name].astype(np.float64)
+        for w, got in (("K", out.keys[site.name]), ("Q", out.queries[site.name])):
+            if site.kind == "dense":  # k_j(c,:) = A_j(c) K_j(c,:) + b
+                expected = a[..., None] * p[w] + p[f"{w}_bias"]
+            else:
+                raw = a @ p[w]
+                axes = tuple(range(raw.ndim - 1))
+                mean, var = raw.mean(axes), raw.var(axes)
+                expected = (raw - mean) / np.sqrt(var + 1e-3) * p[f"{w}_bn_scale"]
+                expected = expected + p[f"{w}_bn_offset"]
+                stats = jax.tree.map(np.asarray, av["batch_stats"][site.name])
+                new = updates["batch_stats"][site.name]
+                np.testing.assert_allclose(
+                    new[f"{w}_mean"], 0.99 * stats[f"{w}_mean"] + 0.01 * mean, rtol=1e-5
+                )
+                np.testing.assert_allclose(
+                    new[f"{w}_var"], 0.99 * stats[f"{w}_var"] + 0.01 * var, rtol=1e-4
+                )
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=site.name)
+
+
 def test_resnet_attention_variant_trains_its_statistics_and_folds_them_for_inference():
     model, bv, att = resnet_attention()
     av = gj.init_attention(att, jax.random.key(1))
@@ -220,6 +254,10 @@ def test_random_resized_crop_and_centre_crop():
     assert imagenet.random_resized_crop(thin, np.random.default_rng(0), 8).shape == (8, 8, 3)
 
 
+def summary_count(config):
+    return summary.summarize(config)["attention_params"]
+
+
 def test_attention_stage_on_a_tiny_resnet_with_mock_imagenet(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     from train import train
@@ -234,7 +272,11 @@ def test_attention_stage_on_a_tiny_resnet_with_mock_imagenet(tmp_path):
         assert results["steps"] == 48 // 8  # 64 examples, a quarter held out, batch 8
         assert results["backbone_checkpoint"] == str(tmp_path / "r.npz")
         saved = json.loads((tmp_path / "wd" / "results.json").read_text())
-        assert 0 <= saved["test_accuracy"] <= 1 and saved["trainable_params"] > 0
+        assert saved == results and saved["trainable_params"] == summary_count(config)
+        # 24 test images: accuracies are whole counts of them; the loss is a real number
+        for key in ("test_accuracy", "backbone_test_accuracy"):
+            assert saved[key] * 24 == pytest.approx(round(saved[key] * 24), abs=1e-6)
+        assert np.isfinite(saved["test_loss"]) and saved["test_loss"] > 0
         # the attention's BatchNorm statistics were trained and checkpointed with the state
         stats = state["variables"]["batch_stats"]
         assert float(jnp.max(jnp.abs(stats["stem"]["K_mean"]))) > 0

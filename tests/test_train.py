@@ -36,6 +36,7 @@ def leaves(tree):
 
 def assert_trees_equal(a, b):
     for x, y in zip(leaves(a), leaves(b), strict=True):
+        assert not np.issubdtype(x.dtype, np.floating) or np.all(np.isfinite(x))  # NaN == NaN
         np.testing.assert_array_equal(x, y)
 
 
@@ -50,10 +51,42 @@ def test_backbone_stage_writes_results_and_checkpoints(backbone_run):
     workdir, _, results = backbone_run
     saved = json.loads((workdir / "results.json").read_text())
     assert saved["stage"] == "backbone" and saved["epochs"] == 2 and saved["steps"] == 8
-    assert 0.0 <= saved["test_accuracy"] <= 1.0
     assert saved == results
+    # test accuracy and loss are the best checkpoint's, recomputed here from the test split
+    assert_matches_the_best_checkpoint(workdir, results)
     assert (workdir / "best").is_dir() and (workdir / "checkpoints" / "2").is_dir()
     assert list((workdir / "tensorboard").iterdir())
+
+
+def assert_matches_the_best_checkpoint(workdir, results):
+    import optax
+
+    from train import input_pipeline, models
+
+    config = tiny_config()
+    backbone = models.build_backbone(config)
+    best = checkpoints.manager(workdir / "best", keep=1, create=False)
+    assert best.latest_step() == results["best_epoch"]
+    variables = best.restore(best.latest_step())["variables"]
+    test = input_pipeline.load(config, models.image_shape(config)).test
+    logits = backbone.apply(variables, np.asarray(test.images, np.float32) / 255.0)
+    labels = np.asarray(test.labels)
+    assert len(labels) == 64
+    accuracy = float(np.mean(np.argmax(logits, -1) == labels))
+    loss = float(np.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)))
+    assert results["test_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    assert results["test_loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_early_stopping_stops_the_run(tmp_path):
+    """Learning rate ~0: validation accuracy never beats epoch 1's, so patience 2 stops the run
+    after epoch 3 of 50 and says so."""
+    config = tiny_config(epochs=50)
+    config.backbone_training.patience = 2
+    config.backbone_training.learning_rate = 1e-12
+    _, results = train.train_and_evaluate(config, str(tmp_path))
+    assert results["epochs"] == 3 and results["early_stopped"] is True
+    assert results["best_epoch"] == 1 and results["steps"] == 3 * 4
 
 
 def test_resume_equals_an_uninterrupted_run(backbone_run, tmp_path):
