@@ -123,6 +123,9 @@ def run(
     results["attention_over_backbone_train"] = (
         results["attention_step_s"] / results["backbone_train_step_s"]
     )
+    results["eval_over_backbone_forward"] = (
+        results["eval_forward_s"] / results["backbone_forward_s"]
+    )
     bb_mem, at_mem = (
         results["backbone_train_step"]["temp_bytes"],
         results["attention_step"]["temp_bytes"],
@@ -140,8 +143,14 @@ def run(
         results["peer_torch_attention_step_s"] = torch_peer.attention_step_seconds(
             batch, d, repeats, warmup, threads
         )
-        results["attention_over_peer_torch"] = (
+        results["peer_torch_backbone_train_step_s"] = torch_peer.backbone_train_step_seconds(
+            batch, repeats, warmup, threads
+        )
+        results["attention_over_peer"] = (
             results["attention_step_s"] / results["peer_torch_attention_step_s"]
+        )
+        results["backbone_train_over_peer"] = (
+            results["backbone_train_step_s"] / results["peer_torch_backbone_train_step_s"]
         )
     results["config"] = {
         "backbone": backbone_name,

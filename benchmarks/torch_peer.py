@@ -1,5 +1,6 @@
-"""The toy GAttANet attention training step as a researcher would write it in plain PyTorch
-(eager, CPU): the same model, batch, dropout, optimizer and two passes as ours.
+"""The toy model's training steps as a researcher would write them in plain PyTorch (eager,
+CPU): GAttANet's attention step (the same model, batch, dropout, optimizer and two passes as
+ours) and the backbone's own training step (all parameters, dropout 0.2, Adam).
 
 Optional: needs ``pip install torch==2.13.0``.
 """
@@ -11,13 +12,7 @@ import time
 import numpy as np
 
 
-def attention_step_seconds(batch: int, d: int, repeats: int, warmup: int, threads: int) -> float:
-    import torch
-    from torch import nn
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-
+def _toy(torch, nn):
     class Toy(nn.Module):
         def __init__(self, classes=10):
             super().__init__()
@@ -30,6 +25,7 @@ def attention_step_seconds(batch: int, d: int, repeats: int, warmup: int, thread
             )
             self.dense1 = nn.Linear(2048, 256)
             self.logits = nn.Linear(256, classes)
+            self.drop = nn.Dropout(0.2)  # after each pooling, active in train() mode
 
         def forward(self, x, factors=None, record=None):
             def site(i, a):
@@ -39,13 +35,56 @@ def attention_step_seconds(batch: int, d: int, repeats: int, warmup: int, thread
 
             for i, conv in enumerate(self.convs):
                 x = site(i, torch.relu(conv(x)))
-                x = nn.functional.max_pool2d(x, 2)
+                x = self.drop(nn.functional.max_pool2d(x, 2))
             x = site(3, torch.relu(self.dense1(x.permute(0, 2, 3, 1).flatten(1))))
             return site(4, self.logits(x))
 
+    return Toy()
+
+
+def _median_step_seconds(step, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def backbone_train_step_seconds(batch: int, repeats: int, warmup: int, threads: int) -> float:
+    """The backbone's own training step: forward in train mode, cross-entropy, backward
+    through every parameter, an Adam update."""
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = _toy(torch, nn).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7)
+    x = torch.rand(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+
+    def step():
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return _median_step_seconds(step, repeats, warmup)
+
+
+def attention_step_seconds(batch: int, d: int, repeats: int, warmup: int, threads: int) -> float:
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
     channels = [32, 64, 128, 256, 10]
     kinds = ["conv", "conv", "conv", "dense", "dense"]
-    model = Toy().eval()
+    model = _toy(torch, nn).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     K = [nn.Parameter(torch.randn(c, d) * 0.1) for c in channels]
@@ -84,11 +123,4 @@ def attention_step_seconds(batch: int, d: int, repeats: int, warmup: int, thread
         loss.backward()
         opt.step()
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return _median_step_seconds(step, repeats, warmup)
