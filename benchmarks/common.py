@@ -13,17 +13,18 @@ import gattanet_jax as gj
 from gattanet_jax.backbones import resnet
 
 
-def build(batch: int, dtype: str, d: int, backbone_name: str = "toy", image_size: int = 0):
+def build(batch: int, dtype: str, d: int, backbone_name: str = "toy", image_size: int = 0, **arch):
     """A backbone with random weights, its attention system, and a batch of uint8 images.
 
     'toy' (10 classes, 32 px by default) or 'resnet18' / 'resnet50' (1000 classes, 224 px by
-    default, the paper's ResNet attention variant with BatchNorm and LayerNorm)."""
+    default, the paper's ResNet attention variant with BatchNorm and LayerNorm); ``arch``
+    overrides ResNet fields (``stage_sizes``, ``width``: a small network of the same kind)."""
     compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     if backbone_name == "toy":
         backbone, sites, classes, size = gj.ToyCNN(10, dtype=compute), gj.TOY_SITES, 10, 32
         variant = {}
     else:
-        backbone = resnet.ARCHITECTURES[backbone_name](num_classes=1000, dtype=compute)
+        backbone = resnet.ARCHITECTURES[backbone_name](num_classes=1000, dtype=compute, **arch)
         sites, classes, size = resnet.RESNET_SITES, 1000, 224
         variant = {"batch_norm_kq": True, "layer_norm_gatta": True}
     size = image_size or size

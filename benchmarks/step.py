@@ -26,19 +26,20 @@ from benchmarks.common import build, median_seconds, report
 from train import steps
 from train.train import attention_loss_fn, backbone_loss_fn
 
-_BACKBONE = flags.DEFINE_enum(
-    "backbone", "toy", ["toy", "resnet18", "resnet50"], "Backbone to time."
-)
-_IMAGE_SIZE = flags.DEFINE_integer(
-    "image_size", 0, "Image side in pixels; 0 = the backbone's own (toy 32, ResNets 224)."
-)
-_BATCH = flags.DEFINE_integer("batch", 128, "Batch size.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
-_D = flags.DEFINE_integer("d", 16, "Attention dimension.")
-_PEER = flags.DEFINE_enum("peer", None, ["torch"], "Also time a peer implementation.")
-_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed runs per measurement.")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed runs before timing.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+if __name__ == "__main__":  # flags only when run as a program (the suite imports this)
+    _BACKBONE = flags.DEFINE_enum(
+        "backbone", "toy", ["toy", "resnet18", "resnet50"], "Backbone to time."
+    )
+    _IMAGE_SIZE = flags.DEFINE_integer(
+        "image_size", 0, "Image side in pixels; 0 = the backbone's own (toy 32, ResNets 224)."
+    )
+    _BATCH = flags.DEFINE_integer("batch", 128, "Batch size.")
+    _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
+    _D = flags.DEFINE_integer("d", 16, "Attention dimension.")
+    _PEER = flags.DEFINE_enum("peer", None, ["torch"], "Also time a peer implementation.")
+    _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed runs per measurement.")
+    _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed runs before timing.")
+    _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 
 
 def time_step(step_fn, state, data, repeats, warmup):
@@ -70,19 +71,21 @@ def compiled_stats(jitted, *args) -> dict:
     }
 
 
-def run(
+def train_steps(
     batch: int,
     dtype: str,
     d: int,
     repeats: int,
     warmup: int,
-    peer: str | None,
     backbone_name: str = "toy",
     image_size: int = 0,
-) -> dict:
-    if peer and backbone_name != "toy":
-        raise app.UsageError("--peer torch times the toy model only")
-    backbone, bv, attention, av, images, labels = build(batch, dtype, d, backbone_name, image_size)
+    **arch,
+) -> tuple[dict, tuple]:
+    """Times the backbone's own training step and GAttANet's attention step; returns the
+    results and the built model (backbone, its variables, attention, its variables, images)."""
+    backbone, bv, attention, av, images, labels = build(
+        batch, dtype, d, backbone_name, image_size, **arch
+    )
     perm = jnp.arange(batch)
     data = (images, labels, perm)
     seed = jax.random.key(0)
@@ -111,7 +114,24 @@ def run(
     at_data = (bv, *data)
     results["attention_step"] = compiled_stats(at_step, at_state, *at_data, jnp.int32(0))
     results["attention_step_s"] = time_step(at_step, at_state, at_data, repeats, warmup)
+    return results, (backbone, bv, attention, av, images)
 
+
+def run(
+    batch: int,
+    dtype: str,
+    d: int,
+    repeats: int,
+    warmup: int,
+    peer: str | None,
+    backbone_name: str = "toy",
+    image_size: int = 0,
+) -> dict:
+    if peer and backbone_name != "toy":
+        raise app.UsageError("--peer torch times the toy model only")
+    results, (backbone, bv, attention, av, images) = train_steps(
+        batch, dtype, d, repeats, warmup, backbone_name, image_size
+    )
     x = images.astype(jnp.float32) / 255.0
     eval_fn = jax.jit(lambda av, bv, x: gj.two_pass(backbone, attention, av, bv, x).logits)
     results["eval_forward_s"] = median_seconds(eval_fn, av, bv, x, repeats=repeats, warmup=warmup)

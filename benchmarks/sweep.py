@@ -21,12 +21,13 @@ from benchmarks.common import build, median_seconds, report
 from train import steps
 from train.train import attention_loss_fn
 
-_MEMBERS = flags.DEFINE_list("members", ["1", "4", "16"], "Member counts to time.")
-_BATCH = flags.DEFINE_integer("batch", 128, "Batch size per member.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
-_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed runs per measurement.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed runs before timing.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+if __name__ == "__main__":  # flags only when run as a program (the suite imports this)
+    _MEMBERS = flags.DEFINE_list("members", ["1", "4", "16"], "Member counts to time.")
+    _BATCH = flags.DEFINE_integer("batch", 128, "Batch size per member.")
+    _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
+    _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed runs per measurement.")
+    _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed runs before timing.")
+    _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 
 
 def time_members(n: int, batch: int, dtype: str, repeats: int, warmup: int) -> float:
