@@ -4,10 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-$(STAMP): pyproject.toml
+# The tested versions (constraints.txt) within pyproject's ranges.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -e '.[test]'
-	$(VENV)/bin/pip install -q -e '.[torch]' || echo "torch not installed: its tests are skipped"
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[torch]' || echo "torch not installed: its tests are skipped"
 	touch $(STAMP)
 
 .PHONY: demo test lint venv

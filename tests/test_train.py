@@ -52,6 +52,10 @@ def test_backbone_stage_writes_results_and_checkpoints(backbone_run):
     saved = json.loads((workdir / "results.json").read_text())
     assert saved["stage"] == "backbone" and saved["epochs"] == 2 and saved["steps"] == 8
     assert saved == results
+    env = saved["environment"]  # what produced the result
+    assert env["jax"] == jax.__version__ and env["device_count"] == jax.device_count()
+    assert env["device_kind"] and env["flax"] and env["optax"]
+    assert env["git_commit"] is None or len(env["git_commit"]) == 40
     # test accuracy and loss are the best checkpoint's, recomputed here from the test split
     assert_matches_the_best_checkpoint(workdir, results)
     assert (workdir / "best").is_dir() and (workdir / "checkpoints" / "2").is_dir()

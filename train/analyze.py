@@ -285,7 +285,12 @@ def lesion(m: Trained, lesions=None) -> dict:
 
 
 def umap(m: Trained, seed: int = 0) -> dict:
-    import umap as umap_learn
+    try:
+        import umap as umap_learn
+    except ImportError:
+        raise UserError(
+            "the UMAP analysis needs umap-learn: pip install 'gattanet-jax[analysis]'"
+        ) from None
 
     _, _, (q_avg, _) = outputs(m, m.test.images, internals=True)
     with warnings.catch_warnings():  # a fixed random_state runs single-threaded: said above

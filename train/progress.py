@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
 from pathlib import Path
 
 import jax
@@ -17,6 +19,35 @@ def log(*args, **kwargs) -> None:
     """print, on process 0 only."""
     if is_main():
         print(*args, **kwargs)
+
+
+def environment() -> dict:
+    """What produced a result: software versions, devices, and the code's git commit (None
+    outside a git checkout)."""
+    import flax
+    import jaxlib
+    import optax
+
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    device = jax.devices()[0]
+    return {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "python": platform.python_version(),
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+        "git_commit": commit or None,
+    }
 
 
 def write_text(path: Path, text: str) -> None:

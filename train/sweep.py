@@ -283,6 +283,7 @@ def train_sweep(config, workdir: str):
         "backbone_checkpoint": source[0] if source[1] is None else f"{source[0]}/{source[1]}",
         "backbone_checkpoint_sha256": source[2],
         "wall_time_s": round(time.time() - start_time, 1),
+        "environment": progress.environment(),
     }
     (path / "results.json").write_text(json.dumps(results, indent=2))
     table = results_table(results)

@@ -686,6 +686,7 @@ def _finish(config, task, state, data, best, path, meta, start_time):
         "trainable_params": count_params(params),
         "frozen_params": count_params(task.frozen),
         "wall_time_s": round(time.time() - start_time, 1),
+        "environment": progress.environment(),
     }
     if task.baseline_logits_fn is not None:
         base = evaluate(task, variables, data.test, config.eval_batch_size, task.baseline_logits_fn)
