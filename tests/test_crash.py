@@ -4,6 +4,7 @@ write) and rerun ends bit-identical to an uninterrupted run."""
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -19,12 +20,14 @@ ARGS = [
     "--config=configs/toy_cifar10.py:smoke",
     "--config.stage=backbone",
     "--config.dataset.name=embedded",
-    "--config.model.features=(4, 8, 8)",
-    "--config.model.hidden=16",
+    "--config.model.features=(8, 16, 16)",
+    "--config.model.hidden=32",
     "--config.backbone_training.num_epochs=10",
     "--config.backbone_training.patience=10",
-    # validation accuracy improves in several epochs (1, 2, 4 and 6): a second best checkpoint
-    "--config.backbone_training.learning_rate=1e-2",
+    # a model that learns on the smoke data: validation accuracy improves in several epochs
+    # (1, 2, 3, 7, 8 and 10), so there is a second best checkpoint to crash in
+    "--config.backbone_training.learning_rate=3e-3",
+    "--config.backbone_training.augment=False",
 ]
 
 
@@ -143,3 +146,38 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_as_latest(
         assert f"resumed from epoch {n - 1} " in r.stdout
     assert not list((crashed / target).glob("*.orbax-checkpoint-tmp*"))
     assert_same_run(straight, crashed)
+
+
+def wait_two_checkpoints(workdir) -> float:
+    """Waits for the first two periodic checkpoints; returns one epoch's time."""
+    deadline = time.time() + 300
+    seen = []
+    for n in (1, 2):
+        while not (workdir / "checkpoints" / str(n)).exists() and time.time() < deadline:
+            time.sleep(0.02)
+        seen.append(time.time())
+    return seen[1] - seen[0]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_a_signal_saves_at_the_next_step_and_the_rerun_equals_an_uninterrupted_run(
+    straight, tmp_path, signum
+):
+    """A scheduler's preemption (SIGTERM) or Ctrl-C (SIGINT): the run checkpoints at the next
+    step boundary, exits with 128 + the signal, and a rerun ends bit-identical."""
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(
+        command(stopped), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV, text=True
+    )
+    epoch = wait_two_checkpoints(stopped)
+    time.sleep(random.SystemRandom().uniform(0.0, 4 * epoch))  # somewhere in epochs 3-6
+    proc.send_signal(signum)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signum, out[-2000:]
+    step = int(re.search(r"checkpoint saved at step (\d+)", out).group(1))
+    assert (stopped / "checkpoints_mid" / str(step)).is_dir()
+    assert not (stopped / "results.json").exists()
+    r = subprocess.run(command(stopped), capture_output=True, timeout=600, env=ENV, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed" in r.stdout
+    assert_same_run(straight, stopped)

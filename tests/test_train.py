@@ -93,6 +93,17 @@ def test_early_stopping_stops_the_run(tmp_path):
     assert results["best_epoch"] == 1 and results["steps"] == 3 * 4
 
 
+def test_progress_lines_within_an_epoch_in_any_output(tmp_path, capsys):
+    """Not a terminal (pytest captures stdout): lines every log_every_steps steps anyway."""
+    config = tiny_config(epochs=1, max_train_examples=640)
+    config.log_every_steps = 4
+    train.train_and_evaluate(config, str(tmp_path))
+    lines = [x for x in capsys.readouterr().out.splitlines() if " step " in x]
+    # 576 training images, batch 32: 18 steps; lines at steps 4, 8, 12 and 16
+    assert [x.split(" step ")[1].split()[0] for x in lines] == ["4/18", "8/18", "12/18", "16/18"]
+    assert all("loss " in x and "steps/s" in x and "run ETA" in x for x in lines)
+
+
 def test_resume_equals_an_uninterrupted_run(backbone_run, tmp_path):
     _, state, results = backbone_run
     train.train_and_evaluate(tiny_config(epochs=1), str(tmp_path))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import platform
+import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -103,3 +106,77 @@ def duration(seconds: float) -> str:
         if seconds >= 3600
         else (f"{seconds // 60}m{seconds % 60:02d}s")
     )
+
+
+class StepLog:
+    """Progress lines within an epoch, every ``every`` steps or ``seconds``, whichever comes
+    first, printed in any output (a batch scheduler's log too): step, running loss and
+    accuracy, steps/s and ETAs; the same running values go to TensorBoard."""
+
+    def __init__(self, stage: str, steps_per_epoch: int, epochs: int, writer, every: int,
+                 seconds: float = 30.0):  # fmt: skip
+        self.stage, self.steps_per_epoch, self.epochs = stage, steps_per_epoch, epochs
+        self.writer, self.every, self.seconds = writer, max(1, every), seconds
+
+    def start_epoch(self, first_index: int) -> None:
+        self.t0 = self.last = time.time()
+        self.first = first_index
+
+    def due(self, index: int) -> bool:
+        last_of_epoch = index + 1 == self.steps_per_epoch  # the epoch line follows
+        periodic = (index + 1) % self.every == 0 or time.time() - self.last >= self.seconds
+        return periodic and not last_of_epoch
+
+    def report(self, epoch: int, index: int, step: int, sums: dict, skipped: int) -> None:
+        now = time.time()
+        self.last = now
+        done = max(1, index + 1 - skipped)
+        loss, acc = float(sums["loss"]) / done, float(sums["accuracy"]) / done
+        rate = (index + 1 - self.first) / max(now - self.t0, 1e-9)
+        epoch_left = (self.steps_per_epoch - index - 1) / rate
+        run_left = epoch_left + (self.epochs - epoch - 1) * self.steps_per_epoch / rate
+        log(
+            f"[{self.stage}] epoch {epoch + 1}/{self.epochs} step {index + 1}/"
+            f"{self.steps_per_epoch} loss {loss:.4f} acc {acc:.4f} | {rate:.1f} steps/s, epoch "
+            f"ETA {duration(epoch_left)}, run ETA {duration(run_left)} (at most)",
+            flush=True,
+        )
+        self.writer.scalars(
+            step, {"train/running_loss": loss, "train/running_accuracy": acc, "steps_per_s": rate}
+        )
+
+
+class Preemption:
+    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) set ``signum`` instead of killing
+    the process; the training loop checkpoints at the next step boundary and calls ``exit``.
+    A second SIGINT interrupts at once. Handlers are installed only in the main thread."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def exit(self, stage: str, step: int) -> None:
+        name = signal.Signals(self.signum).name
+        log(
+            f"[{stage}] {name}: checkpoint saved at step {step}; rerun the same command to resume",
+            flush=True,
+        )
+        raise SystemExit(128 + self.signum)

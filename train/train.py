@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import json
 import os
-import sys
 import time
 
 import jax
@@ -20,7 +19,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tqdm
 from absl import logging
 
 from gattanet_jax import count_params, init_attention, site_alphas, two_pass, weights
@@ -435,7 +433,13 @@ def evaluate(task: Task, variables, split, batch_size: int, logits_fn=None) -> d
 
 
 def train_stage(config, workdir: str) -> tuple[dict, dict]:
-    """Trains one stage in ``workdir``, resuming from its latest checkpoint if there is one."""
+    """Trains one stage in ``workdir``, resuming from its latest checkpoint if there is one.
+    SIGTERM and SIGINT save the run at the next step boundary and exit (128 + the signal)."""
+    with progress.Preemption() as stop:
+        return _train_stage(config, workdir, stop)
+
+
+def _train_stage(config, workdir: str, stop: progress.Preemption) -> tuple[dict, dict]:
     start_time = time.time()
     place = parallel.placement(config)
     parallel.check_batch_sizes(config, place)
@@ -489,7 +493,9 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
     # Within an epoch (config.checkpoint_every_steps): a later state than the epoch's start, with
     # the epoch's running sums, so that a resumed epoch ends exactly as an uninterrupted one.
     every = config.get("checkpoint_every_steps", 0)
-    mid = checkpoints.manager(path / "checkpoints_mid", keep=1) if every else None
+    # (also where a SIGTERM or SIGINT saves the run at a step boundary)
+    has_mid = every or (path / "checkpoints_mid").is_dir()
+    mid = checkpoints.manager(path / "checkpoints_mid", keep=1) if has_mid else None
     epoch_start = {"sums": {"loss": 0.0, "accuracy": 0.0}, "skipped": int(state["skipped"])}
     resume_at = 0
     if mid is not None and (mid.latest_step() or -1) > int(state["step"]):
@@ -540,6 +546,9 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
     )
     batches = _Batches(data.train, place, seed_key, config.seed, batch, recipe.augment)
     writer = progress.Writer(path)
+    step_log = progress.StepLog(
+        config.stage, steps_per_epoch, recipe.num_epochs, writer, config.log_every_steps
+    )
     epoch_times = []
     while not meta["done"] and meta["epoch"] < recipe.num_epochs:
         t0 = time.time()
@@ -548,20 +557,25 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
         skipped_before = epoch_start["skipped"]
         if skipped_before is None:  # a fresh epoch: skips counted from here
             skipped_before = int(state["skipped"])
-        bar = tqdm.tqdm(
-            range(resume_at, steps_per_epoch),
-            desc=f"[{config.stage}] epoch {epoch + 1}",
-            leave=False,
-            disable=not sys.stderr.isatty() or not progress.is_main(),
-            mininterval=1.0,
-        )
+        step_log.start_epoch(resume_at)
         first_step, finite = int(state["step"]), []
-        for i, step_args in zip(bar, batches.epoch(epoch, resume_at), strict=False):
+        steps_left = range(resume_at, steps_per_epoch)
+        for i, step_args in zip(steps_left, batches.epoch(epoch, resume_at), strict=False):
+            if stop.signum is not None:  # preempted: save here, exit; a rerun resumes here
+                if not skip:
+                    _check_finite(finite, first_step, epoch, ckpt)
+                mid = mid or checkpoints.manager(path / "checkpoints_mid", keep=1)
+                if mid.latest_step() != int(state["step"]):
+                    epoch_now = {"sums": sums, "skipped": skipped_before}
+                    saved = {"state": state, "meta": progress.meta_arrays(meta)}
+                    checkpoints.save(mid, int(state["step"]), saved | _epoch_arrays(epoch_now))
+                writer.close()
+                stop.exit(config.stage, int(state["step"]))
             state, metrics = step_fn(state, task.frozen, *step_args)
             del step_args
             sums = {k: sums[k] + metrics[k] for k in sums}
             finite.append(metrics["finite"])  # read back only at the checks: no sync per step
-            at_mid = mid is not None and (i + 1) % every == 0 and i + 1 < steps_per_epoch
+            at_mid = bool(every) and (i + 1) % every == 0 and i + 1 < steps_per_epoch
             last_or_log = (i + 1) % config.log_every_steps == 0 or i + 1 == steps_per_epoch
             if not skip and (last_or_log or at_mid):
                 _check_finite(finite, first_step, epoch, ckpt)
@@ -569,6 +583,9 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
                 epoch_now = {"sums": sums, "skipped": skipped_before}
                 saved = {"state": state, "meta": progress.meta_arrays(meta)}
                 checkpoints.save(mid, int(state["step"]), saved | _epoch_arrays(epoch_now))
+            if step_log.due(i):
+                skipped_now = int(state["skipped"]) - skipped_before
+                step_log.report(epoch, i, int(state["step"]), sums, skipped_now)
         resume_at, epoch_start = 0, {"sums": {"loss": 0.0, "accuracy": 0.0}, "skipped": None}
         skipped = int(state["skipped"]) - skipped_before
         if skipped == steps_per_epoch:
