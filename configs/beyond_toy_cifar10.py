@@ -1,5 +1,6 @@
-r"""Beyond the paper (issue 11) on the toy CIFAR-10 setup: GAttANet d = 16 on a frozen toy
-backbone (configs/toy_cifar10.py), with one extension switched on.
+r"""Beyond the paper: GAttANet d = 16 on a frozen toy CIFAR-10 backbone, one extension on.
+
+The toy CIFAR-10 setup of configs/toy_cifar10.py, with one extension switched on.
 
 ``--config configs/beyond_toy_cifar10.py:<variant>[,smoke]``
 
@@ -23,12 +24,16 @@ import ml_collections
 
 from configs import toy_cifar10
 
-VARIANTS = ("t<T>", "t<T>free", "cue", "heads<H>", "finetune")
+VARIANTS = ("t<T>", "t<T>free", "cue", "heads<H>", "finetune", "smoke")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    words = (arg or "t1").split(",")
-    variant, rest = words[0], words[1:]
+    words = [w for w in (arg or "").split(",") if w]
+    rest = [w for w in words if w in toy_cifar10.ARGS]  # 'smoke'
+    named = [w for w in words if w not in toy_cifar10.ARGS]
+    variant = named[0] if named else "t1"
+    if len(named) > 1:
+        raise ValueError(f"one variant at a time, got {named}")
     config = toy_cifar10.get_config()
     config.stage = "attention"
     a = config.attention
@@ -44,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif variant == "finetune":
         config.attention_training.finetune_backbone = True
     else:
-        raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+        raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS[:-1])}")
     if rest:
         toy_cifar10.apply_arg(config, ",".join(rest))
     return config

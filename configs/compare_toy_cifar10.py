@@ -1,4 +1,4 @@
-r"""GAttANet and the systems it is compared with (issue 10), on the toy CIFAR-10 setup.
+r"""GAttANet and the systems it is compared with, on the toy CIFAR-10 setup.
 
 ``--config configs/compare_toy_cifar10.py:<system>[,scratch][,smoke]``
 
@@ -8,7 +8,7 @@ the attention_training recipe of configs/toy_cifar10.py: Adam 1e-3, L2 1e-5, bat
   gattanet  GAttANet, d = 16                                     15,845 parameters
   gala      GALA after each conv block, reduction 4, tanh         17,195
   se        SE after each conv block, reduction 3                 14,601
-  gsa       a residual GSA module after each conv block,          16,754
+  gsa       a residual GSA module after each conv block,          16,866
             GSA at C/4 channels
 
 (``python -m train.summary --config configs/compare_toy_cifar10.py:<system>`` prints each count:
@@ -32,15 +32,21 @@ import ml_collections
 from configs import toy_cifar10
 
 SYSTEMS = ("gattanet", "gala", "se", "gsa")
+# The words of ``:<arg>`` (for --help): a system, 'scratch' and the toy config's own.
 SCRATCH_SYSTEMS = ("baseline", "gala", "se", "gsa")
+VARIANTS = (*SYSTEMS, "<system>,scratch", "baseline,scratch", "smoke")
 # Reductions that put each add-on within 10 % of GAttANet d = 16's 15,845 parameters.
 REDUCTION = {"gala": 4, "se": 3, "gsa": 4}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    words = (arg or "gattanet").split(",")
-    system, rest = words[0], [w for w in words[1:] if w != "scratch"]
-    scratch = "scratch" in words[1:]
+    words = [w for w in (arg or "").split(",") if w]
+    scratch = "scratch" in words
+    rest = [w for w in words if w in toy_cifar10.ARGS]  # 'smoke'
+    named = [w for w in words if w != "scratch" and w not in toy_cifar10.ARGS]
+    system = named[0] if named else ("baseline" if scratch else "gattanet")
+    if len(named) > 1:
+        raise ValueError(f"one system at a time, got {named}")
     known = SCRATCH_SYSTEMS if scratch else SYSTEMS
     if system not in known:
         protocol = "from scratch" if scratch else "as add-ons"

@@ -10,6 +10,8 @@ import ml_collections
 
 from configs import toy_cifar10
 
+VARIANTS = ("smoke",)  # the words of ``:<arg>`` (for --help)
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = toy_cifar10.get_config()

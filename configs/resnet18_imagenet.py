@@ -10,6 +10,8 @@ import ml_collections
 
 from configs import resnet50_imagenet
 
+VARIANTS = ("tiny", "smoke")  # the words of ``:<arg>`` (for --help)
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return resnet50_imagenet.imagenet_config("resnet18", arg)

@@ -23,6 +23,9 @@ from configs import toy_cifar10
 ARCH = "resnet50"
 
 
+VARIANTS = ("tiny", "smoke")  # the words of ``:<arg>`` (for --help)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return imagenet_config(ARCH, arg)
 

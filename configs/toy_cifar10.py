@@ -176,6 +176,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return config
 
 
+ARGS = ("smoke",)  # the words of ``:<arg>`` this config takes
+VARIANTS = ARGS  # (for --help)
+
+
 def apply_arg(config: ml_collections.ConfigDict, arg: str) -> None:
     """Config-file arguments: 'smoke' shrinks everything for a CPU check."""
     for word in arg.split(","):

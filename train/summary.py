@@ -32,7 +32,8 @@ TABLE1 = {
     ("resnet50", 1000, 64): 668.4e3,
 }
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+if __name__ == "__main__":  # flags only when run as a program (train.main imports this)
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 
 
 def summarize_addon(config, backbone, backbone_vars) -> dict:
@@ -100,6 +101,41 @@ def summarize(config) -> dict:
         "sites": [
             {"name": s.name, "kind": s.kind, "shape": list(s.shape)} for s in attention.sites
         ],
+    }
+
+
+def counts(config, summary: dict) -> dict:
+    """Trained and frozen parameters of a run of ``config`` (from a ``summarize`` result)."""
+    if config.stage == "addon":
+        frozen = 0 if config.addon.from_scratch else summary["backbone_params"]
+        return {"trained_params": summary["trainable_params"], "frozen_params": frozen}
+    backbone = {"trained_params": summary["backbone_params"], "frozen_params": 0}
+    attention = {"trained_params": summary["attention_params"],
+                 "frozen_params": summary["backbone_params"]}  # fmt: skip
+    if config.attention_training.get("finetune_backbone", False):
+        attention = {"trained_params": sum(attention.values()), "frozen_params": 0}
+    by_stage = {"backbone": backbone, "attention": attention}
+    if config.stage == "both":
+        return by_stage
+    return by_stage[config.stage]
+
+
+def dry_run(config) -> dict:
+    """What a run of ``config`` would do, without training or writing anything: the resolved
+    config, parameter counts, sites, and the data splits it would read with their sizes."""
+    from train import input_pipeline
+
+    s = summarize(config)
+    data = input_pipeline.load(config, models.image_shape(config))
+    sizes = {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)}
+    return {
+        "stage": config.stage,
+        **counts(config, s),
+        "sites": [f"{x['name']} {x.get('kind', 'conv')} {tuple(x['shape'])}" for x in s["sites"]],
+        "dataset": config.dataset.name,
+        "data_dir": config.dataset.get("data_dir", ""),
+        "splits": sizes,
+        "num_classes": data.num_classes,
     }
 
 
