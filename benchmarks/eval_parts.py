@@ -5,7 +5,7 @@ r"""Where two-pass inference spends its time: each part compiled alone, then the
 Prints JSON with medians (seconds) of: the plain backbone forward; pass 1 recording the sites;
 the attention math on recorded activations; pass 2 with precomputed modulation factors; and the
 whole ``two_pass`` in one compiled program. On the 2-core CPU the whole costs more than the sum
-of its parts (see benchmarks/RESULTS.md): a target for issue 4.
+of its parts (see benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Beyond the paper (issue 11) in training: joint fine-tuning (with two heads)."""
+"""Beyond the paper in training: joint fine-tuning (with two heads)."""
 
 import numpy as np
 import pytest
