@@ -366,8 +366,10 @@ def table(out: Path, runs: list[str]) -> str:
 
 
 def _title(m: Trained) -> str:
+    """What the figures show: the model and the data, never a workdir's name."""
     c = m.config
-    return f"{m.workdir.name}: {c.model.backbone} on {c.dataset.name}, d={c.attention.d}"
+    backbone = "toy CNN" if c.model.backbone == "toy" else c.model.backbone
+    return f"GAttANet d={c.attention.d} on a frozen {backbone}, {c.dataset.name} test set"
 
 
 def _write(m: Trained, name: str, result: dict, figure) -> None:

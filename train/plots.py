@@ -87,10 +87,8 @@ def lesion(rows: list[dict], baseline: float, title: str):
     ax.set_xticks(range(len(names)), names, family="monospace", fontsize=9)
     ax.set_xlabel("modulated sites ('.' = no modulation at that site)")
     ax.set_ylabel("test accuracy (%)")
-    low = min(acc.min(), baseline * 100)
     high = max(acc.max(), baseline * 100)
-    pad = max(0.5, 0.15 * (high - low))
-    ax.set_ylim(max(0, low - pad), min(100, high + pad))
+    ax.set_ylim(0, min(100, high + 8))  # bars from zero; the labels carry the differences
     ax.legend(loc="upper right")
     ax.set_title(f"lesions — {title}")
     fig.tight_layout()
