@@ -39,9 +39,10 @@ from absl import app, flags
 from benchmarks import step as step_bench
 from benchmarks import sweep as sweep_bench
 
-_OUT = flags.DEFINE_string("out", None, "Directory for suite.json and suite.md.", required=True)
-_QUICK = flags.DEFINE_bool("quick", False, "Every part at toy sizes (a CPU check).")
-_DATA_DIR = flags.DEFINE_string("data_dir", "data/tfds", "Where local_cifar10 may be prepared.")
+if __name__ == "__main__":  # flags only when run as a program (tests import this)
+    _OUT = flags.DEFINE_string("out", None, "Directory for suite.json and suite.md.", required=True)
+    _QUICK = flags.DEFINE_bool("quick", False, "Every part at toy sizes (a CPU check).")
+    _DATA_DIR = flags.DEFINE_string("data_dir", "data/tfds", "Where local_cifar10 may be prepared.")
 
 # Dense bfloat16 / float32 peak FLOP/s (vendor data sheets, without sparsity), by device kind.
 PEAK_FLOPS = {

@@ -94,7 +94,7 @@ class ToyCNN(nn.Module):
                 name=f"conv{i + 1}",
             )(x)
             x = max_pool_2x2(x)
-            x = HashDropout(self.dropout_rate)(x, deterministic=not train)
+            x = HashDropout(self.dropout_rate, name=f"Dropout_{i}")(x, deterministic=not train)
         x = x.reshape(x.shape[0], -1)
         x = DenseReLU(self.hidden, dtype=self.dtype, name="dense1")(x)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(x)
