@@ -4,6 +4,11 @@ The math is in ``agreement`` (pure functions over arrays), sites and the modulat
 ``sites``, the attention system in ``attention``, and the two-pass forward in ``gattanet``.
 """
 
+# First, before NumPy or JAX start threads (see host_memory; E402 is ignored for this file).
+from gattanet_jax.host_memory import keep_freed_host_memory
+
+keep_freed_host_memory()
+
 from gattanet_jax import agreement
 from gattanet_jax.agreement import agreement as agreement_map
 from gattanet_jax.agreement import conv_project, dense_project, global_query, modulate
