@@ -1,5 +1,9 @@
 """Data parallel training (config.parallel='jit' and 'pmap') over the 8 forced host devices."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -91,3 +95,43 @@ def test_pmap_key_query_batch_norm_statistics_are_the_global_batch_s(tmp_path, b
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
     assert float(np.max(np.abs(np.asarray(one_vars["batch_stats"]["conv1"]["K_mean"])))) > 0
     assert par["test_accuracy"] == one["test_accuracy"]
+
+
+# Steps with a gradient all-reduce, dispatched one after another without reading a result back
+# (as the loop does between log steps): 30 in flight were enough to abort the process before.
+_IN_FLIGHT = """
+import sys
+import jax, jax.numpy as jnp
+from train import parallel
+place = parallel.Placement(parallel.Mesh(jax.devices(), (parallel.AXIS,)), sys.argv[1])
+
+def step(w, x, shard=0, num_shards=1, axis_name=None, batch_sharding=None):
+    x = parallel.constrain(x, batch_sharding)
+    if axis_name:
+        x = x.reshape(num_shards, -1, *x.shape[1:])[shard]
+    g = jax.grad(lambda w: jnp.mean(jnp.tanh(x @ w)))(w)
+    if axis_name:
+        g = jax.lax.pmean(g, axis_name)
+    return w - 0.1 * g, jnp.mean(x)
+
+step_fn = place.compile(step, donate_state=True)
+w, x = place.replicate(jnp.ones((16, 16))), place.replicate(jnp.ones((128, 32, 32, 16)))
+total = 0.0
+for _ in range(64):
+    w, m = step_fn(w, x)
+    total = total + m
+print(float(total))
+"""
+
+
+@pytest.mark.parametrize("mode", ["jit", "pmap"])
+def test_many_steps_in_flight_on_eight_cpu_devices(mode):
+    run = subprocess.run(
+        [sys.executable, "-c", _IN_FLIGHT, mode],
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout.split()[-1]) == 64.0
