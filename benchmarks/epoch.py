@@ -26,7 +26,7 @@ from absl import app, flags
 
 from benchmarks.common import report
 from configs import toy_cifar10
-from train import checkpoints, input_pipeline, models, parallel, steps, train
+from train import checkpoints, input_pipeline, models, parallel, steps, tasks, train
 
 _STAGE = flags.DEFINE_enum("stage", "backbone", ["backbone", "attention"], "Stage to time.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "data/tfds", "Prepared tfds data (local_cifar10).")
@@ -56,7 +56,7 @@ def time_epoch(stage: str, data_dir: str, dataset: str, warmup_steps: int) -> di
             config.backbone_checkpoint = random_backbone_workdir(config, tmp)
         place = parallel.placement(config)
         backbone = models.build_backbone(config)
-        make_task = {"backbone": train.backbone_task, "attention": train.attention_task}[stage]
+        make_task = {"backbone": tasks.backbone_task, "attention": tasks.attention_task}[stage]
         task = make_task(config, backbone, jax.random.key(0))
     data = input_pipeline.load(config, models.image_shape(config))
     recipe = task.recipe
@@ -77,7 +77,7 @@ def time_epoch(stage: str, data_dir: str, dataset: str, warmup_steps: int) -> di
         for _, args in zip(range(n_steps), batches.epoch(epoch), strict=False):
             state, metrics = step_fn(state, task.frozen, *args)
         jax.block_until_ready(metrics["loss"])
-        return train.evaluate(task, steps.variables(state), validation, config.eval_batch_size)
+        return tasks.evaluate(task, steps.variables(state), validation, config.eval_batch_size)
 
     t = time.perf_counter()
     run(0, warmup_steps)

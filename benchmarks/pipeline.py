@@ -22,7 +22,7 @@ from absl import app, flags
 from benchmarks.common import build
 from configs import toy_cifar10
 from train import input_pipeline, steps
-from train.train import attention_loss_fn, backbone_loss_fn
+from train.tasks import attention_loss_fn, backbone_loss_fn
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "data/tfds", "tfds data dir with local_cifar10.")
 _STAGE = flags.DEFINE_enum("stage", "attention", ["attention", "backbone"], "Step to run.")

@@ -24,7 +24,7 @@ from absl import app, flags
 import gattanet_jax as gj
 from benchmarks.common import build, median_seconds, report
 from train import steps
-from train.train import attention_loss_fn, backbone_loss_fn
+from train.tasks import attention_loss_fn, backbone_loss_fn
 
 if __name__ == "__main__":  # flags only when run as a program (the suite imports this)
     _BACKBONE = flags.DEFINE_enum(

@@ -19,7 +19,7 @@ from absl import app, flags
 
 from benchmarks.common import build, median_seconds, report
 from train import steps
-from train.train import attention_loss_fn
+from train.tasks import attention_loss_fn
 
 if __name__ == "__main__":  # flags only when run as a program (the suite imports this)
     _MEMBERS = flags.DEFINE_list("members", ["1", "4", "16"], "Member counts to time.")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.test_train import tiny_config
-from train import train
+from train import tasks, train
 
 
 def config_for(dtype, stage="backbone"):
@@ -56,7 +56,7 @@ def test_bfloat16_attention_computes_in_bfloat16_with_float32_parameters(runs):
     # the computation itself: bfloat16 activations, keys and agreement; float32 logits only
     # where the loss casts them
     backbone = models.build_backbone(config)
-    bvars, _ = train.load_backbone(config, backbone)
+    bvars, _ = tasks.load_backbone(config, backbone)
     attention = models.build_attention(config, backbone, bvars)
     x = jnp.zeros((2, 32, 32, 3), jnp.float32)
     out = gj.two_pass(backbone, attention, state["variables"], bvars, x, return_internals=True)

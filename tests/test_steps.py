@@ -11,7 +11,7 @@ import optax
 import gattanet_jax as gj
 from tests import reference as ref
 from train import steps
-from train.train import attention_loss_fn, backbone_loss_fn
+from train.tasks import attention_loss_fn, backbone_loss_fn
 
 
 def tiny_attention(dropout_rate=0.25):

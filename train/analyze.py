@@ -73,7 +73,7 @@ def read_config(workdir: Path) -> ml_collections.ConfigDict:
 
 def load(workdir: str, data_dir: str = "", max_examples: int = 0) -> Trained:
     from train import steps
-    from train.train import attention_task, split_finetuned  # the same loading as training
+    from train.tasks import attention_task, split_finetuned  # the same loading as training
 
     path = Path(workdir)
     config = read_config(path)

@@ -84,7 +84,7 @@ def member_configs(config) -> list[ml_collections.ConfigDict]:
 
 def train_sweep(config, workdir: str):
     """Trains every member of ``config.sweep`` in one vmapped step; returns (state, results)."""
-    from train.train import attention_loss_fn, load_backbone  # here: no import cycle
+    from train.tasks import attention_loss_fn, load_backbone
 
     start_time = time.time()
     if config.stage != "attention":

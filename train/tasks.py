@@ -1,0 +1,418 @@
+"""What a training run trains: the tasks of each stage (losses, logits, initial parameters, the
+frozen backbone) and their evaluation, apart from the loop that runs them (``train.train``).
+
+The loop, sweeps (``train.sweep``), analyses (``train.analyze``) and benchmarks import this
+module; it imports none of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+
+from gattanet_jax import init_attention, two_pass, weights
+from gattanet_jax import sites as sites_lib
+from train import checkpoints, input_pipeline, models, parallel, steps
+from train.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What differs between the stages."""
+
+    stage: str
+    params: dict  # initial trainable parameters
+    loss_fn: steps.LossFn  # training mode (see steps.LossFn)
+    logits_fn: steps.LogitsFn  # (variables, frozen, x) -> logits, inference mode
+    recipe: ml_collections.ConfigDict  # backbone_training or attention_training
+    frozen: dict  # the frozen backbone's variables (attention stage), else empty
+    baseline_logits_fn: steps.LogitsFn | None = None
+    backbone_source: tuple[str, int | None, str] | None = None  # (dir or file, step, sha256)
+    place: parallel.Placement = dataclasses.field(default_factory=lambda: parallel.Placement(None))
+    extra: dict = dataclasses.field(default_factory=dict)  # initial non-parameter collections
+    tx: optax.GradientTransformation | None = None  # default: Adam at recipe.learning_rate
+
+
+def backbone_loss_fn(backbone, weight_decay: float) -> steps.LossFn:
+    """The backbone's own training loss: all its parameters train, dropout on; BatchNorm
+    statistics (in ``extra``) are updated by the forward pass."""
+
+    def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
+        del frozen, example_offset  # the backbone's own dropout is drawn per call
+        logits, updates = backbone.apply(
+            {"params": params, **extra}, x, train=True, rngs={"dropout": rng}, mutable=list(extra)
+        )
+        loss = jnp.mean(steps.cross_entropy(logits, y))
+        return loss + weight_decay * steps.l2_penalty(params, ("kernel",)), (logits, updates)
+
+    return loss_fn
+
+
+def true_class_cues(rng, batch: int, fraction: float, weight: float, example_offset=0):
+    """Per-example cue weights: ``weight`` for a ``fraction`` of the examples, else 0. Example i
+    of the global batch draws from (rng, i), however the batch is split across devices."""
+    index = example_offset + jnp.arange(batch)
+    key = jax.random.fold_in(rng, 0x0C0E)
+    u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(index)
+    return jnp.where(u < fraction, jnp.float32(weight), jnp.float32(0))
+
+
+def attention_loss_fn(
+    backbone, attention, weight_decay: float, lesion=None, cue_fraction=0.0, cue_weight=0.0
+) -> steps.LossFn:
+    """GAttANet's training loss; ``frozen`` holds the backbone's variables (no gradient).
+    ``lesion``: sites trained without modulation (a lesion string, or a float mask).
+    ``cue_fraction`` > 0: that fraction of the examples is cued with its true class at
+    ``cue_weight`` (needs ``attention.cue_classes``)."""
+
+    def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
+        variables = {"params": params, **extra}
+        cues = (cue_fraction, cue_weight)
+        out = training_two_pass(
+            backbone, attention, variables, frozen, x, y, rng, lesion, cues, example_offset
+        )
+        loss = jnp.mean(steps.cross_entropy(out.logits, y))
+        return loss + weight_decay * steps.l2_penalty(params, ("K", "Q")), (out.logits, out.updates)
+
+    return loss_fn
+
+
+def training_two_pass(
+    backbone, attention, att_vars, bb_vars, x, y, rng, lesion, cues, example_offset, **kw
+):
+    """The two-pass forward of a training step; ``cues`` = (fraction, weight): that fraction of
+    the examples is cued with its true class at that weight (none if the fraction is 0)."""
+    fraction, weight = cues
+    cue = {}
+    if fraction > 0:
+        w = true_class_cues(rng, x.shape[0], fraction, weight, example_offset)
+        cue = {"cue": y, "cue_weight": w}
+    return two_pass(
+        backbone,
+        attention,
+        att_vars,
+        bb_vars,
+        x,
+        train=True,
+        rng=rng,
+        lesion=lesion,
+        example_offset=example_offset,
+        **cue,
+        **kw,
+    )
+
+
+def backbone_task(config, backbone, rng) -> Task:
+    x = jnp.zeros((1, *models.image_shape(config)), jnp.float32)
+    variables = dict(jax.jit(backbone.init)(rng, x))
+    params = variables.pop("params")
+    loss_fn = backbone_loss_fn(backbone, config.backbone_training.weight_decay)
+
+    def logits_fn(variables, frozen, x):
+        del frozen
+        return backbone.apply(variables, x, train=False)
+
+    return Task(
+        "backbone", params, loss_fn, logits_fn, config.backbone_training, {}, extra=variables
+    )
+
+
+def load_backbone(config, backbone) -> tuple[dict, tuple[str, int | None, str]]:
+    """The frozen backbone's variables and where they came from: (directory, step, sha256), or
+    (file, None, sha256) for pretrained weights in torchvision's format (.pth/.pt,
+    .safetensors, .npz; see gattanet_jax.weights)."""
+    path = config.backbone_checkpoint
+    if os.path.splitext(path)[1].lower() in weights.SUFFIXES:
+        abstract = models.backbone_shapes(backbone, config)
+        try:
+            state_dict = weights.read_state_dict(path)
+            variables = weights.from_torchvision(
+                state_dict,
+                abstract,
+                models.torch_module_name(config),
+                where=f"the weights in {path}",
+            )
+        except weights.WeightsError as e:
+            raise UserError(str(e)) from None
+        logging.info("frozen backbone from pretrained weights %s", path)
+        return jax.tree.map(jnp.asarray, variables), (path, None, checkpoints.digest_file(path))
+    directory, step = checkpoints.find_model_checkpoint(path)
+    abstract = {"variables": models.backbone_shapes(backbone, config)}
+    mngr = checkpoints.manager(directory, keep=1, create=False)
+    sha = checkpoints.digest(directory, step)
+    restored = checkpoints.restore(mngr, step, abstract, "backbone checkpoint")
+    logging.info("frozen backbone from %s/%d", directory, step)
+    return restored["variables"], (directory, step, sha)
+
+
+def attention_task(config, backbone, rng) -> Task:
+    backbone_vars, source = load_backbone(config, backbone)
+    attention = models.build_attention(config, backbone, backbone_vars)
+    if config.parallel == "pmap":  # BatchNorm statistics of keys/queries over all devices
+        attention = attention.clone(axis_name=parallel.AXIS)
+    variables = dict(init_attention(attention, rng))
+    params = variables.pop("params")
+    lesion = config.attention.get("lesion") or None
+    try:
+        sites_lib.lesion_mask(lesion, attention.sites)
+    except ValueError as e:
+        raise UserError(f"config.attention.lesion: {e}") from None
+    a, t = config.attention, config.attention_training
+    cue_fraction = a.get("cue_fraction", 0.0) if a.get("cue_classes", False) else 0.0
+    cue_weight = a.get("cue_weight", 0.0)
+
+    def baseline(variables, frozen, x):
+        del variables
+        return backbone.apply(frozen, x, train=False)
+
+    if t.get("finetune_backbone", False):
+        return finetune_task(config, backbone, attention, params, variables, backbone_vars, source)
+    loss_fn = attention_loss_fn(
+        backbone,
+        attention,
+        t.weight_decay,
+        lesion=lesion,
+        cue_fraction=cue_fraction,
+        cue_weight=cue_weight,
+    )
+
+    def logits_fn(variables, frozen, x):
+        return two_pass(backbone, attention, variables, frozen, x, lesion=lesion).logits
+
+    return Task(
+        "attention",
+        params,
+        loss_fn,
+        logits_fn,
+        config.attention_training,
+        backbone_vars,
+        baseline,
+        source,
+        extra=variables,
+    )
+
+
+def split_finetuned(variables: dict, frozen: dict) -> tuple[dict, dict]:
+    """(attention variables, backbone variables) of a jointly fine-tuned model: its variables
+    are {'params': {'attention', 'backbone'}, 'attention_state'?, 'backbone_state'?} and
+    ``frozen`` is {'backbone': the original backbone's variables} (BatchNorm statistics are read
+    there unless they are trained, in 'backbone_state')."""
+    original = {k: v for k, v in frozen["backbone"].items() if k != "params"}
+    att = {"params": variables["params"]["attention"], **variables.get("attention_state", {})}
+    bb = {**original, "params": variables["params"]["backbone"]}
+    bb.update(variables.get("backbone_state", {}))
+    return att, bb
+
+
+def finetune_task(config, backbone, attention, att_params, att_extra, backbone_vars, source):
+    """Joint fine-tuning (beyond the paper): the attention system and the backbone train
+    together, each with its own Adam (optax.multi_transform): attention_training.learning_rate
+    and .backbone_learning_rate. BatchNorm statistics of the backbone: 'frozen' (stored ones,
+    unchanged) or 'update' (batch statistics in training, running averages trained). The
+    original backbone stays in ``frozen`` for the baseline accuracy."""
+    t = config.attention_training
+    mode = t.get("backbone_batch_stats", "frozen")
+    lesion = config.attention.get("lesion") or None
+    a = config.attention
+    cue_fraction = a.get("cue_fraction", 0.0) if a.get("cue_classes", False) else 0.0
+    stats = {k: v for k, v in backbone_vars.items() if k != "params"}
+    # A copy: the training state is donated, the original stays for the baseline.
+    params = {"attention": att_params, "backbone": jax.tree.map(jnp.copy, backbone_vars["params"])}
+    extra = {}
+    if att_extra:
+        extra["attention_state"] = att_extra
+    if mode == "update" and stats:
+        extra["backbone_state"] = jax.tree.map(jnp.copy, stats)
+
+    def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
+        att_vars, bb_vars = split_finetuned({"params": params, **extra}, frozen)
+        cues = (cue_fraction, a.cue_weight)
+        out = training_two_pass(
+            backbone,
+            attention,
+            att_vars,
+            bb_vars,
+            x,
+            y,
+            rng,
+            lesion,
+            cues,
+            example_offset,
+            train_backbone=True,
+            backbone_batch_stats=mode,
+        )
+        new_extra = {}
+        if "attention_state" in extra:
+            new_extra["attention_state"] = out.updates
+        if "backbone_state" in extra:
+            new_extra["backbone_state"] = out.backbone_updates
+        loss = jnp.mean(steps.cross_entropy(out.logits, y))
+        return loss + t.weight_decay * steps.l2_penalty(params["attention"], ("K", "Q")), (
+            out.logits,
+            new_extra,
+        )
+
+    def logits_fn(variables, frozen, x):
+        att_vars, bb_vars = split_finetuned(variables, frozen)
+        return two_pass(backbone, attention, att_vars, bb_vars, x, lesion=lesion).logits
+
+    def baseline(variables, frozen, x):
+        del variables
+        return backbone.apply(frozen["backbone"], x, train=False)
+
+    def adam(lr):
+        return optax.adam(lr, eps=1e-7)
+
+    tx = optax.multi_transform(
+        {"attention": adam(t.learning_rate), "backbone": adam(t.backbone_learning_rate)},
+        lambda p: {k: jax.tree.map(lambda _, k=k: k, v) for k, v in p.items()},
+    )
+    return Task(
+        "attention",
+        params,
+        loss_fn,
+        logits_fn,
+        t,
+        {"backbone": backbone_vars},
+        baseline,
+        source,
+        extra=extra,
+        tx=tx,
+    )
+
+
+def addon_task(config, backbone, rng) -> Task:
+    """A comparison system (config.addon: GALA, SE or residual GSA) at the backbone's sites.
+
+    Protocol (a), ``addon.from_scratch=False``: an add-on to the frozen backbone at
+    ``backbone_checkpoint``; only the modules' parameters train (the attention_training recipe).
+    Protocol (b), ``from_scratch=True``: backbone and modules initialised afresh and trained
+    together (the backbone_training recipe, the backbone's dropout on). Modules with BatchNorm
+    (GSA) keep their statistics in 'addon_state' (the backbone's stay in 'batch_stats')."""
+    from gattanet_jax import addon
+
+    a = config.addon
+    if a.from_scratch:
+        x = jnp.zeros((1, *models.image_shape(config)), jnp.float32)
+        backbone_vars = dict(jax.jit(backbone.init)(jax.random.fold_in(rng, 1), x))
+        source = None
+    else:
+        backbone_vars, source = load_backbone(config, backbone)
+    addons = models.build_addons(config, backbone, backbone_vars)
+    addon_vars = dict(addon.init_addons(addons, rng))
+    addon_params = addon_vars.pop("params")
+    addon_state = {"addon_state": addon_vars} if addon_vars else {}
+    recipe = config.backbone_training if a.from_scratch else config.attention_training
+    wd = recipe.weight_decay
+
+    def split(variables):
+        """(the modules' variables, the backbone's statistics) of a model's variables."""
+        module_vars = {"params": variables["params"], **variables.get("addon_state", {})}
+        stats = {k: v for k, v in variables.items() if k not in ("params", "addon_state")}
+        return module_vars, stats
+
+    def new_extra(extra, updates):
+        out = dict(updates.get("backbone", {}))
+        if "addon_state" in extra:
+            out["addon_state"] = updates["addon"]
+        return out
+
+    if a.from_scratch:
+        stats = {k: v for k, v in backbone_vars.items() if k != "params"}  # BatchNorm's
+        params = {
+            "addon": addon_params,
+            "backbone": addon.drop_replaced(backbone_vars["params"], addons),
+        }
+
+        def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
+            del frozen, example_offset
+            module_vars, stats = split({"params": params["addon"], **extra})
+            out = addon.forward(
+                backbone,
+                addons,
+                module_vars,
+                {"params": params["backbone"], **stats},
+                x,
+                train=True,
+                rngs={"dropout": rng},
+                mutable=list(stats),
+            )
+            logits, updates = out if isinstance(out, tuple) else (out, {})
+            loss = jnp.mean(steps.cross_entropy(logits, y))
+            return loss + wd * steps.l2_penalty(params, ("kernel",)), (
+                logits,
+                new_extra(extra, updates),
+            )
+
+        def logits_fn(variables, frozen, x):
+            del frozen
+            p = variables["params"]
+            module_vars, stats = split({**variables, "params": p["addon"]})
+            return addon.forward(
+                backbone, addons, module_vars, {"params": p["backbone"], **stats}, x
+            )
+
+        extra = {**stats, **addon_state}
+        return Task("addon", params, loss_fn, logits_fn, recipe, {}, extra=extra)
+
+    def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
+        del rng, example_offset
+        module_vars, _ = split({"params": params, **extra})
+        out = addon.forward(backbone, addons, module_vars, frozen, x, train_addons=True)
+        logits, updates = out if isinstance(out, tuple) else (out, {})
+        loss = jnp.mean(steps.cross_entropy(logits, y))
+        return loss + wd * steps.l2_penalty(params, ("kernel",)), (
+            logits,
+            new_extra(extra, updates),
+        )
+
+    def logits_fn(variables, frozen, x):
+        return addon.forward(backbone, addons, split(variables)[0], frozen, x)
+
+    def baseline(variables, frozen, x):
+        del variables
+        return backbone.apply(frozen, x, train=False)
+
+    return Task(
+        "addon",
+        addon_params,
+        loss_fn,
+        logits_fn,
+        recipe,
+        backbone_vars,
+        baseline,
+        source,
+        extra=addon_state,
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_step(logits_fn, batch_size: int, place: parallel.Placement):
+    """One compiled evaluation step per (logits function, batch size), reused across epochs."""
+    return place.compile(functools.partial(steps.eval_batch, logits_fn, batch_size))
+
+
+def evaluate(task: Task, variables, split, batch_size: int, logits_fn=None) -> dict:
+    step = _eval_step(logits_fn or task.logits_fn, batch_size, task.place)
+    loss = correct = 0.0
+    if isinstance(split, input_pipeline.Split):
+        batches = (
+            (split.images, split.labels, jnp.int32(start))
+            for start in range(0, len(split), batch_size)
+        )
+    else:  # streamed: each batch is the whole array given (padding labelled -1)
+        batches = (  # every process reads whole eval batches
+            (*task.place.replicate((x, y)), jnp.int32(0)) for x, y in split.eval_batches(batch_size)
+        )
+    for images, labels, start in batches:
+        batch_loss, batch_correct = step(variables, task.frozen, images, labels, start)
+        loss, correct = loss + batch_loss, correct + batch_correct
+    n = len(split)
+    return {"accuracy": float(correct) / n, "loss": float(loss) / n}
