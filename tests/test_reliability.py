@@ -21,7 +21,7 @@ import pytest
 
 from gattanet_jax import agreement
 from tests.test_train import assert_trees_equal, tiny_config
-from train import checkpoints, steps, train
+from train import checkpoints, steps, tasks, train
 from train.errors import UserError
 
 
@@ -273,7 +273,7 @@ def test_skip_mode_drops_exactly_the_non_finite_updates():
 
 
 def test_skip_mode_end_to_end_counts_the_skips(tmp_path, monkeypatch):
-    original = train.backbone_loss_fn
+    original = tasks.backbone_loss_fn
 
     def sometimes_nan(backbone, weight_decay):
         loss_fn = original(backbone, weight_decay)
@@ -284,7 +284,7 @@ def test_skip_mode_end_to_end_counts_the_skips(tmp_path, monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(train, "backbone_loss_fn", sometimes_nan)
+    monkeypatch.setattr(tasks, "backbone_loss_fn", sometimes_nan)
     config = tiny_config(epochs=2)
     with pytest.raises(UserError, match=r"non-finite loss or gradient at step \d+ \(epoch 1\)"):
         train.train_and_evaluate(config, str(tmp_path / "stop"))
