@@ -318,11 +318,14 @@ def addon_task(config, backbone, rng) -> Task:
         stats = {k: v for k, v in variables.items() if k not in ("params", "addon_state")}
         return module_vars, stats
 
-    def new_extra(extra, updates):
-        out = dict(updates.get("backbone", {}))
+    def loss_and_aux(params, extra, out, y):
+        """The loss and (logits, new statistics) of ``addon.forward``'s output in training."""
+        logits, updates = out if isinstance(out, tuple) else (out, {})
+        new_extra = dict(updates.get("backbone", {}))
         if "addon_state" in extra:
-            out["addon_state"] = updates["addon"]
-        return out
+            new_extra["addon_state"] = updates["addon"]
+        loss = jnp.mean(steps.cross_entropy(logits, y))
+        return loss + wd * steps.l2_penalty(params, ("kernel",)), (logits, new_extra)
 
     if a.from_scratch:
         stats = {k: v for k, v in backbone_vars.items() if k != "params"}  # BatchNorm's
@@ -344,12 +347,7 @@ def addon_task(config, backbone, rng) -> Task:
                 rngs={"dropout": rng},
                 mutable=list(stats),
             )
-            logits, updates = out if isinstance(out, tuple) else (out, {})
-            loss = jnp.mean(steps.cross_entropy(logits, y))
-            return loss + wd * steps.l2_penalty(params, ("kernel",)), (
-                logits,
-                new_extra(extra, updates),
-            )
+            return loss_and_aux(params, extra, out, y)
 
         def logits_fn(variables, frozen, x):
             del frozen
@@ -366,12 +364,7 @@ def addon_task(config, backbone, rng) -> Task:
         del rng, example_offset
         module_vars, _ = split({"params": params, **extra})
         out = addon.forward(backbone, addons, module_vars, frozen, x, train_addons=True)
-        logits, updates = out if isinstance(out, tuple) else (out, {})
-        loss = jnp.mean(steps.cross_entropy(logits, y))
-        return loss + wd * steps.l2_penalty(params, ("kernel",)), (
-            logits,
-            new_extra(extra, updates),
-        )
+        return loss_and_aux(params, extra, out, y)
 
     def logits_fn(variables, frozen, x):
         return addon.forward(backbone, addons, split(variables)[0], frozen, x)
