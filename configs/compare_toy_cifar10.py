@@ -11,6 +11,11 @@ the attention_training recipe of configs/toy_cifar10.py: Adam 1e-3, L2 1e-5, bat
   gsa       a residual GSA module after each conv block,          16,866
             GSA at C/4 channels
 
+Controls that keep GAttANet and remove the agreement of an image with itself (its global
+query no longer comes from its own queries): ``learned_q``, one trained vector as every
+image's q_avg (15,861 parameters); ``shifted_q``, the q_avg of the previous image in the
+batch, in training and test (15,845).
+
 (``python -m train.summary --config configs/compare_toy_cifar10.py:<system>`` prints each count:
 all within 10 % of GAttANet's.) GALA and SE use the residual gate Y = (1 + gamma s) X and GSA a
 zero-initialised output projection, so every add-on starts as the frozen backbone, as GAttANet
@@ -32,9 +37,11 @@ import ml_collections
 from configs import toy_cifar10
 
 SYSTEMS = ("gattanet", "gala", "se", "gsa")
+# GAttANet with config.attention.q_avg_source set to a control's.
+CONTROLS = {"learned_q": "learned", "shifted_q": "shifted"}
 # The words of ``:<arg>`` (for --help): a system, 'scratch' and the toy config's own.
 SCRATCH_SYSTEMS = ("baseline", "gala", "se", "gsa")
-VARIANTS = (*SYSTEMS, "<system>,scratch", "baseline,scratch", "smoke")
+VARIANTS = (*SYSTEMS, *CONTROLS, "<system>,scratch", "baseline,scratch", "smoke")
 # Reductions that put each add-on within 10 % of GAttANet d = 16's 15,845 parameters.
 REDUCTION = {"gala": 4, "se": 3, "gsa": 4}
 
@@ -47,13 +54,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     system = named[0] if named else ("baseline" if scratch else "gattanet")
     if len(named) > 1:
         raise ValueError(f"one system at a time, got {named}")
-    known = SCRATCH_SYSTEMS if scratch else SYSTEMS
+    known = SCRATCH_SYSTEMS if scratch else (*SYSTEMS, *CONTROLS)
     if system not in known:
         protocol = "from scratch" if scratch else "as add-ons"
         raise ValueError(f"unknown system {system!r}; {protocol}: {', '.join(known)}")
     config = toy_cifar10.get_config()
-    if system == "gattanet":
+    if system == "gattanet" or system in CONTROLS:
         config.stage = "attention"
+        config.attention.q_avg_source = CONTROLS.get(system, "own")
     elif system == "baseline":
         config.stage = "backbone"
     else:

@@ -38,6 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dataset.data_dir = ""
     # Number of classes (sets the logits layer).
     config.dataset.num_classes = 10
+    # Image shape (height, width, channels) the model sees.
+    config.dataset.image_shape = (32, 32, 3)
     # Fraction of the train split held out as validation for early stopping and best checkpoints.
     config.dataset.validation_fraction = 0.1
     # Examples of each split to use (0 = all); for quick checks.
@@ -90,6 +92,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Multi-head agreement: h heads, each with its own K, Q, q_avg and alpha, each modulating
     # 1/h of the channels (units) of every site; 1 is the paper's model.
     config.attention.heads = 1
+    # Where each image's global query comes from: 'own' (Eq. 3, the paper), or a control that
+    # removes the image's agreement: 'learned' (one trained vector for every image) or
+    # 'shifted' (the previous image's in the batch, in training and test).
+    config.attention.q_avg_source = "own"
 
     # Backbone pretraining recipe (section 2.0.3): Adam with defaults, batch 128, augmentation,
     # early stopping with patience 50 epochs, at most 500 epochs.

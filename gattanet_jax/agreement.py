@@ -77,19 +77,29 @@ def site_query(queries: jax.Array) -> jax.Array:
     return jnp.mean(queries, axis=tuple(range(1, queries.ndim - 1)))
 
 
-def global_query(queries: Sequence[jax.Array]) -> jax.Array:
+def global_query(
+    queries: Sequence[jax.Array], heads: int = 1, kinds: Sequence[str] | None = None
+) -> jax.Array:
     """Eq. 3: q_avg = mean over sites of (mean over the site's positions or units of q).
 
     Every site weighs the same whatever its number of positions.
 
     Args:
       queries: per-site queries, each (B, *positions, d).
+      heads, kinds: multi-head agreement (beyond the paper): with heads > 1 the queries are
+        per head (``head_keys``) and ``kinds`` gives each site's kind; q_avg is then (B, h, d).
     Returns:
-      (B, d) global query.
+      (B, d) global query ((B, h, d) with heads > 1).
     """
     if not queries:
         raise ValueError("global_query needs the queries of at least one site")
-    means = [site_query(q) for q in queries]
+    if heads == 1:
+        return average_sites([site_query(q) for q in queries])
+    return average_sites([head_site_query(q, kind) for q, kind in zip(queries, kinds, strict=True)])
+
+
+def average_sites(means: Sequence[jax.Array]) -> jax.Array:
+    """The last step of Eq. 3: the mean of the sites' mean queries, each (B, d) (or (B, h, d))."""
     chex.assert_equal_shape(means)
     return jnp.mean(jnp.stack(means, axis=0), axis=0)
 

@@ -178,6 +178,12 @@ class AttentionSystem(nn.Module):
         own K, Q, global query and alpha, each modulating a group of channels (units at dense
         sites); 1 is the paper's model. Cues are then (B, h*d) vectors (embedding (classes,
         h*d)), one d-vector per head.
+      q_avg_source: where each image's global query comes from. 'own': Eq. 3 over the image's
+        own queries (the paper). Controls that keep everything else and remove the agreement
+        with the image: 'learned', one trained vector ('q_avg_learned', drawn from N(0, 1)) for
+        every image; 'shifted', the global query of the previous image in the batch (the
+        first takes the last's), in training and test alike (under pmap: within each device's
+        part of the batch).
     """
 
     sites: tuple[SiteSpec, ...]
@@ -191,6 +197,7 @@ class AttentionSystem(nn.Module):
     bounded: bool = False
     cue_classes: int = 0
     heads: int = 1
+    q_avg_source: str = "own"
 
     @nn.compact
     def __call__(
@@ -216,111 +223,110 @@ class AttentionSystem(nn.Module):
         (data-parallel shards), so that each example gets the same dropout masks however the
         batch is split.
         """
-        if self.heads > 1:
-            return self._multi_head(site_acts, train, example_offset, cue, cue_weight)
+        self._check_heads()
+        h = self.heads
         use_dropout = train and self.dropout_rate > 0
-        materialise = internals or use_dropout or (train and self.batch_norm_kq)
+        materialise = internals or use_dropout or (train and self.batch_norm_kq) or h > 1
         key = self.make_rng("dropout") if use_dropout else None
-        mods, params, keys, queries, means = {}, {}, {}, {}, []
+        mods = {site.name: self._site_params(site) for site in self.sites}
+        keys, queries, means = {}, {}, []
         for i, site in enumerate(self.sites):
-            mod = SiteParams(
-                site.channels,
-                self.d,
-                self.alpha_init,
-                batch_norm=self.batch_norm_kq and site.kind == "conv",
-                gatta_shape=gatta_shape(site) if self.layer_norm_gatta else None,
-                axis_name=self.axis_name,
-                name=param_name(site.name),
-            )
-            mods[site.name] = mod
-            acts = site_acts[site.name]
-            p = {k: v.astype(acts.dtype) if v.ndim else v for k, v in mod().items()}
-            params[site.name] = p
-            if materialise:
-                k = mod.normalize("K", agr.project(acts, p["K"], p["K_bias"], site.kind), train)
-                q = mod.normalize("Q", agr.project(acts, p["Q"], p["Q_bias"], site.kind), train)
-                if use_dropout:
-                    k, q = _dropout_kq(key, i, k, q, self.dropout_rate, example_offset)
-                keys[site.name], queries[site.name] = k, q
-                means.append(agr.site_query(q))
-            else:
+            acts, mod = site_acts[site.name], mods[site.name]
+            if not materialise:  # Eqs. 1-3 without per-position queries (see agreement.py)
                 kernel, bias = (v.astype(acts.dtype) for v in mod.folded("Q"))
                 means.append(agr.mean_query(acts, kernel, bias, site.kind))
-        q_avg = jnp.mean(jnp.stack(means), axis=0)  # Eq. 3
-        table = None
-        if self.cue_classes:
-            table = self.param(
-                "cue_embedding", nn.initializers.zeros_init(), (self.cue_classes, self.d)
-            )
-        if cue is not None:
-            q_avg = mix_cue(q_avg, cue_vector(cue, table, self.d), cue_weight)
+                continue
+            k, q = (self._project(mod, w, acts, site.kind, train) for w in ("K", "Q"))
+            if use_dropout:
+                k, q = _dropout_kq(key, i, k, q, self.dropout_rate, example_offset)
+            keys[site.name], queries[site.name] = k, q
+        if materialise:
+            kinds = [site.kind for site in self.sites]
+            q_avg = agr.global_query(list(queries.values()), h, kinds)  # Eq. 3
+        else:
+            q_avg = agr.average_sites(means)
+        q_avg = self._mix_cue(self._control(q_avg), cue, cue_weight)
         gatta = {}
         for site in self.sites:
-            if materialise:
-                g = agr.agreement(keys[site.name], q_avg)
-            else:
+            mod = mods[site.name]
+            if not materialise:
                 acts = site_acts[site.name]
-                kernel, bias = (v.astype(acts.dtype) for v in mods[site.name].folded("K"))
+                kernel, bias = (v.astype(acts.dtype) for v in mod.folded("K"))
                 g = agr.agreement_from_acts(acts, kernel, bias, q_avg, site.kind)
-            g = mods[site.name].normalize_gatta(g)
+            elif h == 1:
+                g = agr.agreement(keys[site.name], q_avg)  # Eq. 4
+            else:
+                g = agr.head_agreement(keys[site.name], q_avg, site.kind)
+            g = mod.normalize_gatta(g)
             gatta[site.name] = jnp.tanh(g) if self.bounded else g
-        alpha = {name: p["alpha"] for name, p in params.items()}
+        alpha = {name: mod.alpha for name, mod in mods.items()}
         return Attention(keys=keys, queries=queries, q_avg=q_avg, gatta=gatta, alpha=alpha)
 
-    def _multi_head(self, site_acts, train, example_offset, cue, cue_weight) -> Attention:
-        """``__call__`` with h > 1 heads (keys and queries always materialised)."""
-        h = self.heads
+    def _check_heads(self):
+        if self.heads == 1:
+            return
         if self.batch_norm_kq or self.layer_norm_gatta:
             raise ValueError("multi-head agreement does not support batch_norm_kq/layer_norm_gatta")
         for site in self.sites:
-            if site.channels % h:
+            if site.channels % self.heads:
                 raise ValueError(
-                    f"heads ({h}) must divide the channels (units) of site {site.name!r} "
-                    f"({site.channels})"
+                    f"heads ({self.heads}) must divide the channels (units) of site "
+                    f"{site.name!r} ({site.channels})"
                 )
-        use_dropout = train and self.dropout_rate > 0
-        key = self.make_rng("dropout") if use_dropout else None
-        keys, queries, alpha, means = {}, {}, {}, []
-        for i, site in enumerate(self.sites):
-            mod = SiteParams(
-                site.channels, self.d, self.alpha_init, heads=h, kind=site.kind,
-                name=param_name(site.name),
-            )  # fmt: skip
-            acts = site_acts[site.name]
-            p = {k: v.astype(acts.dtype) if v.ndim > 1 else v for k, v in mod().items()}
-            if site.kind == "conv":
-                k = agr.conv_project(acts, p["K"], p["K_bias"].astype(acts.dtype))
-                q = agr.conv_project(acts, p["Q"], p["Q_bias"].astype(acts.dtype))
-            else:
-                k = agr.dense_project(acts, p["K"])
-                q = agr.dense_project(acts, p["Q"])
-            if use_dropout:
-                k, q = _dropout_kq(key, i, k, q, self.dropout_rate, example_offset)
-            k, q = agr.head_keys(k, h, site.kind), agr.head_keys(q, h, site.kind)
-            if site.kind == "dense":  # one bias per head, shared by its units
-                kb, qb = (
-                    p[b].reshape(h, 1, self.d).astype(acts.dtype) for b in ("K_bias", "Q_bias")
-                )
-                k, q = k + kb, q + qb
-            keys[site.name], queries[site.name] = k, q
-            alpha[site.name] = p["alpha"]
-            means.append(agr.head_site_query(q, site.kind))
-        q_avg = jnp.mean(jnp.stack(means), axis=0)  # (B, h, d)
+
+    def _site_params(self, site: SiteSpec) -> SiteParams:
+        return SiteParams(
+            site.channels,
+            self.d,
+            self.alpha_init,
+            heads=self.heads,
+            kind=site.kind,
+            batch_norm=self.batch_norm_kq and site.kind == "conv",
+            gatta_shape=gatta_shape(site) if self.layer_norm_gatta else None,
+            axis_name=self.axis_name,
+            name=param_name(site.name),
+        )
+
+    def _project(self, mod: SiteParams, which: str, acts, kind: str, train: bool) -> jax.Array:
+        """A site's keys (which='K') or queries ('Q'): Eqs. 1-2 (normalised under batch_norm),
+        (B, *positions, d); with h > 1 heads, per head (``agreement.head_keys``), a dense
+        site's bias shared by the units of its head."""
+        kernel = mod.K if which == "K" else mod.Q
+        kernel, bias = kernel.astype(acts.dtype), mod.biases[which].astype(acts.dtype)
+        h = self.heads
+        if h == 1:
+            return mod.normalize(which, agr.project(acts, kernel, bias, kind), train)
+        if kind == "conv":
+            return agr.head_keys(agr.conv_project(acts, kernel, bias), h, kind)
+        per_head = agr.head_keys(agr.dense_project(acts, kernel), h, kind)
+        return per_head + bias.reshape(h, 1, self.d)
+
+    def _control(self, q_avg: jax.Array) -> jax.Array:
+        """q_avg as ``q_avg_source`` says: the image's own (Eq. 3), or a control's."""
+        if self.q_avg_source == "own":
+            return q_avg
+        if self.q_avg_source == "shifted":
+            return jnp.roll(q_avg, 1, axis=0)
+        if self.q_avg_source == "learned":
+            init = nn.initializers.normal(1.0)
+            learned = self.param("q_avg_learned", init, q_avg.shape[1:], jnp.float32)
+            return jnp.broadcast_to(learned.astype(q_avg.dtype), q_avg.shape)
+        raise ValueError(
+            f"q_avg_source must be 'own', 'learned' or 'shifted', got {self.q_avg_source!r}"
+        )
+
+    def _mix_cue(self, q_avg: jax.Array, cue, cue_weight) -> jax.Array:
+        """q_avg with a top-down cue mixed in (unchanged without a cue)."""
+        width = self.heads * self.d
         table = None
         if self.cue_classes:
             table = self.param(
-                "cue_embedding", nn.initializers.zeros_init(), (self.cue_classes, h * self.d)
+                "cue_embedding", nn.initializers.zeros_init(), (self.cue_classes, width)
             )
-        if cue is not None:
-            flat = q_avg.reshape(q_avg.shape[0], -1)
-            q_avg = mix_cue(flat, cue_vector(cue, table, h * self.d), cue_weight).reshape(
-                q_avg.shape
-            )
-        gatta = {}
-        for site in self.sites:
-            g = agr.head_agreement(keys[site.name], q_avg, site.kind)
-            gatta[site.name] = jnp.tanh(g) if self.bounded else g
-        return Attention(keys=keys, queries=queries, q_avg=q_avg, gatta=gatta, alpha=alpha)
+        if cue is None:
+            return q_avg
+        flat = q_avg.reshape(q_avg.shape[0], -1)
+        return mix_cue(flat, cue_vector(cue, table, width), cue_weight).reshape(q_avg.shape)
 
 
 def _dropout_kq(key, i, k, q, rate, example_offset):

@@ -46,3 +46,15 @@ def test_the_comparison_budgets_are_within_ten_percent_of_gattanet():
         assert abs(n - 15845) / 15845 < 0.1, (system, n)
     with pytest.raises(ValueError, match="unknown system"):
         compare_toy_cifar10.get_config("gattanet,scratch")
+
+
+def test_the_agreement_controls_are_gattanet_with_another_global_query():
+    plain = compare_toy_cifar10.get_config("gattanet")
+    for system, source in [("learned_q", "learned"), ("shifted_q", "shifted")]:
+        config = compare_toy_cifar10.get_config(system)
+        assert config.attention.q_avg_source == source
+        config.attention.q_avg_source = "own"
+        assert config.to_dict() == plain.to_dict(), system
+    counts = {s: summary.summarize(compare_toy_cifar10.get_config(s))["attention_params"]
+              for s in ("learned_q", "shifted_q")}  # fmt: skip
+    assert counts == {"learned_q": 15845 + 16, "shifted_q": 15845}

@@ -469,3 +469,33 @@ def test_one_head_is_the_papers_model_exactly():
     logits = jitted(backbone, attention)(av, bv, x).logits
     assert np.all(np.isfinite(logits))  # (NaN would compare equal below)
     np.testing.assert_array_equal(jitted(backbone, one)(av, bv, x).logits, logits)
+
+
+def test_q_avg_controls_remove_the_images_own_agreement():
+    """'shifted': each image is modulated with the previous image's global query; 'learned':
+    one trained vector for every image, which gets the gradient the queries no longer do."""
+    backbone, bv, attention, av = make(d=4, features=(4, 8, 8), hidden=16, size=16)
+    x = images(3, size=16)
+    own = jitted(backbone, attention, return_internals=True)(av, bv, x)
+    shifted = attention.clone(q_avg_source="shifted")
+    out = jitted(backbone, shifted, return_internals=True)(av, bv, x)
+    np.testing.assert_array_equal(out.attention.q_avg, jnp.roll(own.attention.q_avg, 1, axis=0))
+    # image i, modulated with image i-1's query, gives what the own model gives image i when
+    # its query is given as a full-weight cue
+    cued = jitted(backbone, attention)(av, bv, x, cue=out.attention.q_avg, cue_weight=1.0)
+    assert rel_err(out.logits, cued.logits) < 1e-6
+    assert rel_err(out.logits, own.logits) > 1e-3
+
+    learned = attention.clone(q_avg_source="learned")
+    lv = gj.init_attention(learned, jax.random.key(1))
+    vector = lv["params"]["q_avg_learned"]
+    assert vector.shape == (4,) and np.all(np.asarray(vector) != 0)
+    lv = {"params": {**av["params"], "q_avg_learned": vector}}
+    out = jitted(backbone, learned, return_internals=True)(lv, bv, x)
+    np.testing.assert_array_equal(out.attention.q_avg, jnp.broadcast_to(vector, (3, 4)))
+    grads = jax.grad(lambda v: jnp.sum(gj.two_pass(backbone, learned, v, bv, x).logits ** 2))(lv)
+    assert np.all(np.asarray(grads["params"]["conv1"]["Q"]) == 0)
+    assert np.all(np.abs(np.asarray(grads["params"]["q_avg_learned"])) > 0)
+    assert np.any(np.asarray(grads["params"]["conv1"]["K"]) != 0)
+    with pytest.raises(ValueError, match="q_avg_source"):
+        gj.init_attention(attention.clone(q_avg_source="mean"), jax.random.key(0))

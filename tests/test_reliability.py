@@ -75,6 +75,7 @@ def test_cli_value_of_the_wrong_type_is_one_line(tmp_path):
         ("attention_training.augment", "yes", r"augment must be True or False, got 'yes'"),
         ("model.dtype", "float16", r"model.dtype must be one of \('float32', 'bfloat16'\)"),
         ("on_nonfinite", "ignore", r"on_nonfinite must be one of \('stop', 'skip'\)"),
+        ("attention.q_avg_source", "mean", r"q_avg_source must be one of \('own', 'learned'"),
     ],
 )
 def test_bad_config_values_are_named_before_anything_runs(tmp_path, field, value, match):

@@ -32,7 +32,7 @@ from absl import app, flags, logging
 from gattanet_jax import two_pass
 from gattanet_jax.attention import param_name
 from gattanet_jax.sites import lesion_mask, lesion_string
-from train import checkpoints, input_pipeline, models, plots
+from train import checkpoints, defaults, input_pipeline, models, plots
 from train.augment import to_float
 from train.errors import UserError
 
@@ -68,7 +68,7 @@ def read_config(workdir: Path) -> ml_collections.ConfigDict:
     path = workdir / "config.json"
     if not path.is_file():
         raise UserError(f"{workdir} is not a training workdir (no config.json)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return defaults.complete(json.loads(path.read_text()))
 
 
 def load(workdir: str, data_dir: str = "", max_examples: int = 0) -> Trained:
@@ -93,13 +93,13 @@ def load(workdir: str, data_dir: str = "", max_examples: int = 0) -> Trained:
     mngr = checkpoints.manager(directory, keep=1, create=False)
     restored = checkpoints.restore(mngr, step, {"variables": abstract}, "attention checkpoint")
     variables = restored["variables"]
-    if config.attention_training.get("finetune_backbone", False):
+    if config.attention_training.finetune_backbone:
         variables, backbone_vars = split_finetuned(variables, task.frozen)
         baseline_vars = task.frozen["backbone"]
     else:
         backbone_vars = baseline_vars = task.frozen
     attention = models.build_attention(config, backbone, backbone_vars)
-    if config.dataset.get("pipeline", "memory") != "memory":
+    if config.dataset.pipeline != "memory":
         raise UserError(
             "the analyses read the test split into memory; they are not available for streamed "
             f"datasets (config.dataset.pipeline={config.dataset.pipeline!r}) yet"

@@ -21,6 +21,7 @@ import sys
 import numpy as np
 from absl import app, flags, logging
 
+from train import defaults
 from train.errors import UserError
 
 
@@ -59,11 +60,16 @@ def run_config(system: str, backbone: str, seed: int, arg: str = "", **overrides
     return config
 
 
+def _as_json(config) -> dict:
+    """A config with its defaults, as JSON reads it back (tuples become lists)."""
+    return json.loads(defaults.complete(config).to_json_best_effort())
+
+
 def _finished(run_dir: str, config) -> dict | None:
     """A finished run's results.json (its own wall time kept), if it ran this very config."""
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
-            same = json.load(f) == json.loads(config.to_json_best_effort())
+            same = _as_json(json.load(f)) == _as_json(config)
         with open(os.path.join(run_dir, "results.json")) as f:
             return json.load(f) if same else None
     except FileNotFoundError:

@@ -245,7 +245,7 @@ def head(split, n: int) -> np.ndarray:
 
 
 def load(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> Data:
-    if config.dataset.get("pipeline", "memory") == "imagenet":
+    if config.dataset.pipeline == "imagenet":
         return load_stream(config, image_shape)
     name = config.dataset.name
     if name == "embedded":

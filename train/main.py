@@ -50,11 +50,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    from train import summary, train  # imported late: JAX starts after the flags are parsed
+    # imported late: JAX starts after the flags are parsed
+    from train import defaults, summary, train
 
     try:
         if _DRY_RUN.value:
-            print(_CONFIG.value)
+            print(defaults.complete(_CONFIG.value))
             print(json.dumps(summary.dry_run(_CONFIG.value), indent=1))
             return
         if not _WORKDIR.value:

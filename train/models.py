@@ -17,7 +17,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-    return tuple(config.dataset.get("image_shape", (32, 32, 3)))
+    return tuple(config.dataset.image_shape)
 
 
 def build_backbone(config: ml_collections.ConfigDict):
@@ -33,10 +33,10 @@ def build_backbone(config: ml_collections.ConfigDict):
             dtype=DTYPES[m.dtype],
         )
     if m.backbone in resnet.ARCHITECTURES:
-        overrides = {"stage_sizes": tuple(m.stage_sizes)} if m.get("stage_sizes") else {}
+        overrides = {"stage_sizes": tuple(m.stage_sizes)} if m.stage_sizes else {}
         return resnet.ARCHITECTURES[m.backbone](
             num_classes=config.dataset.num_classes,
-            width=m.get("width", 64),
+            width=m.width,
             dtype=DTYPES[m.dtype],
             **overrides,
         )
@@ -66,13 +66,13 @@ def build_attention(config: ml_collections.ConfigDict, backbone, backbone_vars) 
         )
     except ValueError as e:
         raise UserError(f"config.model.sites: {e}") from None
-    heads = a.get("heads", 1)
+    heads = a.heads
     bad = [f"{s.name} ({s.channels})" for s in sites if s.channels % heads]
     if bad:
         raise UserError(
             f"config.attention.heads={heads} must divide the channels of every site: {bad}"
         )
-    if heads > 1 and (a.get("batch_norm_kq") or a.get("layer_norm_gatta")):
+    if heads > 1 and (a.batch_norm_kq or a.layer_norm_gatta):
         raise UserError(
             "config.attention.heads > 1 does not support batch_norm_kq/layer_norm_gatta"
         )
@@ -81,12 +81,13 @@ def build_attention(config: ml_collections.ConfigDict, backbone, backbone_vars) 
         d=a.d,
         dropout_rate=a.dropout_rate,
         alpha_init=a.alpha_init,
-        batch_norm_kq=a.get("batch_norm_kq", False),
-        layer_norm_gatta=a.get("layer_norm_gatta", False),
-        iterations=a.get("iterations", 1),
-        bounded=a.get("bounded", False),
-        cue_classes=config.dataset.num_classes if a.get("cue_classes", False) else 0,
-        heads=a.get("heads", 1),
+        batch_norm_kq=a.batch_norm_kq,
+        layer_norm_gatta=a.layer_norm_gatta,
+        iterations=a.iterations,
+        bounded=a.bounded,
+        cue_classes=config.dataset.num_classes if a.cue_classes else 0,
+        heads=a.heads,
+        q_avg_source=a.q_avg_source,
     )
 
 
@@ -114,7 +115,7 @@ def build_addons(config: ml_collections.ConfigDict, backbone, backbone_vars):
             raise UserError(f"config.addon.sites: {bad} do not take a (B, H, W, C) input")
     # The toy CNN's conv modules include their ReLU; a ResNet's convolutions do not.
     activation = "relu" if config.model.backbone == "toy" else "none"
-    gate = a.get("gate", "direct")
+    gate = a.gate
 
     def make(site, name):
         if a.kind == "gala":

@@ -13,7 +13,7 @@ from absl import app
 from ml_collections import config_flags
 
 from gattanet_jax import count_params
-from train import cli, models, validate
+from train import cli, defaults, models, validate
 from train.errors import UserError
 
 # Table 1's attention parameter counts (rounded to 0.1K in the paper): (backbone, classes, d).
@@ -64,6 +64,7 @@ def summarize_addon(config, backbone, backbone_vars) -> dict:
 
 
 def summarize(config) -> dict:
+    config = defaults.complete(config)
     validate.check_config(config)
     backbone = models.build_backbone(config)
     backbone_vars = models.backbone_shapes(backbone, config)
@@ -78,9 +79,10 @@ def summarize(config) -> dict:
     )
     n_attention = count_params(att_shapes.get("params", {}))
     row = (config.model.backbone, config.dataset.num_classes, config.attention.d)
-    default_arch = not config.model.get("stage_sizes") and config.model.get("width", 64) == 64
+    m = config.model
+    default_arch = m.backbone == "toy" or (not m.stage_sizes and m.width == 64)
     a = config.attention
-    default_arch = default_arch and a.get("heads", 1) == 1 and not a.get("cue_classes", False)
+    default_arch = default_arch and a.heads == 1 and not a.cue_classes and a.q_avg_source == "own"
     paper = TABLE1.get(row) if default_arch else None
     table = (
         {
@@ -112,7 +114,7 @@ def counts(config, summary: dict) -> dict:
     backbone = {"trained_params": summary["backbone_params"], "frozen_params": 0}
     attention = {"trained_params": summary["attention_params"],
                  "frozen_params": summary["backbone_params"]}  # fmt: skip
-    if config.attention_training.get("finetune_backbone", False):
+    if config.attention_training.finetune_backbone:
         attention = {"trained_params": sum(attention.values()), "frozen_params": 0}
     by_stage = {"backbone": backbone, "attention": attention}
     if config.stage == "both":
@@ -125,6 +127,7 @@ def dry_run(config) -> dict:
     config, parameter counts, sites, and the data splits it would read with their sizes."""
     from train import input_pipeline
 
+    config = defaults.complete(config)
     s = summarize(config)
     data = input_pipeline.load(config, models.image_shape(config))
     sizes = {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)}
@@ -133,7 +136,7 @@ def dry_run(config) -> dict:
         **counts(config, s),
         "sites": [f"{x['name']} {x.get('kind', 'conv')} {tuple(x['shape'])}" for x in s["sites"]],
         "dataset": config.dataset.name,
-        "data_dir": config.dataset.get("data_dir", ""),
+        "data_dir": config.dataset.data_dir,
         "splits": sizes,
         "num_classes": data.num_classes,
     }

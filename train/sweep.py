@@ -93,7 +93,7 @@ def train_sweep(config, workdir: str):
         )
     if config.parallel != "none":
         raise UserError("config.sweep runs on one device: set config.parallel='none'")
-    if config.attention_training.get("finetune_backbone", False):
+    if config.attention_training.finetune_backbone:
         raise UserError(
             "config.sweep trains attention systems on a frozen backbone: set "
             "config.attention_training.finetune_backbone=False"
@@ -110,9 +110,7 @@ def train_sweep(config, workdir: str):
     try:
         masks = np.stack(
             [
-                sites.as_mask_array(
-                    sites.lesion_mask(m.attention.get("lesion") or None, attention.sites)
-                )
+                sites.as_mask_array(sites.lesion_mask(m.attention.lesion or None, attention.sites))
                 for m in members
             ]
         )
@@ -171,8 +169,8 @@ def train_sweep(config, workdir: str):
             attention,
             recipe.weight_decay,
             lesion=mask,
-            cue_fraction=a.get("cue_fraction", 0.0) if a.get("cue_classes", False) else 0.0,
-            cue_weight=a.get("cue_weight", 0.0),
+            cue_fraction=a.cue_fraction if a.cue_classes else 0.0,
+            cue_weight=a.cue_weight,
         )
         tx = optax.adam(lr, eps=1e-7)
         seed_key = jax.random.wrap_key_data(seed_data)
@@ -264,7 +262,7 @@ def train_sweep(config, workdir: str):
                 "seed": member.seed,
                 "learning_rate": member.attention_training.learning_rate,
                 "alpha_init": member.attention.alpha_init,
-                "lesion": member.attention.get("lesion") or "",
+                "lesion": member.attention.lesion,
                 "test_accuracy": test,
                 "best_validation_accuracy": float(meta["best_val"][m]),
                 "best_epoch": int(meta["best_epoch"][m]),

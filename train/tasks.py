@@ -159,20 +159,20 @@ def attention_task(config, backbone, rng) -> Task:
         attention = attention.clone(axis_name=parallel.AXIS)
     variables = dict(init_attention(attention, rng))
     params = variables.pop("params")
-    lesion = config.attention.get("lesion") or None
+    lesion = config.attention.lesion or None
     try:
         sites_lib.lesion_mask(lesion, attention.sites)
     except ValueError as e:
         raise UserError(f"config.attention.lesion: {e}") from None
     a, t = config.attention, config.attention_training
-    cue_fraction = a.get("cue_fraction", 0.0) if a.get("cue_classes", False) else 0.0
-    cue_weight = a.get("cue_weight", 0.0)
+    cue_fraction = a.cue_fraction if a.cue_classes else 0.0
+    cue_weight = a.cue_weight
 
     def baseline(variables, frozen, x):
         del variables
         return backbone.apply(frozen, x, train=False)
 
-    if t.get("finetune_backbone", False):
+    if t.finetune_backbone:
         return finetune_task(config, backbone, attention, params, variables, backbone_vars, source)
     loss_fn = attention_loss_fn(
         backbone,
@@ -218,10 +218,10 @@ def finetune_task(config, backbone, attention, att_params, att_extra, backbone_v
     unchanged) or 'update' (batch statistics in training, running averages trained). The
     original backbone stays in ``frozen`` for the baseline accuracy."""
     t = config.attention_training
-    mode = t.get("backbone_batch_stats", "frozen")
-    lesion = config.attention.get("lesion") or None
+    mode = t.backbone_batch_stats
+    lesion = config.attention.lesion or None
     a = config.attention
-    cue_fraction = a.get("cue_fraction", 0.0) if a.get("cue_classes", False) else 0.0
+    cue_fraction = a.cue_fraction if a.cue_classes else 0.0
     stats = {k: v for k, v in backbone_vars.items() if k != "params"}
     # A copy: the training state is donated, the original stays for the baseline.
     params = {"attention": att_params, "backbone": jax.tree.map(jnp.copy, backbone_vars["params"])}

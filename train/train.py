@@ -23,6 +23,7 @@ import optax
 from gattanet_jax import count_params, site_alphas
 from train import (
     checkpoints,
+    defaults,
     guards,
     input_pipeline,
     models,
@@ -96,7 +97,7 @@ def _train_stage(config, workdir: str, stop: progress.Preemption) -> tuple[dict,
         )
     # Within an epoch (config.checkpoint_every_steps): a later state than the epoch's start, with
     # the epoch's running sums, so that a resumed epoch ends exactly as an uninterrupted one.
-    every = config.get("checkpoint_every_steps", 0)
+    every = config.checkpoint_every_steps
     # (also where a SIGTERM or SIGINT saves the run at a step boundary)
     has_mid = every or (path / "checkpoints_mid").is_dir()
     mid = checkpoints.manager(path / "checkpoints_mid", keep=1) if has_mid else None
@@ -314,7 +315,7 @@ def _finish(config, task, state, data, best, path, meta, start_time):
         results["backbone_test_accuracy"] = base["accuracy"]
         results["backbone_test_loss"] = base["loss"]
         if task.stage == "attention":
-            finetuned = config.attention_training.get("finetune_backbone", False)
+            finetuned = config.attention_training.finetune_backbone
             att_params = params["attention"] if finetuned else params
             results["alpha"] = {
                 k: np.asarray(v).tolist() for k, v in site_alphas(att_params).items()
@@ -351,6 +352,7 @@ def _check_finite(finite: list, first_step: int, epoch: int, ckpt, every=False) 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     """Runs ``config.stage`` in ``workdir``; returns (final state, metrics)."""
+    config = defaults.complete(config)
     validate.check_config(config)
     parallel.initialize(config)
     if sweep.size(config):
@@ -358,12 +360,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     if config.stage != "both":
         return train_stage(config, workdir)
     backbone_dir = os.path.join(workdir, "backbone")
-    with config.unlocked():
-        first = ml_collections.ConfigDict(config.to_dict())
-        first.stage = "backbone"
-        second = ml_collections.ConfigDict(config.to_dict())
-        second.stage = "attention"
-        second.backbone_checkpoint = backbone_dir
+    first = ml_collections.ConfigDict(config.to_dict())
+    first.stage = "backbone"
+    second = ml_collections.ConfigDict(config.to_dict())
+    second.stage = "attention"
+    second.backbone_checkpoint = backbone_dir
     _, backbone_results = train_stage(first, backbone_dir)
     state, results = train_stage(second, os.path.join(workdir, "attention"))
     results = dict(results, backbone_stage=backbone_results)

@@ -18,6 +18,7 @@ GATES = ("direct", "residual")
 SQUASHES = ("tanh", "sigmoid")
 NONFINITE = ("stop", "skip")
 PIPELINES = ("memory", "imagenet")
+Q_AVG_SOURCES = ("own", "learned", "shifted")
 
 
 def _fail(field: str, want: str, value) -> None:
@@ -91,22 +92,21 @@ def check_config(config) -> None:
         if not isinstance(c[field], bool):
             _fail(field, "True or False", c[field])
     a = config.attention
-    if "iterations" in a:
-        _positive_int(c, "attention.iterations")
-        _positive_int(c, "attention.heads")
-        for field in ("attention.bounded", "attention.cue_classes"):
-            if not isinstance(c[field], bool):
-                _fail(field, "True or False", c[field])
-        _number(c, "attention.cue_weight", 0.0, 1.0)
-        _number(c, "attention.cue_fraction", 0.0, 1.0)
-        t = config.attention_training
-        if "finetune_backbone" in t:
-            if not isinstance(t.finetune_backbone, bool):
-                _fail("attention_training.finetune_backbone", "True or False", t.finetune_backbone)
-            _number(c, "attention_training.backbone_learning_rate", 0.0, 10.0)
-            _choice(c, "attention_training.backbone_batch_stats", ("frozen", "update"))
-        if c["attention.cue_fraction"] > 0 and not c["attention.cue_classes"]:
-            _fail("attention.cue_fraction", "0 without attention.cue_classes=True", a.cue_fraction)
+    _positive_int(c, "attention.iterations")
+    _positive_int(c, "attention.heads")
+    for field in ("attention.bounded", "attention.cue_classes"):
+        if not isinstance(c[field], bool):
+            _fail(field, "True or False", c[field])
+    _number(c, "attention.cue_weight", 0.0, 1.0)
+    _choice(c, "attention.q_avg_source", Q_AVG_SOURCES)
+    _number(c, "attention.cue_fraction", 0.0, 1.0)
+    t = config.attention_training
+    if not isinstance(t.finetune_backbone, bool):
+        _fail("attention_training.finetune_backbone", "True or False", t.finetune_backbone)
+    _number(c, "attention_training.backbone_learning_rate", 0.0, 10.0)
+    _choice(c, "attention_training.backbone_batch_stats", ("frozen", "update"))
+    if c["attention.cue_fraction"] > 0 and not c["attention.cue_classes"]:
+        _fail("attention.cue_fraction", "0 without attention.cue_classes=True", a.cue_fraction)
     _positive_int(c, "checkpoint_every_steps", least=0)
     if c["stage"] == "addon":
         _choice(c, "addon.kind", ADDON_KINDS)
