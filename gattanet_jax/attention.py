@@ -7,7 +7,6 @@ returns keys, queries, the global query and the agreement maps; it never touches
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -205,9 +204,9 @@ class AttentionSystem(nn.Module):
         site_acts: Mapping[str, jax.Array],
         train: bool = False,
         internals: bool = True,
-        example_offset=0,
         cue: jax.Array | None = None,
         cue_weight=0.0,
+        dropout_keys: jax.Array | None = None,
     ) -> Attention:
         """Keys, queries, q_avg and agreement maps from the sites' pass-1 activations.
 
@@ -219,15 +218,18 @@ class AttentionSystem(nn.Module):
         With ``internals=False`` outside training, keys and queries are not materialised (the
         returned dicts are empty) and q_avg and gatta come from the activations directly.
         Under ``batch_norm_kq`` with ``train``, the caller makes 'batch_stats' mutable.
-        ``example_offset``: the index of the first example of this batch in the global batch
-        (data-parallel shards), so that each example gets the same dropout masks however the
-        batch is split.
+        Key/query dropout (``train``) draws from the 'dropout' rng stream, or from
+        ``dropout_keys``, one key per example (B,): each example's masks then depend on its own
+        key alone, so a data-parallel shard given its slice of the keys drops exactly what the
+        whole batch would.
         """
         self._check_heads()
         h = self.heads
         use_dropout = train and self.dropout_rate > 0
         materialise = internals or use_dropout or (train and self.batch_norm_kq) or h > 1
-        key = self.make_rng("dropout") if use_dropout else None
+        key = None
+        if use_dropout:
+            key = self.make_rng("dropout") if dropout_keys is None else dropout_keys
         mods = {site.name: self._site_params(site) for site in self.sites}
         keys, queries, means = {}, {}, []
         for i, site in enumerate(self.sites):
@@ -238,7 +240,7 @@ class AttentionSystem(nn.Module):
                 continue
             k, q = (self._project(mod, w, acts, site.kind, train) for w in ("K", "Q"))
             if use_dropout:
-                k, q = _dropout_kq(key, i, k, q, self.dropout_rate, example_offset)
+                k, q = _dropout_kq(key, i, k, q, self.dropout_rate)
             keys[site.name], queries[site.name] = k, q
         if materialise:
             kinds = [site.kind for site in self.sites]
@@ -329,10 +331,9 @@ class AttentionSystem(nn.Module):
         return mix_cue(flat, cue_vector(cue, table, width), cue_weight).reshape(q_avg.shape)
 
 
-def _dropout_kq(key, i, k, q, rate, example_offset):
-    start = example_offset * math.prod(k.shape[1:])
-    k = dropout.dropout(jax.random.fold_in(key, 2 * i), k, rate, start)
-    return k, dropout.dropout(jax.random.fold_in(key, 2 * i + 1), q, rate, start)
+def _dropout_kq(key, i, k, q, rate):
+    k = dropout.dropout(dropout.fold_in(key, 2 * i), k, rate)
+    return k, dropout.dropout(dropout.fold_in(key, 2 * i + 1), q, rate)
 
 
 def cue_vector(cue: jax.Array, table: jax.Array | None, d: int) -> jax.Array:

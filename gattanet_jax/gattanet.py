@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from gattanet_jax import agreement as agr
+from gattanet_jax import dropout
 from gattanet_jax import sites as sites_lib
 from gattanet_jax.attention import Attention, AttentionSystem
 
@@ -66,7 +67,6 @@ def two_pass(
     rng: jax.Array | None = None,
     lesion: str | jax.Array | None = None,
     return_internals: bool = False,
-    example_offset=0,
     iterations: int | None = None,
     cue: jax.Array | None = None,
     cue_weight=0.0,
@@ -84,12 +84,13 @@ def two_pass(
       images: (B, H, W, C) input batch.
       train: enables key/query dropout (and updates of attention batch statistics).
       rng: PRNG key for the dropout; needed when ``train`` and the dropout rate is above 0.
+        One key, or one key per image (B,): each image's key/query dropout then depends on its
+        own key alone, so a data-parallel shard given its slice of the keys computes exactly
+        its part of the whole batch's result.
       lesion: the paper's notation, one character per site ('cccdd', 'c.cdd', '.....'): '.'
         removes a site's modulation (its query still enters q_avg). A float array of shape
         (n_sites,) does the same inside a trace (1 = modulated, 0 = removed), e.g. under vmap.
       return_internals: also return keys, queries, q_avg, gatta and alpha per site.
-      example_offset: where ``images`` start in the global batch when a data-parallel shard
-        calls this (0 otherwise): key/query dropout masks then match the unsharded run's.
       iterations: modulated passes T (default: ``attention.iterations``; the paper: 1). Pass
         t + 1 is modulated by the agreement computed from pass t's modulated site outputs (same
         attention parameters every time; dropout redrawn per iteration; BatchNorm statistics
@@ -134,23 +135,23 @@ def two_pass(
 
     if train and attention.dropout_rate > 0 and rng is None:
         raise ValueError("two_pass(train=True) needs an rng for key/query dropout")
-    rngs = {"dropout": rng} if rng is not None else {}
     mutable = [c for c in attention_vars if c != "params"] if train else []
 
-    def run_attention(attention_vars, acts, rngs):
+    def run_attention(attention_vars, acts, key):
+        per_example = key is not None and jnp.ndim(key) == 1
         return attention.apply(
             attention_vars,
             acts,
             train=train,
             internals=return_internals,
-            example_offset=example_offset,
             cue=cue,
             cue_weight=cue_weight,
-            rngs=rngs,
+            dropout_keys=key if per_example else None,
+            rngs={"dropout": key} if key is not None and not per_example else {},
             mutable=mutable or False,
         )
 
-    result = run_attention(attention_vars, acts, rngs)
+    result = run_attention(attention_vars, acts, rng)
     att, updates = result if mutable else (result, {})
 
     for t in range(iterations):
@@ -171,9 +172,8 @@ def two_pass(
         if last:
             break
         # The next agreement comes from this pass's modulated site outputs.
-        if rng is not None:
-            rngs = {"dropout": jax.random.fold_in(rng, t + 1)}
-        result = run_attention({**attention_vars, **updates}, acts, rngs)
+        key = None if rng is None else dropout.fold_in(rng, t + 1)
+        result = run_attention({**attention_vars, **updates}, acts, key)
         att, updates = result if mutable else (result, {})
     return Output(
         logits=logits,
@@ -190,7 +190,10 @@ def _backbone_frozen(backbone, variables, images, index):
 
 
 def _backbone_in_training_mode(backbone, rng, collections, variables, images, index):
-    """(logits, new statistics): training mode, batch statistics; dropout keys per pass."""
+    """(logits, new statistics): training mode, batch statistics; dropout keys per pass (from
+    the first image's key when ``rng`` holds one per image)."""
+    if rng is not None and jnp.ndim(rng) == 1:
+        rng = rng[0]
     rngs = {"dropout": jax.random.fold_in(rng, 1000 + index)} if rng is not None else {}
     if not collections:
         return backbone.apply(variables, images, train=True, rngs=rngs), {}

@@ -499,3 +499,23 @@ def test_q_avg_controls_remove_the_images_own_agreement():
     assert np.any(np.asarray(grads["params"]["conv1"]["K"]) != 0)
     with pytest.raises(ValueError, match="q_avg_source"):
         gj.init_attention(attention.clone(q_avg_source="mean"), jax.random.key(0))
+
+
+def test_per_image_keys_make_a_slice_of_the_batch_drop_what_the_whole_batch_does():
+    """two_pass(rng=one key per image): a data-parallel shard given its images and their keys
+    computes exactly its rows of the whole batch's training forward, with no offset."""
+    backbone, bv, attention, av = make(d=4, features=(4, 8, 8), hidden=16, size=16)
+    x = images(6, size=16)
+    keys = jax.random.split(jax.random.key(5), 6)
+    fwd = jitted(backbone, attention, train=True, return_internals=True)
+    whole = fwd(av, bv, x, rng=keys)
+    part = fwd(av, bv, x[2:5], rng=keys[2:5])
+    np.testing.assert_allclose(part.logits, whole.logits[2:5], rtol=1e-5, atol=1e-6)
+    for name in ("conv1", "conv3", "dense1"):
+        kept = np.asarray(whole.attention.queries[name]) != 0
+        assert 0.6 < kept.mean() < 0.9  # dropout is on
+        np.testing.assert_array_equal(np.asarray(part.attention.queries[name]) != 0, kept[2:5])
+    # one key for the whole batch: the masks of a slice are not the slice of the masks
+    one = fwd(av, bv, x, rng=jax.random.key(5)).logits
+    sliced = fwd(av, bv, x[2:5], rng=jax.random.key(5)).logits
+    assert np.max(np.abs(np.asarray(sliced) - np.asarray(one[2:5]))) > 1e-3

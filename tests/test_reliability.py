@@ -279,8 +279,8 @@ def test_skip_mode_end_to_end_counts_the_skips(tmp_path, monkeypatch):
     def sometimes_nan(backbone, weight_decay):
         loss_fn = original(backbone, weight_decay)
 
-        def wrapped(params, extra, frozen, x, y, rng):
-            loss, aux = loss_fn(params, extra, frozen, x, y, rng)
+        def wrapped(params, extra, frozen, x, y, rngs):
+            loss, aux = loss_fn(params, extra, frozen, x, y, rngs)
             return jnp.where(y[0] == 3, jnp.nan, loss), aux
 
         return wrapped

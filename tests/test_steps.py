@@ -85,7 +85,7 @@ def l2_part(loss_fn, params, extra, frozen, coefficient):
     y = jnp.array([0, 1, 2, 0])
 
     def loss(p, fn):
-        return fn(p, extra, frozen, x, y, jax.random.key(4))[0]
+        return fn(p, extra, frozen, x, y, steps.loss_rngs(jax.random.key(4), 4))[0]
 
     with_l2, without = loss_fn(coefficient), loss_fn(0.0)
     diff = float(loss(params, with_l2)) - float(loss(params, without))

@@ -400,7 +400,7 @@ def _at(tree, path):
 def test_from_scratch_resnet_add_on_trains_its_batch_norm_statistics(kind, sites):
     """Protocol (b) on a ResNet: GALA-ResNet and GSA-ResNet (Bottleneck 3x3 convs replaced)."""
     from configs import resnet50_imagenet
-    from train import models, tasks
+    from train import models, steps, tasks
 
     config = resnet50_imagenet.get_config("tiny")
     config.stage = "addon"
@@ -417,7 +417,7 @@ def test_from_scratch_resnet_add_on_trains_its_batch_norm_statistics(kind, sites
     y = np.arange(4) % 10
 
     def loss(p):
-        return task.loss_fn(p, task.extra, {}, x, y, jax.random.key(1))
+        return task.loss_fn(p, task.extra, {}, x, y, steps.loss_rngs(jax.random.key(1), 4))
 
     (value, (logits, new_extra)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
         task.params

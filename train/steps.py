@@ -16,14 +16,31 @@ import optax
 from train.augment import augment, to_float
 from train.parallel import constrain
 
-# (trainable params, other trained collections, frozen variables, images, labels, rng,
-#  example_offset=0) -> (loss, (logits, new values of the other collections))
+# (trainable params, other trained collections, frozen variables, images, labels, rngs)
+#  -> (loss, (logits, new values of the other collections))
 # The other collections ('extra', e.g. BatchNorm statistics) are updated by the forward pass, not
-# by the optimizer; they are empty for most models. ``example_offset`` (keyword) is where the
-# images start in the global batch when a pmap shard calls the function.
+# by the optimizer; they are empty for most models. ``rngs``: {'step': one key for the call,
+# 'examples': one key per image (``example_keys``), the same however the batch is split}.
 LossFn = Callable[
-    [dict, dict, dict, jax.Array, jax.Array, jax.Array], tuple[jax.Array, tuple[jax.Array, dict]]
+    [dict, dict, dict, jax.Array, jax.Array, dict], tuple[jax.Array, tuple[jax.Array, dict]]
 ]
+
+
+def example_keys(key: jax.Array, batch_size: int, start=0, count: int | None = None):
+    """One key per image of a global batch of ``batch_size`` (image i's: a function of ``key``
+    and i), or of its images [start, start + count) (a data-parallel shard's)."""
+    keys = jax.random.split(jax.random.fold_in(key, 0xE4A), batch_size)
+    if count is None or count == batch_size:
+        return keys
+    return jax.lax.dynamic_slice_in_dim(keys, start, count)
+
+
+def loss_rngs(key: jax.Array, batch_size: int, start=0, count: int | None = None) -> dict:
+    """A loss function's ``rngs`` for a (global) batch of ``batch_size``, or for its images
+    [start, start + count)."""
+    return {"step": key, "examples": example_keys(key, batch_size, start, count)}
+
+
 # (variables = params and the other collections, frozen variables, images) -> logits
 LogitsFn = Callable[[dict, dict, jax.Array], jax.Array]
 
@@ -113,9 +130,9 @@ def train_step(
     else:
         x = to_float(x)
     extra = state.get("extra", {})
-    kwargs = {"example_offset": offset} if axis_name else {}
+    rngs = loss_rngs(k_drop, batch_size, offset, local)
     (loss, (logits, new_extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], extra, frozen, x, y, k_drop, **kwargs
+        state["params"], extra, frozen, x, y, rngs
     )
     accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
     if axis_name:

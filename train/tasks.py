@@ -44,10 +44,14 @@ def backbone_loss_fn(backbone, weight_decay: float) -> steps.LossFn:
     """The backbone's own training loss: all its parameters train, dropout on; BatchNorm
     statistics (in ``extra``) are updated by the forward pass."""
 
-    def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
-        del frozen, example_offset  # the backbone's own dropout is drawn per call
+    def loss_fn(params, extra, frozen, x, y, rngs):
+        del frozen  # the backbone's own dropout is drawn per call
         logits, updates = backbone.apply(
-            {"params": params, **extra}, x, train=True, rngs={"dropout": rng}, mutable=list(extra)
+            {"params": params, **extra},
+            x,
+            train=True,
+            rngs={"dropout": rngs["step"]},
+            mutable=list(extra),
         )
         loss = jnp.mean(steps.cross_entropy(logits, y))
         return loss + weight_decay * steps.l2_penalty(params, ("kernel",)), (logits, updates)
@@ -55,12 +59,10 @@ def backbone_loss_fn(backbone, weight_decay: float) -> steps.LossFn:
     return loss_fn
 
 
-def true_class_cues(rng, batch: int, fraction: float, weight: float, example_offset=0):
-    """Per-example cue weights: ``weight`` for a ``fraction`` of the examples, else 0. Example i
-    of the global batch draws from (rng, i), however the batch is split across devices."""
-    index = example_offset + jnp.arange(batch)
-    key = jax.random.fold_in(rng, 0x0C0E)
-    u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(index)
+def true_class_cues(example_keys, fraction: float, weight: float):
+    """Per-example cue weights: ``weight`` for a ``fraction`` of the examples, else 0. Each
+    example draws from its own key (one per example), however the batch is split."""
+    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0x0C0E)))(example_keys)
     return jnp.where(u < fraction, jnp.float32(weight), jnp.float32(0))
 
 
@@ -72,11 +74,11 @@ def attention_loss_fn(
     ``cue_fraction`` > 0: that fraction of the examples is cued with its true class at
     ``cue_weight`` (needs ``attention.cue_classes``)."""
 
-    def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
+    def loss_fn(params, extra, frozen, x, y, rngs):
         variables = {"params": params, **extra}
         cues = (cue_fraction, cue_weight)
         out = training_two_pass(
-            backbone, attention, variables, frozen, x, y, rng, lesion, cues, example_offset
+            backbone, attention, variables, frozen, x, y, rngs["examples"], lesion, cues
         )
         loss = jnp.mean(steps.cross_entropy(out.logits, y))
         return loss + weight_decay * steps.l2_penalty(params, ("K", "Q")), (out.logits, out.updates)
@@ -85,14 +87,14 @@ def attention_loss_fn(
 
 
 def training_two_pass(
-    backbone, attention, att_vars, bb_vars, x, y, rng, lesion, cues, example_offset, **kw
+    backbone, attention, att_vars, bb_vars, x, y, example_keys, lesion, cues, **kw
 ):
     """The two-pass forward of a training step; ``cues`` = (fraction, weight): that fraction of
     the examples is cued with its true class at that weight (none if the fraction is 0)."""
     fraction, weight = cues
     cue = {}
     if fraction > 0:
-        w = true_class_cues(rng, x.shape[0], fraction, weight, example_offset)
+        w = true_class_cues(example_keys, fraction, weight)
         cue = {"cue": y, "cue_weight": w}
     return two_pass(
         backbone,
@@ -101,9 +103,8 @@ def training_two_pass(
         bb_vars,
         x,
         train=True,
-        rng=rng,
+        rng=example_keys,
         lesion=lesion,
-        example_offset=example_offset,
         **cue,
         **kw,
     )
@@ -231,7 +232,7 @@ def finetune_task(config, backbone, attention, att_params, att_extra, backbone_v
     if mode == "update" and stats:
         extra["backbone_state"] = jax.tree.map(jnp.copy, stats)
 
-    def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
+    def loss_fn(params, extra, frozen, x, y, rngs):
         att_vars, bb_vars = split_finetuned({"params": params, **extra}, frozen)
         cues = (cue_fraction, a.cue_weight)
         out = training_two_pass(
@@ -241,10 +242,9 @@ def finetune_task(config, backbone, attention, att_params, att_extra, backbone_v
             bb_vars,
             x,
             y,
-            rng,
+            rngs["examples"],
             lesion,
             cues,
-            example_offset,
             train_backbone=True,
             backbone_batch_stats=mode,
         )
@@ -334,8 +334,8 @@ def addon_task(config, backbone, rng) -> Task:
             "backbone": addon.drop_replaced(backbone_vars["params"], addons),
         }
 
-        def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
-            del frozen, example_offset
+        def loss_fn(params, extra, frozen, x, y, rngs):
+            del frozen
             module_vars, stats = split({"params": params["addon"], **extra})
             out = addon.forward(
                 backbone,
@@ -344,7 +344,7 @@ def addon_task(config, backbone, rng) -> Task:
                 {"params": params["backbone"], **stats},
                 x,
                 train=True,
-                rngs={"dropout": rng},
+                rngs={"dropout": rngs["step"]},
                 mutable=list(stats),
             )
             return loss_and_aux(params, extra, out, y)
@@ -360,8 +360,8 @@ def addon_task(config, backbone, rng) -> Task:
         extra = {**stats, **addon_state}
         return Task("addon", params, loss_fn, logits_fn, recipe, {}, extra=extra)
 
-    def loss_fn(params, extra, frozen, x, y, rng, example_offset=0):
-        del rng, example_offset
+    def loss_fn(params, extra, frozen, x, y, rngs):
+        del rngs
         module_vars, _ = split({"params": params, **extra})
         out = addon.forward(backbone, addons, module_vars, frozen, x, train_addons=True)
         return loss_and_aux(params, extra, out, y)
