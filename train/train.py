@@ -45,205 +45,240 @@ def train_stage(config, workdir: str) -> tuple[dict, dict]:
 
 
 def _train_stage(config, workdir: str, stop: progress.Preemption) -> tuple[dict, dict]:
-    start_time = time.time()
-    place = parallel.placement(config)
-    parallel.check_batch_sizes(config, place)
-    path = validate.prepare_workdir(workdir)
-    backbone = models.build_backbone(config)
-    if config.stage == "attention":  # site names and d are checked before any data is read
-        models.attention_from_shapes(config, backbone)
-    seed_key = jax.random.key(config.seed)
-    init_key = jax.random.fold_in(seed_key, 0)
-    make_task = {"backbone": backbone_task, "attention": attention_task, "addon": addon_task}
-    task = make_task[config.stage](
-        config, backbone, init_key
-    )  # reads the backbone's weights (if any) before the data: a wrong file fails fast
-    data = input_pipeline.load(config, models.image_shape(config))
-    recipe = task.recipe
-    batch = recipe.batch_size
-    steps_per_epoch = len(data.train) // batch
-    if steps_per_epoch == 0:
-        raise UserError(f"batch size {batch} exceeds the {len(data.train)} training examples")
-
-    tx = task.tx or optax.adam(recipe.learning_rate, eps=1e-7)  # Keras' Adam defaults
-    task = dataclasses.replace(task, frozen=place.replicate(task.frozen), place=place)
-    if isinstance(data.validation, input_pipeline.Split):  # evaluated from device memory
-        data = dataclasses.replace(
-            data,
-            validation=input_pipeline.Split(*place.replicate(dataclasses.astuple(data.validation))),
-            test=input_pipeline.Split(*place.replicate(dataclasses.astuple(data.test))),
-        )
-    state = place.replicate(steps.init_state(task.params, tx, task.extra))
-    meta = {"epoch": 0, "best_val": -1.0, "bad_epochs": 0, "done": False}
-    trainable = count_params(task.params)
-    progress.log(
-        f"[{config.stage}] trainable parameters: {trainable:,}; frozen: "
-        f"{count_params(task.frozen):,}; "
-        f"train/val/test: {len(data.train)}/{len(data.validation)}/{len(data.test)}"
-    )
-
-    ckpt = checkpoints.manager(path / "checkpoints", keep=config.keep_checkpoints)
-    best = checkpoints.manager(path / "best", keep=1)
-    if ckpt.latest_step() is not None:
-        restored = checkpoints.restore(
-            ckpt,
-            ckpt.latest_step(),
-            {"state": state, "meta": progress.meta_arrays(meta)},
-            "checkpoint in this workdir",
-        )
-        state, meta = restored["state"], progress.meta_values(restored["meta"])
-        progress.log(
-            f"[{config.stage}] resumed from epoch {meta['epoch']} (step {int(state['step'])})"
-        )
-    # Within an epoch (config.checkpoint_every_steps): a later state than the epoch's start, with
-    # the epoch's running sums, so that a resumed epoch ends exactly as an uninterrupted one.
-    every = config.checkpoint_every_steps
-    # (also where a SIGTERM or SIGINT saves the run at a step boundary)
-    has_mid = every or (path / "checkpoints_mid").is_dir()
-    mid = checkpoints.manager(path / "checkpoints_mid", keep=1) if has_mid else None
-    epoch_start = {"sums": {"loss": 0.0, "accuracy": 0.0}, "skipped": int(state["skipped"])}
-    resume_at = 0
-    if mid is not None and (mid.latest_step() or -1) > int(state["step"]):
-        restored = checkpoints.restore(
-            mid,
-            mid.latest_step(),
-            {"state": state, "meta": progress.meta_arrays(meta), **_epoch_arrays(epoch_start)},
-            "within-epoch checkpoint in this workdir",
-        )
-        state, meta = restored["state"], progress.meta_values(restored["meta"])
-        epoch_start = {"sums": restored["sums"], "skipped": int(restored["skipped"])}
-        resume_at = int(state["step"]) - meta["epoch"] * steps_per_epoch
-        progress.log(
-            f"[{config.stage}] resumed within epoch {meta['epoch'] + 1} at its step "
-            f"{resume_at} (step {int(state['step'])})"
-        )
-    # A crash between a best/ save and the periodic save of the same epoch leaves best/ ahead of
-    # the state resumed from (or started afresh); the deterministic replay writes it again.
-    for ahead in [s for s in best.all_steps() if s > meta["epoch"]]:
-        best.delete(ahead)
-        progress.log(
-            f"[{config.stage}] removed best/{ahead}: written after the last complete checkpoint"
-        )
-
-    if int(state["step"]) == 0:
-        probe = data.validation if len(data.validation) else data.test
-        guards.check_alpha_zero_is_backbone(
-            task,
-            steps.variables(state),
-            input_pipeline.head(probe, config.eval_batch_size),
-            config.model.dtype,
-        )
-    # Written only once the workdir's checkpoints are known to fit this config.
-    progress.write_text(path / "config.json", config.to_json_best_effort(indent=2))
-    skip = config.on_nonfinite == "skip"
-    in_memory = isinstance(data.train, input_pipeline.Split)
-    step_fn = place.compile(
-        functools.partial(
-            steps.train_step,
-            task.loss_fn,
-            tx,
-            recipe.augment and in_memory,  # streamed data is augmented on the host
-            batch,
-            seed_key,
-            skip_nonfinite=skip,
-        ),
-        donate_state=True,
-    )
-    batches = _Batches(data.train, place, seed_key, config.seed, batch, recipe.augment)
-    writer = progress.Writer(path)
-    step_log = progress.StepLog(
-        config.stage, steps_per_epoch, recipe.num_epochs, writer, config.log_every_steps
-    )
-    epoch_times = []
-    while not meta["done"] and meta["epoch"] < recipe.num_epochs:
+    run = _Run(config, workdir)
+    run.resume()
+    run.prepare()
+    while not run.meta["done"] and run.meta["epoch"] < run.recipe.num_epochs:
         t0 = time.time()
-        epoch = meta["epoch"]
-        sums = epoch_start["sums"]
-        skipped_before = epoch_start["skipped"]
+        sums, skipped = run.train_epoch(stop)
+        run.end_epoch(sums, skipped, t0)
+    if run.meta["done"]:
+        progress.log(
+            f"[{config.stage}] early stopping: no better validation accuracy for "
+            f"{run.recipe.patience} epochs"
+        )
+    run.writer.close()
+    return _finish(
+        config, run.task, run.state, run.data, run.best, run.path, run.meta, run.start_time
+    )
+
+
+_FRESH_EPOCH = {"sums": {"loss": 0.0, "accuracy": 0.0}, "skipped": None}
+
+
+class _Run:
+    """One stage in one workdir: what the loop reads and updates (task, data, state, the
+    early-stopping record ``meta``, the checkpoint managers) and its parts, each short."""
+
+    def __init__(self, config, workdir: str):
+        self.start_time = time.time()
+        self.config = config
+        self.place = place = parallel.placement(config)
+        parallel.check_batch_sizes(config, place)
+        self.path = validate.prepare_workdir(workdir)
+        backbone = models.build_backbone(config)
+        if config.stage == "attention":  # site names and d are checked before any data is read
+            models.attention_from_shapes(config, backbone)
+        self.seed_key = jax.random.key(config.seed)
+        make_task = {"backbone": backbone_task, "attention": attention_task, "addon": addon_task}
+        # reads the backbone's weights (if any) before the data: a wrong file fails fast
+        task = make_task[config.stage](config, backbone, jax.random.fold_in(self.seed_key, 0))
+        data = input_pipeline.load(config, models.image_shape(config))
+        self.recipe = task.recipe
+        self.steps_per_epoch = len(data.train) // self.recipe.batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"batch size {self.recipe.batch_size} exceeds the {len(data.train)} training "
+                "examples"
+            )
+        self.tx = task.tx or optax.adam(self.recipe.learning_rate, eps=1e-7)  # Keras' defaults
+        self.task = dataclasses.replace(task, frozen=place.replicate(task.frozen), place=place)
+        if isinstance(data.validation, input_pipeline.Split):  # evaluated from device memory
+            data = dataclasses.replace(
+                data,
+                validation=input_pipeline.Split(
+                    *place.replicate(dataclasses.astuple(data.validation))
+                ),
+                test=input_pipeline.Split(*place.replicate(dataclasses.astuple(data.test))),
+            )
+        self.data = data
+        self.state = place.replicate(steps.init_state(task.params, self.tx, task.extra))
+        self.meta = {"epoch": 0, "best_val": -1.0, "bad_epochs": 0, "done": False}
+        progress.log(
+            f"[{config.stage}] trainable parameters: {count_params(task.params):,}; frozen: "
+            f"{count_params(task.frozen):,}; "
+            f"train/val/test: {len(data.train)}/{len(data.validation)}/{len(data.test)}"
+        )
+
+    def resume(self):
+        """Restores the latest checkpoint, and the within-epoch one if it is later."""
+        config, path = self.config, self.path
+        self.ckpt = checkpoints.manager(path / "checkpoints", keep=config.keep_checkpoints)
+        self.best = checkpoints.manager(path / "best", keep=1)
+        if self.ckpt.latest_step() is not None:
+            self._restore(self.ckpt, "checkpoint in this workdir")
+            progress.log(
+                f"[{config.stage}] resumed from epoch {self.meta['epoch']} "
+                f"(step {int(self.state['step'])})"
+            )
+        # Within an epoch (config.checkpoint_every_steps): a later state than the epoch's start,
+        # with the epoch's running sums, so that a resumed epoch ends exactly as an uninterrupted
+        # one (also where a SIGTERM or SIGINT saves the run at a step boundary).
+        has_mid = config.checkpoint_every_steps or (path / "checkpoints_mid").is_dir()
+        self.mid = checkpoints.manager(path / "checkpoints_mid", keep=1) if has_mid else None
+        self.epoch_start = {**_FRESH_EPOCH, "skipped": int(self.state["skipped"])}
+        self.resume_at = 0
+        if self.mid is not None and (self.mid.latest_step() or -1) > int(self.state["step"]):
+            restored = self._restore(self.mid, "within-epoch checkpoint in this workdir", True)
+            self.epoch_start = {"sums": restored["sums"], "skipped": int(restored["skipped"])}
+            self.resume_at = int(self.state["step"]) - self.meta["epoch"] * self.steps_per_epoch
+            progress.log(
+                f"[{config.stage}] resumed within epoch {self.meta['epoch'] + 1} at its step "
+                f"{self.resume_at} (step {int(self.state['step'])})"
+            )
+        # A crash between a best/ save and the periodic save of the same epoch leaves best/
+        # ahead of the state resumed from (or started afresh); the deterministic replay writes
+        # it again.
+        for ahead in [s for s in self.best.all_steps() if s > self.meta["epoch"]]:
+            self.best.delete(ahead)
+            progress.log(
+                f"[{config.stage}] removed best/{ahead}: written after the last complete checkpoint"
+            )
+
+    def _restore(self, manager, what: str, within_epoch: bool = False) -> dict:
+        target = {"state": self.state, "meta": progress.meta_arrays(self.meta)}
+        if within_epoch:
+            target |= _epoch_arrays(self.epoch_start)
+        restored = checkpoints.restore(manager, manager.latest_step(), target, what)
+        self.state, self.meta = restored["state"], progress.meta_values(restored["meta"])
+        return restored
+
+    def prepare(self):
+        """The alpha-zero guard, config.json, the compiled step, the batches and the logs."""
+        config, task, data = self.config, self.task, self.data
+        if int(self.state["step"]) == 0:
+            probe = data.validation if len(data.validation) else data.test
+            guards.check_alpha_zero_is_backbone(
+                task,
+                steps.variables(self.state),
+                input_pipeline.head(probe, config.eval_batch_size),
+                config.model.dtype,
+            )
+        # Written only once the workdir's checkpoints are known to fit this config.
+        progress.write_text(self.path / "config.json", config.to_json_best_effort(indent=2))
+        self.skip = config.on_nonfinite == "skip"
+        in_memory = isinstance(data.train, input_pipeline.Split)
+        batch, augment = self.recipe.batch_size, self.recipe.augment
+        self.step_fn = self.place.compile(
+            functools.partial(
+                steps.train_step,
+                task.loss_fn,
+                self.tx,
+                augment and in_memory,  # streamed data is augmented on the host
+                batch,
+                self.seed_key,
+                skip_nonfinite=self.skip,
+            ),
+            donate_state=True,
+        )
+        self.batches = _Batches(data.train, self.place, self.seed_key, config.seed, batch, augment)
+        self.writer = progress.Writer(self.path)
+        self.step_log = progress.StepLog(
+            config.stage, self.steps_per_epoch, self.recipe.num_epochs, self.writer,
+            config.log_every_steps,
+        )  # fmt: skip
+        self.epoch_times = []
+
+    def train_epoch(self, stop: progress.Preemption) -> tuple[dict, int]:
+        """The epoch's steps (from where a resumed epoch stopped); returns the summed loss and
+        accuracy and the number of skipped updates."""
+        config, epoch, every = self.config, self.meta["epoch"], self.config.checkpoint_every_steps
+        sums, skipped_before = self.epoch_start["sums"], self.epoch_start["skipped"]
         if skipped_before is None:  # a fresh epoch: skips counted from here
-            skipped_before = int(state["skipped"])
-        step_log.start_epoch(resume_at)
-        first_step, finite = int(state["step"]), []
-        steps_left = range(resume_at, steps_per_epoch)
-        for i, step_args in zip(steps_left, batches.epoch(epoch, resume_at), strict=False):
+            skipped_before = int(self.state["skipped"])
+        self.step_log.start_epoch(self.resume_at)
+        first_step, finite = int(self.state["step"]), []
+        steps_left = range(self.resume_at, self.steps_per_epoch)
+        for i, args in zip(steps_left, self.batches.epoch(epoch, self.resume_at), strict=False):
             if stop.signum is not None:  # preempted: save here, exit; a rerun resumes here
-                if not skip:
-                    _check_finite(finite, first_step, epoch, ckpt)
-                mid = mid or checkpoints.manager(path / "checkpoints_mid", keep=1)
-                if mid.latest_step() != int(state["step"]):
-                    epoch_now = {"sums": sums, "skipped": skipped_before}
-                    saved = {"state": state, "meta": progress.meta_arrays(meta)}
-                    checkpoints.save(mid, int(state["step"]), saved | _epoch_arrays(epoch_now))
-                writer.close()
-                stop.exit(config.stage, int(state["step"]))
-            state, metrics = step_fn(state, task.frozen, *step_args)
-            del step_args
+                if not self.skip:
+                    _check_finite(finite, first_step, epoch, self.ckpt)
+                self.mid = self.mid or checkpoints.manager(self.path / "checkpoints_mid", keep=1)
+                if self.mid.latest_step() != int(self.state["step"]):
+                    self._save_mid(sums, skipped_before)
+                self.writer.close()
+                stop.exit(config.stage, int(self.state["step"]))
+            self.state, metrics = self.step_fn(self.state, self.task.frozen, *args)
+            del args
             sums = {k: sums[k] + metrics[k] for k in sums}
             finite.append(metrics["finite"])  # read back only at the checks: no sync per step
-            at_mid = bool(every) and (i + 1) % every == 0 and i + 1 < steps_per_epoch
-            last_or_log = (i + 1) % config.log_every_steps == 0 or i + 1 == steps_per_epoch
-            if not skip and (last_or_log or at_mid):
-                _check_finite(finite, first_step, epoch, ckpt)
+            at_mid = bool(every) and (i + 1) % every == 0 and i + 1 < self.steps_per_epoch
+            last = i + 1 == self.steps_per_epoch
+            if not self.skip and ((i + 1) % config.log_every_steps == 0 or last or at_mid):
+                _check_finite(finite, first_step, epoch, self.ckpt)
             if at_mid:
-                epoch_now = {"sums": sums, "skipped": skipped_before}
-                saved = {"state": state, "meta": progress.meta_arrays(meta)}
-                checkpoints.save(mid, int(state["step"]), saved | _epoch_arrays(epoch_now))
-            if step_log.due(i):
-                skipped_now = int(state["skipped"]) - skipped_before
-                step_log.report(epoch, i, int(state["step"]), sums, skipped_now)
-        resume_at, epoch_start = 0, {"sums": {"loss": 0.0, "accuracy": 0.0}, "skipped": None}
-        skipped = int(state["skipped"]) - skipped_before
-        if skipped == steps_per_epoch:
-            _check_finite(finite, first_step, epoch, ckpt, every=True)
-        sums = {k: float(v) / (steps_per_epoch - skipped) for k, v in sums.items()}
+                self._save_mid(sums, skipped_before)
+            if self.step_log.due(i):
+                skipped_now = int(self.state["skipped"]) - skipped_before
+                self.step_log.report(epoch, i, int(self.state["step"]), sums, skipped_now)
+        self.resume_at, self.epoch_start = 0, _FRESH_EPOCH
+        skipped = int(self.state["skipped"]) - skipped_before
+        if skipped == self.steps_per_epoch:
+            _check_finite(finite, first_step, epoch, self.ckpt, every=True)
+        return sums, skipped
+
+    def _save_mid(self, sums: dict, skipped_before: int):
+        saved = {"state": self.state, "meta": progress.meta_arrays(self.meta)}
+        epoch_now = _epoch_arrays({"sums": sums, "skipped": skipped_before})
+        checkpoints.save(self.mid, int(self.state["step"]), saved | epoch_now)
+
+    def end_epoch(self, sums: dict, skipped: int, t0: float):
+        """Validation, the best checkpoint, early stopping, the periodic checkpoint, the log."""
+        config, meta, state, n = self.config, self.meta, self.state, self.steps_per_epoch
+        sums = {k: float(v) / (n - skipped) for k, v in sums.items()}
         val = (
-            evaluate(task, steps.variables(state), data.validation, config.eval_batch_size)
-            if len(data.validation)
+            evaluate(self.task, steps.variables(state), self.data.validation,
+                     config.eval_batch_size)
+            if len(self.data.validation)
             else {"accuracy": sums["accuracy"], "loss": sums["loss"]}
-        )
-        meta["epoch"] = epoch + 1
+        )  # fmt: skip
+        meta["epoch"] += 1
         improved = val["accuracy"] > meta["best_val"]
         if improved:
             meta["best_val"], meta["bad_epochs"] = val["accuracy"], 0
-            checkpoints.save(best, meta["epoch"], {"variables": steps.variables(state)})
+            checkpoints.save(self.best, meta["epoch"], {"variables": steps.variables(state)})
         else:
             meta["bad_epochs"] += 1
-        if meta["bad_epochs"] >= recipe.patience:
-            meta["done"] = True
-        epoch_times.append(time.time() - t0)
+        meta["done"] = meta["done"] or meta["bad_epochs"] >= self.recipe.patience
+        self.epoch_times.append(time.time() - t0)
+        num_epochs = self.recipe.num_epochs
         if (
             meta["done"]
             or meta["epoch"] % config.checkpoint_every_epochs == 0
-            or (meta["epoch"] == recipe.num_epochs)
+            or (meta["epoch"] == num_epochs)
         ):
             saved = {"state": state, "meta": progress.meta_arrays(meta)}
-            checkpoints.save(ckpt, meta["epoch"], saved)
-        remaining = (recipe.num_epochs - meta["epoch"]) * float(np.mean(epoch_times[-5:]))
+            checkpoints.save(self.ckpt, meta["epoch"], saved)
+        remaining = (num_epochs - meta["epoch"]) * float(np.mean(self.epoch_times[-5:]))
+        rate = n / self.epoch_times[-1]
         progress.log(
-            f"[{config.stage}] epoch {meta['epoch']}/{recipe.num_epochs} "
+            f"[{config.stage}] epoch {meta['epoch']}/{num_epochs} "
             f"loss {sums['loss']:.4f} acc {sums['accuracy']:.4f} val_acc {val['accuracy']:.4f}"
-            f"{' *' if improved else ''} | {steps_per_epoch / epoch_times[-1]:.1f} steps/s, "
+            f"{' *' if improved else ''} | {rate:.1f} steps/s, "
             f"ETA {progress.duration(remaining)} (at most)"
             + (f" | skipped {skipped} non-finite updates" if skipped else ""),
             flush=True,
         )
-        writer.scalars(
+        self.writer.scalars(
             int(state["step"]),
             {
                 "train/loss": sums["loss"],
                 "train/accuracy": sums["accuracy"],
                 "val/accuracy": val["accuracy"],
                 "val/loss": val["loss"],
-                "steps_per_s": steps_per_epoch / epoch_times[-1],
+                "steps_per_s": rate,
             },
         )
-    if meta["done"]:
-        progress.log(
-            f"[{config.stage}] early stopping: no better validation accuracy for "
-            f"{recipe.patience} epochs"
-        )
-    writer.close()
-    return _finish(config, task, state, data, best, path, meta, start_time)
 
 
 class _Batches:
