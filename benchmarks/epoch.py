@@ -4,7 +4,7 @@ r"""Times one training epoch on CIFAR-10 as the training loop runs it.
 
 The toy CIFAR-10 recipe (configs/toy_cifar10.py): 45,000 training images, batch 128, the
 device-resident dataset augmented inside the compiled step, then the validation split evaluated
-(5,000 images), with the training loop's own compiled step and evaluation (train.train). A
+(5,000 images), with the training loop's own compiled step, batches and evaluation. A
 warm-up of ``--warmup_steps`` steps and one validation pass (compilation) comes first; the timed
 epoch is the next full epoch of steps plus its validation. The attention stage runs on a frozen
 backbone with random weights (timing does not depend on them).
@@ -26,7 +26,7 @@ from absl import app, flags
 
 from benchmarks.common import report
 from configs import toy_cifar10
-from train import checkpoints, input_pipeline, models, parallel, steps, tasks, train
+from train import checkpoints, input_pipeline, models, parallel, steps, tasks
 
 _STAGE = flags.DEFINE_enum("stage", "backbone", ["backbone", "attention"], "Stage to time.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "data/tfds", "Prepared tfds data (local_cifar10).")
@@ -70,7 +70,7 @@ def time_epoch(stage: str, data_dir: str, dataset: str, warmup_steps: int) -> di
         functools.partial(steps.train_step, task.loss_fn, tx, recipe.augment, batch, seed_key),
         donate_state=True,
     )
-    batches = train._Batches(data.train, place, seed_key, config.seed, batch, recipe.augment)
+    batches = steps.Batches(data.train, place, seed_key, config.seed, batch, recipe.augment)
 
     def run(epoch, n_steps):
         nonlocal state

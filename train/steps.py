@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from train import input_pipeline
 from train.augment import augment, to_float
 from train.parallel import constrain
 
@@ -191,3 +192,35 @@ def eval_batch(
     if axis_name:
         loss, correct = jax.lax.psum((loss, correct), axis_name)
     return loss, correct
+
+
+class Batches:
+    """The train step's data arguments (images, labels, perm, index), step after step.
+
+    In memory: the whole split stays on the device and each step gets the epoch's permutation
+    and its index (a scalar from the host). Streamed: each step gets its batch, read and
+    augmented on the host ahead of time, with an identity permutation and index 0.
+    """
+
+    def __init__(self, split, place, seed_key, seed: int, batch: int, augment: bool):
+        self.split, self.place, self.seed = split, place, seed
+        self.batch, self.augment = batch, augment
+        self.perm_key = jax.random.fold_in(seed_key, 2)
+        if isinstance(split, input_pipeline.Split):
+            self.arrays = place.replicate((split.images, split.labels))
+            self.perm_fn = jax.jit(epoch_permutation, static_argnums=2)
+        else:
+            self.identity = place.replicate(jnp.arange(batch))
+
+    def epoch(self, epoch: int, start: int = 0):
+        """The epoch's steps from step ``start`` of the epoch on."""
+        if isinstance(self.split, input_pipeline.Split):
+            perm = self.perm_fn(self.perm_key, jnp.int32(epoch), len(self.split))
+            for i in range(start, len(self.split) // self.batch):
+                yield (*self.arrays, perm, jnp.int32(i))
+        else:
+            stream = self.split.train_batches(
+                self.batch, self.seed, epoch, self.augment, self.place.process_shard, start
+            )
+            for x, y in stream:
+                yield (*self.place.put_batch((x, y)), self.identity, jnp.int32(0))
