@@ -400,14 +400,14 @@ def _at(tree, path):
 def test_from_scratch_resnet_add_on_trains_its_batch_norm_statistics(kind, sites):
     """Protocol (b) on a ResNet: GALA-ResNet and GSA-ResNet (Bottleneck 3x3 convs replaced)."""
     from configs import resnet50_imagenet
-    from train import models, steps, tasks
+    from train import addon_tasks, models, steps
 
     config = resnet50_imagenet.get_config("tiny")
     config.stage = "addon"
     config.addon.kind, config.addon.sites, config.addon.heads = kind, (sites,), 2
     config.addon.from_scratch = True
     backbone = models.build_backbone(config)
-    task = tasks.addon_task(config, backbone, jax.random.key(0))
+    task = addon_tasks.addon_task(config, backbone, jax.random.key(0))
     # GSA modules have statistics of their own (the BatchNorm between column and row steps)
     stateful = ["addon_state", "batch_stats"] if kind == "gsa_conv" else ["batch_stats"]
     assert sorted(task.extra) == stateful and sorted(task.params) == ["addon", "backbone"]

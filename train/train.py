@@ -32,8 +32,9 @@ from train import (
     sweep,
     validate,
 )
+from train.addon_tasks import addon_task
 from train.errors import UserError
-from train.tasks import addon_task, attention_task, backbone_task, evaluate
+from train.tasks import attention_task, backbone_task, evaluate
 
 
 def train_stage(config, workdir: str) -> tuple[dict, dict]:
