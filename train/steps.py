@@ -140,6 +140,13 @@ def train_step(
         loss, accuracy, grads, new_extra = jax.lax.pmean(
             (loss, accuracy, grads, new_extra), axis_name
         )
+    return _apply(tx, state, grads, new_extra, loss, accuracy, skip_nonfinite)
+
+
+def _apply(tx, state, grads, new_extra, loss, accuracy, skip_nonfinite: bool):
+    """The optimizer's update of ``state`` (dropped, and counted, if not finite and
+    ``skip_nonfinite``); returns (new state, metrics)."""
+    extra = state.get("extra", {})
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.tree.norm(grads)

@@ -91,33 +91,10 @@ def check_config(config) -> None:
     for field in ("attention.batch_norm_kq", "attention.layer_norm_gatta"):
         if not isinstance(c[field], bool):
             _fail(field, "True or False", c[field])
-    a = config.attention
-    _positive_int(c, "attention.iterations")
-    _positive_int(c, "attention.heads")
-    for field in ("attention.bounded", "attention.cue_classes"):
-        if not isinstance(c[field], bool):
-            _fail(field, "True or False", c[field])
-    _number(c, "attention.cue_weight", 0.0, 1.0)
-    _choice(c, "attention.q_avg_source", Q_AVG_SOURCES)
-    _number(c, "attention.cue_fraction", 0.0, 1.0)
-    t = config.attention_training
-    if not isinstance(t.finetune_backbone, bool):
-        _fail("attention_training.finetune_backbone", "True or False", t.finetune_backbone)
-    _number(c, "attention_training.backbone_learning_rate", 0.0, 10.0)
-    _choice(c, "attention_training.backbone_batch_stats", ("frozen", "update"))
-    if c["attention.cue_fraction"] > 0 and not c["attention.cue_classes"]:
-        _fail("attention.cue_fraction", "0 without attention.cue_classes=True", a.cue_fraction)
+    _check_attention(c, config)
     _positive_int(c, "checkpoint_every_steps", least=0)
     if c["stage"] == "addon":
-        _choice(c, "addon.kind", ADDON_KINDS)
-        _choice(c, "addon.squash", SQUASHES)
-        _choice(c, "addon.gate", GATES)
-        _positive_int(c, "addon.reduction")
-        _positive_int(c, "addon.heads")
-        if not isinstance(c["addon.from_scratch"], bool):
-            _fail("addon.from_scratch", "True or False", c["addon.from_scratch"])
-        if not c["addon.sites"] or not all(isinstance(s, str) and s for s in c["addon.sites"]):
-            _fail("addon.sites", "a non-empty tuple of module paths", c["addon.sites"])
+        _check_addon(c)
     _choice(c, "dataset.pipeline", PIPELINES)
     if c["dataset.pipeline"] == "imagenet":
         _positive_int(c, "dataset.workers")
@@ -135,6 +112,39 @@ def check_config(config) -> None:
         _number(c, f"{stage}.weight_decay", 0.0, float("inf"))
         if not isinstance(c[f"{stage}.augment"], bool):
             _fail(f"{stage}.augment", "True or False", c[f"{stage}.augment"])
+
+
+def _check_attention(c, config) -> None:
+    """The attention system's fields and its training recipe's beyond-the-paper ones."""
+    a = config.attention
+    _positive_int(c, "attention.iterations")
+    _positive_int(c, "attention.heads")
+    for field in ("attention.bounded", "attention.cue_classes"):
+        if not isinstance(c[field], bool):
+            _fail(field, "True or False", c[field])
+    _number(c, "attention.cue_weight", 0.0, 1.0)
+    _choice(c, "attention.q_avg_source", Q_AVG_SOURCES)
+    _number(c, "attention.cue_fraction", 0.0, 1.0)
+    t = config.attention_training
+    if not isinstance(t.finetune_backbone, bool):
+        _fail("attention_training.finetune_backbone", "True or False", t.finetune_backbone)
+    _number(c, "attention_training.backbone_learning_rate", 0.0, 10.0)
+    _choice(c, "attention_training.backbone_batch_stats", ("frozen", "update"))
+    if c["attention.cue_fraction"] > 0 and not c["attention.cue_classes"]:
+        _fail("attention.cue_fraction", "0 without attention.cue_classes=True", a.cue_fraction)
+
+
+def _check_addon(c) -> None:
+    """The comparison system's fields (stage 'addon')."""
+    _choice(c, "addon.kind", ADDON_KINDS)
+    _choice(c, "addon.squash", SQUASHES)
+    _choice(c, "addon.gate", GATES)
+    _positive_int(c, "addon.reduction")
+    _positive_int(c, "addon.heads")
+    if not isinstance(c["addon.from_scratch"], bool):
+        _fail("addon.from_scratch", "True or False", c["addon.from_scratch"])
+    if not c["addon.sites"] or not all(isinstance(s, str) and s for s in c["addon.sites"]):
+        _fail("addon.sites", "a non-empty tuple of module paths", c["addon.sites"])
 
 
 def _positive_ints(config, field: str, length: int | None = None) -> None:
