@@ -254,10 +254,8 @@ def finetune_task(config, backbone, attention, att_params, att_extra, backbone_v
         if "backbone_state" in extra:
             new_extra["backbone_state"] = out.backbone_updates
         loss = jnp.mean(steps.cross_entropy(out.logits, y))
-        return loss + t.weight_decay * steps.l2_penalty(params["attention"], ("K", "Q")), (
-            out.logits,
-            new_extra,
-        )
+        l2 = steps.l2_penalty(params["attention"], ("K", "Q"))
+        return loss + t.weight_decay * l2, (out.logits, new_extra)
 
     def logits_fn(variables, frozen, x):
         att_vars, bb_vars = split_finetuned(variables, frozen)
@@ -267,13 +265,6 @@ def finetune_task(config, backbone, attention, att_params, att_extra, backbone_v
         del variables
         return backbone.apply(frozen["backbone"], x, train=False)
 
-    def adam(lr):
-        return optax.adam(lr, eps=1e-7)
-
-    tx = optax.multi_transform(
-        {"attention": adam(t.learning_rate), "backbone": adam(t.backbone_learning_rate)},
-        lambda p: {k: jax.tree.map(lambda _, k=k: k, v) for k, v in p.items()},
-    )
     return Task(
         "attention",
         params,
@@ -284,7 +275,19 @@ def finetune_task(config, backbone, attention, att_params, att_extra, backbone_v
         baseline,
         source,
         extra=extra,
-        tx=tx,
+        tx=_two_adams(t.learning_rate, t.backbone_learning_rate),
+    )
+
+
+def _two_adams(attention_lr: float, backbone_lr: float) -> optax.GradientTransformation:
+    """Adam (Keras' epsilon) with one learning rate for the 'attention' part of the parameters
+    and another for the 'backbone' part."""
+    return optax.multi_transform(
+        {
+            "attention": optax.adam(attention_lr, eps=1e-7),
+            "backbone": optax.adam(backbone_lr, eps=1e-7),
+        },
+        lambda p: {k: jax.tree.map(lambda _, k=k: k, v) for k, v in p.items()},
     )
 
 
