@@ -1,0 +1,93 @@
+"""A trained attention workdir, loaded for the analyses: its config (with today's defaults), the
+frozen backbone it names, its best attention variables and its test split."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from train import checkpoints, defaults, input_pipeline, models
+from train.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """A trained attention workdir, loaded."""
+
+    workdir: Path
+    config: ml_collections.ConfigDict
+    backbone: object
+    attention: object
+    backbone_vars: dict
+    variables: dict  # the attention system's: {'params': ..., and 'batch_stats' if it has them}
+    test: input_pipeline.Split
+    class_names: tuple[str, ...]
+    results: dict
+    baseline_vars: dict  # the frozen backbone before any fine-tuning (else = backbone_vars)
+
+    @property
+    def out(self) -> Path:
+        path = self.workdir / "analysis"
+        path.mkdir(exist_ok=True)
+        return path
+
+
+def read_config(workdir: Path) -> ml_collections.ConfigDict:
+    path = workdir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{workdir} is not a training workdir (no config.json)")
+    return defaults.complete(json.loads(path.read_text()))
+
+
+def load(workdir: str, data_dir: str = "", max_examples: int = 0) -> Trained:
+    from train import steps
+    from train.tasks import attention_task, split_finetuned  # the same loading as training
+
+    path = Path(workdir)
+    config = read_config(path)
+    if config.stage != "attention":
+        raise UserError(
+            f"{path} holds a {config.stage!r} stage; analyses need an attention workdir "
+            "(for stage=both, pass <workdir>/attention)"
+        )
+    if data_dir:
+        config.dataset.data_dir = data_dir
+    if max_examples:
+        config.dataset.max_test_examples = max_examples
+    backbone = models.build_backbone(config)
+    task = attention_task(config, backbone, jax.random.key(0))
+    abstract = jax.eval_shape(lambda: steps.variables({"params": task.params, "extra": task.extra}))
+    directory, step = checkpoints.find_model_checkpoint(str(path))
+    mngr = checkpoints.manager(directory, keep=1, create=False)
+    restored = checkpoints.restore(mngr, step, {"variables": abstract}, "attention checkpoint")
+    variables = restored["variables"]
+    if config.attention_training.finetune_backbone:
+        variables, backbone_vars = split_finetuned(variables, task.frozen)
+        baseline_vars = task.frozen["backbone"]
+    else:
+        backbone_vars = baseline_vars = task.frozen
+    attention = models.build_attention(config, backbone, backbone_vars)
+    if config.dataset.pipeline != "memory":
+        raise UserError(
+            "the analyses read the test split into memory; they are not available for streamed "
+            f"datasets (config.dataset.pipeline={config.dataset.pipeline!r}) yet"
+        )
+    data = input_pipeline.load(config, models.image_shape(config))
+    results_path = path / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    return Trained(
+        path,
+        config,
+        backbone,
+        attention,
+        backbone_vars,
+        variables,
+        data.test,
+        data.class_names,
+        results,
+        baseline_vars,
+    )
