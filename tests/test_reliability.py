@@ -21,7 +21,7 @@ import pytest
 
 from gattanet_jax import agreement
 from tests.test_train import assert_trees_equal, tiny_config
-from train import checkpoints, steps, tasks, train
+from train import checkpoints, run, steps, tasks, train
 from train.errors import UserError
 
 
@@ -199,7 +199,7 @@ def test_guard_backbone_checkpoint_changed_during_attention_training(backbone_di
 
     copy = tmp_path / "backbone"
     shutil.copytree(backbone_dir, copy)
-    original = train.evaluate
+    original = run.evaluate
     calls = []
 
     def evaluate_and_tamper(*args, **kwargs):
@@ -210,7 +210,7 @@ def test_guard_backbone_checkpoint_changed_during_attention_training(backbone_di
         return original(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "evaluate", evaluate_and_tamper)
+        mp.setattr(run, "evaluate", evaluate_and_tamper)
         with pytest.raises(UserError, match=r"guard failed: the backbone checkpoint .* changed"):
             train.train_and_evaluate(attention_config(copy), str(tmp_path / "wd"))
     assert (tmp_path / "wd" / "checkpoints" / "1").is_dir()  # the attention state is kept

@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from tests.test_train import tiny_config
+from gattanet_jax import agreement
+from tests.test_train import assert_trees_equal, tiny_config
 from train import sweep, train
 from train.errors import UserError
 
@@ -82,4 +83,55 @@ def test_a_bad_lesion_in_a_sweep_is_one_clear_error(backbone_dir, tmp_path):
     config = sweep_config(backbone_dir)
     config.sweep.lesions = ("", "", "cc", "...d.")
     with pytest.raises(UserError, match=r"config.sweep.lesions: lesion 'cc' must have one char"):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_a_sweep_crashed_within_an_epoch_resumes_there_and_ends_as_an_uninterrupted_one(
+    backbone_dir, tmp_path, monkeypatch
+):
+    config = sweep_config(backbone_dir)
+    config.checkpoint_every_steps = 2  # 4 steps per epoch: saves after steps 2 and 6
+    straight_state, straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+    compile_step = sweep.SweepRun.compile_step
+
+    def crash_after_seven(self):
+        step, calls = compile_step(self), []
+
+        def counted(*args):
+            calls.append(1)
+            if len(calls) > 7:  # epoch 2, its step 4
+                raise KeyboardInterrupt("simulated crash")
+            return step(*args)
+
+        return counted
+
+    monkeypatch.setattr(sweep.SweepRun, "compile_step", crash_after_seven)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config, str(tmp_path / "crashed"))
+    monkeypatch.undo()
+    assert (tmp_path / "crashed" / "checkpoints_mid" / "6").is_dir()
+    state, results = train.train_and_evaluate(config, str(tmp_path / "crashed"))
+    for key in ("test_accuracy", "best_validation_accuracy", "best_epoch"):
+        assert [r[key] for r in results["members"]] == [r[key] for r in straight["members"]]
+    assert_trees_equal(state["state"], straight_state["state"])
+
+
+def test_a_sweep_stops_at_a_non_finite_member_or_skips_its_updates(backbone_dir, tmp_path):
+    config = sweep_config(backbone_dir)
+    config.sweep.learning_rates = (1e-3, 1e30, 1e-3, 1e-3)  # member 1 diverges
+    with pytest.raises(UserError, match=r"non-finite loss or gradient at step \d+ \(epoch 1\)"):
+        train.train_and_evaluate(config, str(tmp_path / "stop"))
+    config.on_nonfinite = "skip"
+    with pytest.raises(UserError, match=r"every update of epoch 2 was non-finite and skipped"):
+        train.train_and_evaluate(config, str(tmp_path / "skip"))
+
+
+def test_the_alpha_zero_guard_checks_every_sweep_member(backbone_dir, tmp_path, monkeypatch):
+    original = agreement.modulation
+    monkeypatch.setattr(
+        agreement, "modulation", lambda gatta, alpha, kind: original(gatta, alpha, kind) + 0.01
+    )
+    config = sweep_config(backbone_dir)
+    config.sweep.alpha_inits = (0.1, 0.1, 0.0, 0.1)  # only member 2 starts at alpha = 0
+    with pytest.raises(UserError, match=r"guard failed: with every alpha = 0"):
         train.train_and_evaluate(config, str(tmp_path))

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gattanet_jax import count_params
 from gattanet_jax.systems import GALA, GSA, GSAConv, ResidualGSA, SqueezeExcitation, gsa
 
 
@@ -256,7 +257,7 @@ def test_from_scratch_protocol_trains_backbone_and_modules_together(kind, tmp_pa
     state, results = train.train_and_evaluate(config, str(tmp_path))
     assert sorted(state["params"]) == ["addon", "backbone"]
     assert results["frozen_params"] == 0
-    assert results["trainable_params"] == train.count_params(state["params"])
+    assert results["trainable_params"] == count_params(state["params"])
     convs = {"conv1", "conv2", "conv3"} & set(state["params"]["backbone"])
     assert convs == (set() if kind == "gsa_conv" else {"conv1", "conv2", "conv3"})
 

@@ -3,12 +3,14 @@
 import json
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from configs import toy_cifar10
+from gattanet_jax import count_params
 from train import checkpoints, train
 from train.errors import UserError
 
@@ -60,6 +62,21 @@ def test_backbone_stage_writes_results_and_checkpoints(backbone_run):
     assert_matches_the_best_checkpoint(workdir, results)
     assert (workdir / "best").is_dir() and (workdir / "checkpoints" / "2").is_dir()
     assert list((workdir / "tensorboard").iterdir())
+
+
+def test_rerunning_a_finished_run_keeps_its_results_and_training_time(backbone_run, tmp_path):
+    import shutil
+
+    workdir, _, results = backbone_run
+    saved = json.loads((workdir / "elapsed.json").read_text())["wall_time_s"]
+    assert saved == results["wall_time_s"] > 0
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    time.sleep(1.0)
+    _, again = train.train_and_evaluate(tiny_config(), str(copy))
+    assert again["wall_time_s"] == saved  # nothing trained: no time added
+    for key in ("test_accuracy", "test_loss", "best_epoch", "steps"):
+        assert again[key] == results[key], key
 
 
 def assert_matches_the_best_checkpoint(workdir, results):
@@ -120,7 +137,7 @@ def test_attention_stage_trains_only_the_attention_tree(backbone_run, tmp_path):
     config = tiny_config("attention", epochs=1)
     config.backbone_checkpoint = str(backbone_dir)
     state, results = train.train_and_evaluate(config, str(tmp_path))
-    assert results["trainable_params"] == train.count_params(state["params"]) < 2_000
+    assert results["trainable_params"] == count_params(state["params"]) < 2_000
     assert sorted(state["params"]) == ["conv1", "conv2", "conv3", "dense1", "logits"]
     assert "backbone_test_accuracy" in results and "alpha" in results
     opt_state_leaves = jax.tree.leaves(state["state"]["opt_state"])

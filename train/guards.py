@@ -1,4 +1,9 @@
-"""Run-time guards of GAttANet's invariants in the attention stage; each failure is one line.
+"""Run-time guards of a training run; each failure is one line.
+
+- finite training: a non-finite loss or gradient stops the run at once, naming its step (with
+  ``on_nonfinite='skip'``: when every update of an epoch was skipped).
+
+In the attention stage, GAttANet's invariants:
 
 - alpha = 0 is the backbone: a fresh attention run whose alphas are all 0 must give the frozen
   backbone's logits (checked on one batch before training). A modulation that is not the identity
@@ -60,3 +65,23 @@ def check_backbone_unchanged(task) -> None:
             "while the attention stage ran (did another run write to that workdir?); this "
             "stage's results were computed against the weights it loaded at the start"
         )
+
+
+def check_finite(finite: list, first_step: int, epoch: int, ckpt, every=False) -> None:
+    """Stops at the first non-finite loss or gradient, naming its step; nothing is saved.
+    ``every``: the skip mode's stop, when every update of an epoch was skipped."""
+    flags = np.asarray(jax.device_get(finite))
+    if flags.all():
+        return
+    per_step = flags.reshape(len(flags), -1).all(axis=1)  # a sweep: every member finite
+    step = first_step + int(np.argmin(per_step)) + 1
+    last = ckpt.latest_step()
+    where = f"{ckpt.directory}/{last}" if last is not None else "none yet"
+    what = (
+        f"every update of epoch {epoch + 1} was non-finite and skipped (from step {step})"
+        if every
+        else f"non-finite loss or gradient at step {step} (epoch {epoch + 1})"
+    )
+    raise UserError(
+        f"{what}; stopped without saving anything from this epoch; last good checkpoint: {where}"
+    )

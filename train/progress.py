@@ -130,8 +130,10 @@ class StepLog:
     def report(self, epoch: int, index: int, step: int, sums: dict, skipped: int) -> None:
         now = time.time()
         self.last = now
-        done = max(1, index + 1 - skipped)
-        loss, acc = float(sums["loss"]) / done, float(sums["accuracy"]) / done
+        done = np.maximum(1, index + 1 - np.asarray(skipped))  # a sweep: the members' means
+        loss, acc = (
+            float(np.mean(np.asarray(sums[k], np.float64) / done)) for k in ("loss", "accuracy")
+        )
         rate = (index + 1 - self.first) / max(now - self.t0, 1e-9)
         epoch_left = (self.steps_per_epoch - index - 1) / rate
         run_left = epoch_left + (self.epochs - epoch - 1) * self.steps_per_epoch / rate

@@ -23,9 +23,9 @@ The workdir holds the stacked state in ``checkpoints/`` (resumable like any stag
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-import sys
 import time
 
 import jax
@@ -33,11 +33,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tqdm
 
 from gattanet_jax import count_params, init_attention, site_alphas, sites, two_pass
-from train import checkpoints, input_pipeline, models, progress, steps, validate
+from train import checkpoints, guards, input_pipeline, models, parallel, progress, steps, validate
 from train.errors import UserError
+from train.run import Run
+from train.tasks import attention_loss_fn, attention_task
 
 FIELDS = {  # sweep list -> the config field it replaces per member
     "seeds": "seed",
@@ -82,11 +83,214 @@ def member_configs(config) -> list[ml_collections.ConfigDict]:
     return members
 
 
-def train_sweep(config, workdir: str):
-    """Trains every member of ``config.sweep`` in one vmapped step; returns (state, results)."""
-    from train.tasks import attention_loss_fn, load_backbone
+class SweepRun(Run):
+    """The loop's parts (``train.run.Run``) for N members trained at once: a stacked state, one
+    vmapped step, per-member data orders, validation, best checkpoints and early stopping."""
 
-    start_time = time.time()
+    label = "sweep"
+
+    def __init__(self, config, workdir: str):
+        self.start_time = time.time()
+        self.config = config
+        _check_sweep(config)
+        self.members = members = member_configs(config)
+        for member in members:
+            validate.check_config(member)
+        self.n = n = len(members)
+        self.place = parallel.placement(config)
+        self.path = validate.prepare_workdir(workdir)
+        self.backbone = backbone = models.build_backbone(config)
+        models.attention_from_shapes(config, backbone)
+        task = attention_task(config, backbone, jax.random.key(config.seed))
+        self.attention = attention = models.build_attention(config, backbone, task.frozen)
+        try:
+            lesions = [m.attention.lesion or None for m in members]
+            masks = [sites.lesion_mask(lesion, attention.sites) for lesion in lesions]
+        except ValueError as e:
+            raise UserError(f"config.sweep.lesions: {e}") from None
+        self.masks = jnp.asarray(np.stack([sites.as_mask_array(m) for m in masks]))
+        data = input_pipeline.load(config, models.image_shape(config))
+        if not isinstance(data.train, input_pipeline.Split):
+            raise UserError(
+                "config.sweep needs an in-memory dataset (config.dataset.pipeline='memory')"
+            )
+        self._set_data(task, data)
+        self.task = dataclasses.replace(task, frozen=jax.device_put(task.frozen))
+        self.seed_keys = jnp.stack([jax.random.key_data(jax.random.key(m.seed)) for m in members])
+        self.lrs = jnp.asarray([m.attention_training.learning_rate for m in members], jnp.float32)
+        self.state = jax.tree.map(lambda *xs: jnp.stack(xs), *map(self._init_member, members))
+        self.meta = {
+            "epoch": 0,
+            "best_val": np.full((n,), -1.0),
+            "best_epoch": np.zeros((n,), np.int32),
+            "bad_epochs": np.zeros((n,), np.int32),
+            "done": np.zeros((n,), bool),
+        }
+        self.member_eval = _MemberEval(backbone, attention)
+        per_member = count_params(self.state["params"]) // n
+        progress.log(f"[sweep] {n} members x {per_member:,} trainable parameters")
+        self._log_sizes(per_member * n, count_params(task.frozen))
+
+    def _init_member(self, member):
+        key = jax.random.fold_in(jax.random.key(member.seed), 0)
+        attention = self.attention.clone(alpha_init=member.attention.alpha_init)
+        variables = dict(init_attention(attention, key))
+        params = variables.pop("params")
+        tx = optax.adam(member.attention_training.learning_rate, eps=1e-7)
+        return steps.init_state(params, tx, variables)
+
+    def member(self, tree, m: int):
+        return jax.tree.map(lambda x: x[m], tree)
+
+    def meta_arrays(self, meta: dict) -> dict:
+        return {
+            "epoch": np.asarray(meta["epoch"], np.int32),
+            "best_val": np.asarray(meta["best_val"], np.float64),
+            "best_epoch": np.asarray(meta["best_epoch"], np.int32),
+            "bad_epochs": np.asarray(meta["bad_epochs"], np.int32),
+            "done": np.asarray(meta["done"], np.int32),
+        }
+
+    def meta_values(self, arrays: dict) -> dict:
+        values = {k: np.array(v) for k, v in arrays.items() if k != "epoch"}
+        return values | {"epoch": int(arrays["epoch"]), "done": values["done"].astype(bool)}
+
+    def fresh_sums(self) -> dict:
+        return {"loss": np.zeros(self.n, np.float32), "accuracy": np.zeros(self.n, np.float32)}
+
+    def best_managers(self) -> list:
+        return [
+            checkpoints.manager(self.path / "members" / str(m) / "best", keep=1)
+            for m in range(self.n)
+        ]
+
+    def check_alpha_zero(self, images):
+        variables = steps.variables(self.state)
+        for m in range(self.n):  # members whose alphas start at 0
+            guards.check_alpha_zero_is_backbone(
+                self.task, self.member(variables, m), images, self.config.model.dtype
+            )
+
+    def compile_step(self):
+        config, recipe = self.config, self.recipe
+        a = config.attention
+
+        def member_step(state, seed_data, lr, mask, frozen, images, labels, perm, index):
+            loss_fn = attention_loss_fn(
+                self.backbone,
+                self.attention,
+                recipe.weight_decay,
+                lesion=mask,
+                cue_fraction=a.cue_fraction if a.cue_classes else 0.0,
+                cue_weight=a.cue_weight,
+            )
+            return steps.train_step(
+                loss_fn, optax.adam(lr, eps=1e-7), recipe.augment, recipe.batch_size,
+                jax.random.wrap_key_data(seed_data), state, frozen, images, labels, perm, index,
+                skip_nonfinite=self.skip,
+            )  # fmt: skip
+
+        vmapped = jax.vmap(member_step, in_axes=(0, 0, 0, 0, None, None, None, 0, None))
+        compiled = jax.jit(vmapped, donate_argnums=(0,))
+
+        def step(state, frozen, images, labels, perms, index):
+            return compiled(state, self.seed_keys, self.lrs, self.masks, frozen, images, labels,
+                            perms, index)  # fmt: skip
+
+        return step
+
+    def batches(self):
+        return _MemberBatches(self.data.train, self.seed_keys, self.recipe.batch_size)
+
+    def end_epoch(self, sums: dict, skipped, t0: float):
+        """Each member's validation, best checkpoint and early stopping; the periodic
+        checkpoint; the log."""
+        config, meta, state = self.config, self.meta, self.state
+        means = self.epoch_means(sums, skipped)
+        variables = steps.variables(state)
+        val = self.member_eval.all(
+            variables, self.masks, self.task.frozen, self.data.validation, config.eval_batch_size
+        )
+        meta["epoch"] += 1
+        for m in np.flatnonzero(~meta["done"]):
+            if val[m] > meta["best_val"][m]:
+                meta["best_val"][m], meta["bad_epochs"][m] = val[m], 0
+                meta["best_epoch"][m] = meta["epoch"]
+                saved = {"variables": self.member(variables, m)}
+                checkpoints.save(self.bests[m], meta["epoch"], saved)
+            else:
+                meta["bad_epochs"][m] += 1
+            meta["done"][m] = meta["bad_epochs"][m] >= self.recipe.patience
+        self.save_periodic()
+        rate, eta = self.timing(t0)
+        progress.log(
+            f"[sweep] epoch {meta['epoch']}/{self.recipe.num_epochs} loss "
+            + " ".join(f"{v:.4f}" for v in means["loss"])
+            + " val_acc "
+            + " ".join(f"{v:.4f}" for v in val)
+            + f" | {rate:.1f} steps/s, {int(meta['done'].sum())}/{self.n} members stopped, "
+            f"ETA {eta} (at most)"
+            + (f" | skipped {skipped.tolist()} non-finite updates" if skipped.any() else ""),
+            flush=True,
+        )
+        self.writer.scalars(
+            self.step_count(),
+            {f"member{m}/train_loss": means["loss"][m] for m in range(self.n)}
+            | {f"member{m}/val_accuracy": val[m] for m in range(self.n)},
+        )
+
+    def finish(self) -> tuple[dict, dict]:
+        """Each member's best variables on the test split, the frozen backbone's accuracy,
+        results.json and sweep.md."""
+        config, meta, state, frozen = self.config, self.meta, self.state, self.task.frozen
+        guards.check_backbone_unchanged(self.task)
+        test_split, batch = self.data.test, config.eval_batch_size
+        rows = []
+        for m, member in enumerate(self.members):
+            abstract = self.member(steps.variables(state), m)
+            best = self.bests[m]
+            best_vars = checkpoints.restore(
+                best, best.latest_step(), {"variables": abstract}, "member best checkpoint"
+            )["variables"]
+            test = self.member_eval.one(best_vars, self.masks[m], frozen, test_split, batch)
+            rows.append(
+                {
+                    "member": m,
+                    "seed": member.seed,
+                    "learning_rate": member.attention_training.learning_rate,
+                    "alpha_init": member.attention.alpha_init,
+                    "lesion": member.attention.lesion,
+                    "test_accuracy": test,
+                    "best_validation_accuracy": float(meta["best_val"][m]),
+                    "best_epoch": int(meta["best_epoch"][m]),
+                    "early_stopped": bool(meta["done"][m]),
+                    "skipped_updates": int(state["skipped"][m]),
+                    "alpha": {
+                        k: np.asarray(v).tolist()
+                        for k, v in site_alphas(best_vars["params"]).items()
+                    },
+                }
+            )
+        where, step, sha = self.task.backbone_source
+        results = {
+            "stage": "sweep",
+            "members": rows,
+            "backbone_test_accuracy": self.member_eval.backbone(frozen, test_split, batch),
+            "epochs": meta["epoch"],
+            "steps_per_member": self.step_count(),
+            "backbone_checkpoint": where if step is None else f"{where}/{step}",
+            "backbone_checkpoint_sha256": sha,
+            "wall_time_s": self.wall_time(),
+            "environment": progress.environment(),
+        }
+        progress.write_text(self.path / "results.json", json.dumps(results, indent=2))
+        table = results_table(results)
+        progress.write_text(self.path / "sweep.md", table)
+        progress.log(table, flush=True)
+        return {"state": state}, results
+
+
+def _check_sweep(config) -> None:
     if config.stage != "attention":
         raise UserError(
             f"config.sweep trains attention systems: needs stage 'attention', got {config.stage!r}"
@@ -98,196 +302,27 @@ def train_sweep(config, workdir: str):
             "config.sweep trains attention systems on a frozen backbone: set "
             "config.attention_training.finetune_backbone=False"
         )
-    members = member_configs(config)
-    for member in members:
-        validate.check_config(member)
-    n = len(members)
-    path = validate.prepare_workdir(workdir)
-    backbone = models.build_backbone(config)
-    models.attention_from_shapes(config, backbone)
-    backbone_vars, source = load_backbone(config, backbone)
-    attention = models.build_attention(config, backbone, backbone_vars)
-    try:
-        masks = np.stack(
-            [
-                sites.as_mask_array(sites.lesion_mask(m.attention.lesion or None, attention.sites))
-                for m in members
-            ]
-        )
-    except ValueError as e:
-        raise UserError(f"config.sweep.lesions: {e}") from None
-    data = input_pipeline.load(config, models.image_shape(config))
-    if not isinstance(data.train, input_pipeline.Split):
-        raise UserError(
-            "config.sweep needs an in-memory dataset (config.dataset.pipeline='memory')"
-        )
 
-    recipe = config.attention_training
-    batch = recipe.batch_size
-    steps_per_epoch = len(data.train) // batch
-    if steps_per_epoch == 0:
-        raise UserError(f"batch size {batch} exceeds the {len(data.train)} training examples")
-    seed_keys = jnp.stack([jax.random.key_data(jax.random.key(m.seed)) for m in members])
-    lrs = jnp.asarray([m.attention_training.learning_rate for m in members], jnp.float32)
 
-    def init_member(m):
-        key = jax.random.fold_in(jax.random.key(m.seed), 0)
-        variables = dict(init_attention(attention.clone(alpha_init=m.attention.alpha_init), key))
-        params = variables.pop("params")
-        tx = optax.adam(m.attention_training.learning_rate, eps=1e-7)
-        return steps.init_state(params, tx, variables)
+class _MemberBatches:
+    """The sweep's step arguments (images, labels, one permutation per member, index): each
+    member its own data order, that of the plain run with its seed."""
 
-    state = jax.tree.map(lambda *xs: jnp.stack(xs), *[init_member(m) for m in members])
-    meta = {
-        "epoch": np.asarray(0, np.int32),
-        "best_val": np.full((n,), -1.0),
-        "best_epoch": np.zeros((n,), np.int32),
-        "bad_epochs": np.zeros((n,), np.int32),
-        "done": np.zeros((n,), np.int32),
-    }
-    print(
-        f"[sweep] {n} members x {count_params(state['params']) // n:,} trainable parameters; "
-        f"train/val/test: {len(data.train)}/{len(data.validation)}/{len(data.test)}"
-    )
-    ckpt = checkpoints.manager(path / "checkpoints", keep=config.keep_checkpoints)
-    bests = [checkpoints.manager(path / "members" / str(i) / "best", keep=1) for i in range(n)]
-    if ckpt.latest_step() is not None:
-        restored = checkpoints.restore(
-            ckpt, ckpt.latest_step(), {"state": state, "meta": meta}, "sweep checkpoint"
-        )
-        state, meta = restored["state"], jax.tree.map(np.asarray, restored["meta"])
-        print(f"[sweep] resumed from epoch {int(meta['epoch'])}")
-    for best in bests:  # a crash between saves: replayed deterministically
-        for ahead in [s for s in best.all_steps() if s > int(meta["epoch"])]:
-            best.delete(ahead)
-    (path / "config.json").write_text(config.to_json_best_effort(indent=2))
+    def __init__(self, split, seed_keys, batch: int):
+        self.n, self.batch = len(split), batch
+        self.arrays = jax.device_put((split.images, split.labels))
+        self.seed_keys = seed_keys
 
-    def member_step(state, seed_data, lr, mask, frozen, images, labels, perm, index):
-        a = config.attention
-        loss_fn = attention_loss_fn(
-            backbone,
-            attention,
-            recipe.weight_decay,
-            lesion=mask,
-            cue_fraction=a.cue_fraction if a.cue_classes else 0.0,
-            cue_weight=a.cue_weight,
-        )
-        tx = optax.adam(lr, eps=1e-7)
-        seed_key = jax.random.wrap_key_data(seed_data)
-        return steps.train_step(
-            loss_fn, tx, recipe.augment, batch, seed_key, state, frozen, images, labels, perm, index
-        )
+        def member_perm(seed_data, epoch):
+            key = jax.random.fold_in(jax.random.wrap_key_data(seed_data), 2)
+            return steps.epoch_permutation(key, epoch, self.n)
 
-    step_fn = jax.jit(
-        jax.vmap(member_step, in_axes=(0, 0, 0, 0, None, None, None, 0, None)),
-        donate_argnums=(0,),
-    )
+        self.perm_fn = jax.jit(jax.vmap(member_perm, in_axes=(0, None)))
 
-    def member_perm(seed_data, epoch):
-        key = jax.random.fold_in(jax.random.wrap_key_data(seed_data), 2)
-        return steps.epoch_permutation(key, epoch, len(data.train))
-
-    perm_fn = jax.jit(jax.vmap(member_perm, in_axes=(0, None)))
-    images, labels = jax.device_put((data.train.images, data.train.labels))
-    frozen = jax.device_put(backbone_vars)
-    masks = jnp.asarray(masks)
-    member_eval = _MemberEval(backbone, attention)
-    writer = progress.Writer(path)
-    epoch_times = []
-    while not meta["done"].all() and int(meta["epoch"]) < recipe.num_epochs:
-        t0, epoch = time.time(), int(meta["epoch"])
-        perms = perm_fn(seed_keys, jnp.int32(epoch))
-        losses = []
-        for i in tqdm.tqdm(
-            range(steps_per_epoch),
-            desc=f"[sweep] epoch {epoch + 1}",
-            leave=False,
-            disable=not sys.stderr.isatty(),
-        ):
-            state, metrics = step_fn(
-                state, seed_keys, lrs, masks, frozen, images, labels, perms, jnp.int32(i)
-            )
-            losses.append(metrics["loss"])
-        if not np.isfinite(np.asarray(jax.device_get(losses))).all():
-            raise UserError(
-                f"non-finite loss in epoch {epoch + 1} of the sweep; stopped without saving "
-                f"anything from this epoch; last good checkpoint: {ckpt.directory}/"
-                f"{ckpt.latest_step()}"
-            )
-        val = member_eval.all(
-            steps.variables(state), masks, frozen, data.validation, config.eval_batch_size
-        )
-        meta["epoch"] = np.asarray(epoch + 1, np.int32)
-        for m in range(n):
-            if meta["done"][m]:
-                continue
-            if val[m] > meta["best_val"][m]:
-                meta["best_val"][m], meta["bad_epochs"][m] = val[m], 0
-                meta["best_epoch"][m] = epoch + 1
-                member_vars = jax.tree.map(lambda x, m=m: x[m], steps.variables(state))
-                checkpoints.save(bests[m], epoch + 1, {"variables": member_vars})
-            else:
-                meta["bad_epochs"][m] += 1
-            meta["done"][m] = int(meta["bad_epochs"][m] >= recipe.patience)
-        epoch_times.append(time.time() - t0)
-        checkpoints.save(ckpt, epoch + 1, {"state": state, "meta": meta})
-        mean_loss = np.mean(np.asarray(jax.device_get(losses)), axis=0)
-        print(
-            f"[sweep] epoch {epoch + 1}/{recipe.num_epochs} val_acc "
-            + " ".join(f"{v:.4f}" for v in val)
-            + f" | {steps_per_epoch / epoch_times[-1]:.1f} steps/s, {int(meta['done'].sum())}"
-            f"/{n} members stopped, ETA "
-            f"{progress.duration((recipe.num_epochs - epoch - 1) * np.mean(epoch_times[-5:]))}",
-            flush=True,
-        )
-        writer.scalars(
-            int(state["step"][0]),
-            {f"member{m}/train_loss": mean_loss[m] for m in range(n)}
-            | {f"member{m}/val_accuracy": val[m] for m in range(n)},
-        )
-    writer.close()
-
-    # each member's best variables on the test split, and the frozen backbone's accuracy
-    backbone_acc = member_eval.backbone(frozen, data.test, config.eval_batch_size)
-    rows = []
-    for m, member in enumerate(members):
-        abstract = jax.tree.map(lambda x, m=m: x[m], steps.variables(state))
-        best_vars = checkpoints.restore(
-            bests[m], bests[m].latest_step(), {"variables": abstract}, "member best checkpoint"
-        )["variables"]
-        test = member_eval.one(best_vars, masks[m], frozen, data.test, config.eval_batch_size)
-        rows.append(
-            {
-                "member": m,
-                "seed": member.seed,
-                "learning_rate": member.attention_training.learning_rate,
-                "alpha_init": member.attention.alpha_init,
-                "lesion": member.attention.lesion,
-                "test_accuracy": test,
-                "best_validation_accuracy": float(meta["best_val"][m]),
-                "best_epoch": int(meta["best_epoch"][m]),
-                "early_stopped": bool(meta["done"][m]),
-                "alpha": {
-                    k: np.asarray(v).tolist() for k, v in site_alphas(best_vars["params"]).items()
-                },
-            }
-        )
-    results = {
-        "stage": "sweep",
-        "members": rows,
-        "backbone_test_accuracy": backbone_acc,
-        "epochs": int(meta["epoch"]),
-        "steps_per_member": int(state["step"][0]),
-        "backbone_checkpoint": source[0] if source[1] is None else f"{source[0]}/{source[1]}",
-        "backbone_checkpoint_sha256": source[2],
-        "wall_time_s": round(time.time() - start_time, 1),
-        "environment": progress.environment(),
-    }
-    (path / "results.json").write_text(json.dumps(results, indent=2))
-    table = results_table(results)
-    (path / "sweep.md").write_text(table)
-    print(table, flush=True)
-    return {"state": state}, results
+    def epoch(self, epoch: int, start: int = 0):
+        perms = self.perm_fn(self.seed_keys, jnp.int32(epoch))
+        for i in range(start, self.n // self.batch):
+            yield (*self.arrays, perms, jnp.int32(i))
 
 
 class _MemberEval:

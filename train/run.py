@@ -1,0 +1,383 @@
+"""The parts of a training run that the loop (``train.train``) calls, each short: ``Run`` for one
+stage in one workdir; ``train.sweep.SweepRun`` gives the same parts for N vmapped members.
+
+A run's counters and running sums are scalars, a sweep's one value per member; the parts below
+treat both alike (numpy arrays of shape () or (N,)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+
+import jax
+import numpy as np
+import optax
+
+from gattanet_jax import count_params, site_alphas
+from train import checkpoints, guards, input_pipeline, models, parallel, progress, steps, validate
+from train.addon_tasks import addon_task
+from train.errors import UserError
+from train.tasks import attention_task, backbone_task, evaluate
+
+ELAPSED = "elapsed.json"  # training time of the processes before this one, at their last save
+
+
+class Run:
+    """One stage in one workdir: what the loop reads and updates (task, data, state, the
+    early-stopping record ``meta``, the checkpoint managers) and its parts."""
+
+    label = None  # the progress lines' tag (default: the stage)
+
+    def __init__(self, config, workdir: str):
+        self.start_time = time.time()
+        self.config = config
+        self.label = self.label or config.stage
+        self.place = place = parallel.placement(config)
+        parallel.check_batch_sizes(config, place)
+        self.path = validate.prepare_workdir(workdir)
+        backbone = models.build_backbone(config)
+        if config.stage == "attention":  # site names and d are checked before any data is read
+            models.attention_from_shapes(config, backbone)
+        self.seed_key = jax.random.key(config.seed)
+        make_task = {"backbone": backbone_task, "attention": attention_task, "addon": addon_task}
+        # reads the backbone's weights (if any) before the data: a wrong file fails fast
+        task = make_task[config.stage](config, backbone, jax.random.fold_in(self.seed_key, 0))
+        self._set_data(task, input_pipeline.load(config, models.image_shape(config)))
+        self.tx = task.tx or optax.adam(self.recipe.learning_rate, eps=1e-7)  # Keras' defaults
+        self.task = dataclasses.replace(task, frozen=place.replicate(task.frozen), place=place)
+        self.state = place.replicate(steps.init_state(task.params, self.tx, task.extra))
+        self.meta = {"epoch": 0, "best_val": -1.0, "bad_epochs": 0, "done": False}
+        self._log_sizes(count_params(task.params), count_params(task.frozen))
+
+    def _set_data(self, task, data):
+        self.recipe = task.recipe
+        self.steps_per_epoch = len(data.train) // self.recipe.batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"batch size {self.recipe.batch_size} exceeds the {len(data.train)} training "
+                "examples"
+            )
+        if isinstance(data.validation, input_pipeline.Split):  # evaluated from device memory
+            put = self.place.replicate
+            data = dataclasses.replace(
+                data,
+                validation=input_pipeline.Split(*put(dataclasses.astuple(data.validation))),
+                test=input_pipeline.Split(*put(dataclasses.astuple(data.test))),
+            )
+        self.data = data
+
+    def _log_sizes(self, trainable: int, frozen: int):
+        data = self.data
+        progress.log(
+            f"[{self.label}] trainable parameters: {trainable:,}; frozen: {frozen:,}; "
+            f"train/val/test: {len(data.train)}/{len(data.validation)}/{len(data.test)}"
+        )
+
+    # --- what differs between a run and a sweep ---------------------------------------------
+
+    def stopped(self) -> bool:
+        """Early stopping has ended the run (every member of a sweep)."""
+        return bool(np.all(self.meta["done"]))
+
+    def meta_arrays(self, meta: dict) -> dict:
+        return progress.meta_arrays(meta)
+
+    def meta_values(self, arrays: dict) -> dict:
+        return progress.meta_values(arrays)
+
+    def fresh_sums(self) -> dict:
+        """The running sums of an epoch before its first step."""
+        return {"loss": 0.0, "accuracy": 0.0}
+
+    def best_managers(self) -> list:
+        return [checkpoints.manager(self.path / "best", keep=1)]
+
+    def check_alpha_zero(self, images):
+        guards.check_alpha_zero_is_backbone(
+            self.task, steps.variables(self.state), images, self.config.model.dtype
+        )
+
+    def compile_step(self):
+        """The compiled ``(state, frozen, *batch arguments) -> (state, metrics)``."""
+        in_memory = isinstance(self.data.train, input_pipeline.Split)
+        return self.place.compile(
+            functools.partial(
+                steps.train_step,
+                self.task.loss_fn,
+                self.tx,
+                self.recipe.augment and in_memory,  # streamed data is augmented on the host
+                self.recipe.batch_size,
+                self.seed_key,
+                skip_nonfinite=self.skip,
+            ),
+            donate_state=True,
+        )
+
+    def batches(self):
+        config = self.config
+        return steps.Batches(
+            self.data.train, self.place, self.seed_key, config.seed, self.recipe.batch_size,
+            self.recipe.augment,
+        )  # fmt: skip
+
+    # --- the parts the loop calls ------------------------------------------------------------
+
+    def step_count(self) -> int:
+        return int(np.max(self.state["step"]))
+
+    def skipped_count(self) -> np.ndarray:
+        return np.asarray(jax.device_get(self.state["skipped"]))
+
+    def resume(self):
+        """Restores the latest checkpoint, and the within-epoch one if it is later."""
+        config, path = self.config, self.path
+        self.ckpt = checkpoints.manager(path / "checkpoints", keep=config.keep_checkpoints)
+        self.bests = self.best_managers()
+        if self.ckpt.latest_step() is not None:
+            self._restore(self.ckpt, "checkpoint in this workdir")
+            progress.log(
+                f"[{self.label}] resumed from epoch {self.meta['epoch']} (step {self.step_count()})"
+            )
+        # Within an epoch (config.checkpoint_every_steps): a later state than the epoch's start,
+        # with the epoch's running sums, so that a resumed epoch ends exactly as an uninterrupted
+        # one (also where a SIGTERM or SIGINT saves the run at a step boundary).
+        has_mid = config.checkpoint_every_steps or (path / "checkpoints_mid").is_dir()
+        self.mid = checkpoints.manager(path / "checkpoints_mid", keep=1) if has_mid else None
+        self.epoch_start = {"sums": self.fresh_sums(), "skipped": self.skipped_count()}
+        self.resume_at = 0
+        if self.mid is not None and (self.mid.latest_step() or -1) > self.step_count():
+            restored = self._restore(self.mid, "within-epoch checkpoint in this workdir", True)
+            self.epoch_start = {"sums": restored["sums"], "skipped": restored["skipped"]}
+            self.resume_at = self.step_count() - self.meta["epoch"] * self.steps_per_epoch
+            progress.log(
+                f"[{self.label}] resumed within epoch {self.meta['epoch'] + 1} at its step "
+                f"{self.resume_at} (step {self.step_count()})"
+            )
+        # A crash between a best/ save and the periodic save of the same epoch leaves best/
+        # ahead of the state resumed from (or started afresh); the deterministic replay writes
+        # it again.
+        for best in self.bests:
+            for ahead in [s for s in best.all_steps() if s > self.meta["epoch"]]:
+                best.delete(ahead)
+                progress.log(
+                    f"[{self.label}] removed {best.directory}/{ahead}: written after the last "
+                    "complete checkpoint"
+                )
+        self.elapsed_before = _read_elapsed(path) if self.step_count() else 0.0
+
+    def _restore(self, manager, what: str, within_epoch: bool = False) -> dict:
+        target = {"state": self.state, "meta": self.meta_arrays(self.meta)}
+        if within_epoch:
+            target |= _epoch_arrays(self.epoch_start)
+        restored = checkpoints.restore(manager, manager.latest_step(), target, what)
+        self.state, self.meta = restored["state"], self.meta_values(restored["meta"])
+        return restored
+
+    def _save(self, manager, step: int, tree: dict):
+        """A checkpoint, and the training time up to it (``results.json``'s ``wall_time_s``
+        counts every process that trained this workdir, up to its last save)."""
+        checkpoints.save(manager, step, tree)
+        elapsed = self.elapsed_before + time.time() - self.start_time
+        progress.write_text(self.path / ELAPSED, json.dumps({"wall_time_s": round(elapsed, 1)}))
+
+    def prepare(self):
+        """The alpha-zero guard, config.json, the compiled step, the batches and the logs."""
+        config, data = self.config, self.data
+        if self.step_count() == 0:
+            probe = data.validation if len(data.validation) else data.test
+            self.check_alpha_zero(input_pipeline.head(probe, config.eval_batch_size))
+        # Written only once the workdir's checkpoints are known to fit this config.
+        progress.write_text(self.path / "config.json", config.to_json_best_effort(indent=2))
+        self.skip = config.on_nonfinite == "skip"
+        self.step_fn = self.compile_step()
+        self.batch_args = self.batches()
+        self.writer = progress.Writer(self.path)
+        self.step_log = progress.StepLog(
+            self.label, self.steps_per_epoch, self.recipe.num_epochs, self.writer,
+            config.log_every_steps,
+        )  # fmt: skip
+        self.epoch_times = []
+
+    def train_epoch(self, stop: progress.Preemption) -> tuple[dict, np.ndarray]:
+        """The epoch's steps (from where a resumed epoch stopped); returns the summed loss and
+        accuracy and the number of skipped updates."""
+        config, epoch, every = self.config, self.meta["epoch"], self.config.checkpoint_every_steps
+        sums, skipped_before = self.epoch_start["sums"], self.epoch_start["skipped"]
+        self.step_log.start_epoch(self.resume_at)
+        first_step, finite = self.step_count(), []
+        steps_left = range(self.resume_at, self.steps_per_epoch)
+        for i, args in zip(steps_left, self.batch_args.epoch(epoch, self.resume_at), strict=False):
+            if stop.signum is not None:  # preempted: save here, exit; a rerun resumes here
+                if not self.skip:
+                    guards.check_finite(finite, first_step, epoch, self.ckpt)
+                self.mid = self.mid or checkpoints.manager(self.path / "checkpoints_mid", keep=1)
+                if self.mid.latest_step() != self.step_count():
+                    self._save_mid(sums, skipped_before)
+                self.writer.close()
+                stop.exit(config.stage, self.step_count())
+            self.state, metrics = self.step_fn(self.state, self.task.frozen, *args)
+            del args
+            sums = {k: sums[k] + metrics[k] for k in sums}
+            finite.append(metrics["finite"])  # read back only at the checks: no sync per step
+            at_mid = bool(every) and (i + 1) % every == 0 and i + 1 < self.steps_per_epoch
+            last = i + 1 == self.steps_per_epoch
+            if not self.skip and ((i + 1) % config.log_every_steps == 0 or last or at_mid):
+                guards.check_finite(finite, first_step, epoch, self.ckpt)
+            if at_mid:
+                self._save_mid(sums, skipped_before)
+            if self.step_log.due(i):
+                skipped_now = self.skipped_count() - skipped_before
+                self.step_log.report(epoch, i, self.step_count(), sums, skipped_now)
+        self.resume_at = 0
+        self.epoch_start = {"sums": self.fresh_sums(), "skipped": self.skipped_count()}
+        skipped = self.skipped_count() - skipped_before
+        if np.any(skipped == self.steps_per_epoch):
+            guards.check_finite(finite, first_step, epoch, self.ckpt, every=True)
+        return sums, skipped
+
+    def _save_mid(self, sums: dict, skipped_before):
+        saved = {"state": self.state, "meta": self.meta_arrays(self.meta)}
+        epoch_now = _epoch_arrays({"sums": sums, "skipped": skipped_before})
+        self._save(self.mid, self.step_count(), saved | epoch_now)
+
+    def epoch_means(self, sums: dict, skipped) -> dict:
+        """The epoch's mean loss and accuracy over its applied updates."""
+        return {k: np.asarray(v, np.float64) / (self.steps_per_epoch - skipped) for k, v in
+                sums.items()}  # fmt: skip
+
+    def save_periodic(self):
+        """The epoch's checkpoint, if one is due (early stopping, every
+        ``checkpoint_every_epochs`` epochs, the last epoch)."""
+        meta, num_epochs = self.meta, self.recipe.num_epochs
+        if (
+            self.stopped()
+            or meta["epoch"] % self.config.checkpoint_every_epochs == 0
+            or meta["epoch"] == num_epochs
+        ):
+            saved = {"state": self.state, "meta": self.meta_arrays(meta)}
+            self._save(self.ckpt, meta["epoch"], saved)
+
+    def timing(self, t0: float) -> tuple[float, str]:
+        """Steps/s of the epoch that started at ``t0``, and the ETA of the run."""
+        self.epoch_times.append(time.time() - t0)
+        remaining = (self.recipe.num_epochs - self.meta["epoch"]) * np.mean(self.epoch_times[-5:])
+        return self.steps_per_epoch / self.epoch_times[-1], progress.duration(float(remaining))
+
+    def end_epoch(self, sums: dict, skipped, t0: float):
+        """Validation, the best checkpoint, early stopping, the periodic checkpoint, the log."""
+        config, meta, state = self.config, self.meta, self.state
+        means = {k: float(v) for k, v in self.epoch_means(sums, skipped).items()}
+        val = (
+            evaluate(self.task, steps.variables(state), self.data.validation,
+                     config.eval_batch_size)
+            if len(self.data.validation)
+            else {"accuracy": means["accuracy"], "loss": means["loss"]}
+        )  # fmt: skip
+        meta["epoch"] += 1
+        improved = val["accuracy"] > meta["best_val"]
+        if improved:
+            meta["best_val"], meta["bad_epochs"] = val["accuracy"], 0
+            checkpoints.save(self.bests[0], meta["epoch"], {"variables": steps.variables(state)})
+        else:
+            meta["bad_epochs"] += 1
+        meta["done"] = meta["done"] or meta["bad_epochs"] >= self.recipe.patience
+        self.save_periodic()
+        rate, eta = self.timing(t0)
+        progress.log(
+            f"[{self.label}] epoch {meta['epoch']}/{self.recipe.num_epochs} "
+            f"loss {means['loss']:.4f} acc {means['accuracy']:.4f} val_acc {val['accuracy']:.4f}"
+            f"{' *' if improved else ''} | {rate:.1f} steps/s, ETA {eta} (at most)"
+            + (f" | skipped {int(skipped)} non-finite updates" if skipped else ""),
+            flush=True,
+        )
+        self.writer.scalars(
+            self.step_count(),
+            {
+                "train/loss": means["loss"],
+                "train/accuracy": means["accuracy"],
+                "val/accuracy": val["accuracy"],
+                "val/loss": val["loss"],
+                "steps_per_s": rate,
+            },
+        )
+
+    def wall_time(self) -> float:
+        """Training time of every process that trained this workdir, up to now (a rerun of a
+        finished run adds nothing); recorded for the next rerun."""
+        elapsed = self.elapsed_before
+        if self.epoch_times or self.step_count() == 0:
+            elapsed += time.time() - self.start_time
+        elapsed = round(elapsed, 1)
+        progress.write_text(self.path / ELAPSED, json.dumps({"wall_time_s": elapsed}))
+        return elapsed
+
+    def finish(self) -> tuple[dict, dict]:
+        """Evaluates the best variables on the test split and writes results.json."""
+        config, task, state, meta = self.config, self.task, self.state, self.meta
+        best = self.bests[0]
+        guards.check_backbone_unchanged(task)
+        best_vars = checkpoints.restore(
+            best, best.latest_step(), {"variables": steps.variables(state)}, "best checkpoint"
+        )
+        variables = best_vars["variables"]
+        params = variables["params"]
+        test = evaluate(task, variables, self.data.test, config.eval_batch_size)
+        results = {
+            "stage": config.stage,
+            "test_accuracy": test["accuracy"],
+            "test_loss": test["loss"],
+            "best_validation_accuracy": meta["best_val"],
+            "best_epoch": best.latest_step(),
+            "epochs": meta["epoch"],
+            "steps": int(state["step"]),
+            "skipped_updates": int(state["skipped"]),
+            "early_stopped": bool(meta["done"]),
+            "trainable_params": count_params(params),
+            "frozen_params": count_params(task.frozen),
+            "wall_time_s": self.wall_time(),
+            "environment": progress.environment(),
+        }
+        if task.baseline_logits_fn is not None:
+            results |= _baseline_results(config, task, variables, self.data.test)
+        progress.write_text(self.path / "results.json", json.dumps(results, indent=2))
+        line = f"[{config.stage}] test accuracy {results['test_accuracy']:.4f}"
+        if "backbone_test_accuracy" in results:
+            line += f" (frozen backbone alone: {results['backbone_test_accuracy']:.4f})"
+        progress.log(line + f"; results in {self.path / 'results.json'}", flush=True)
+        return {"params": params, "variables": variables, "state": state}, results
+
+
+def _baseline_results(config, task, variables, test_split) -> dict:
+    """The frozen backbone's test accuracy, the trained alphas and the backbone's source."""
+    base = evaluate(task, variables, test_split, config.eval_batch_size, task.baseline_logits_fn)
+    results = {"backbone_test_accuracy": base["accuracy"], "backbone_test_loss": base["loss"]}
+    if task.stage == "attention":
+        params = variables["params"]
+        att_params = params["attention"] if config.attention_training.finetune_backbone else params
+        results["alpha"] = {k: np.asarray(v).tolist() for k, v in site_alphas(att_params).items()}
+    where, step, sha = task.backbone_source
+    results["backbone_checkpoint"] = where if step is None else f"{where}/{step}"
+    results["backbone_checkpoint_sha256"] = sha
+    return results
+
+
+def _read_elapsed(path) -> float:
+    """The training time recorded in the workdir: its ``elapsed.json``, else (a workdir from
+    before that file) its ``results.json``'s, else 0."""
+    for name in (ELAPSED, "results.json"):
+        try:
+            return float(json.loads((path / name).read_text())["wall_time_s"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return 0.0
+
+
+def _epoch_arrays(epoch_state: dict) -> dict:
+    """The running sums and skip count of an epoch in progress, as checkpointable arrays."""
+    return {
+        "sums": {k: np.asarray(v, np.float32) for k, v in epoch_state["sums"].items()},
+        "skipped": np.asarray(epoch_state["skipped"], np.int32),
+    }
