@@ -57,7 +57,11 @@ def main(argv):
     )
     backbone, bv, attention, av, _, _ = build(_BATCH.value, "float32", 16)
     if _STAGE.value == "attention":
-        loss_fn, params, frozen = attention_loss_fn(backbone, attention, 1e-5), av["params"], bv
+        loss_fn, params, frozen = (
+            attention_loss_fn(backbone, attention, 1e-5),
+            av["params"],
+            {"backbone": bv},
+        )
     else:
         loss_fn, frozen = backbone_loss_fn(backbone, 0.0), {}
         params = jax.tree.map(jnp.copy, bv["params"])

@@ -111,7 +111,7 @@ def train_steps(
     at_step, at_state = step_and_state(
         attention_loss_fn(backbone, attention, 1e-5), jax.tree.map(jnp.copy, av)
     )
-    at_data = (bv, *data)
+    at_data = ({"backbone": bv}, *data)
     results["attention_step"] = compiled_stats(at_step, at_state, *at_data, jnp.int32(0))
     results["attention_step_s"] = time_step(at_step, at_state, at_data, repeats, warmup)
     return results, (backbone, bv, attention, av, images)

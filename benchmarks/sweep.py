@@ -65,7 +65,7 @@ def time_members(n: int, batch: int, dtype: str, repeats: int, warmup: int) -> f
 
     def call():
         holder["state"], metrics = step(
-            holder["state"], seeds, lrs, bv, images, labels, perms, jnp.int32(0)
+            holder["state"], seeds, lrs, {"backbone": bv}, images, labels, perms, jnp.int32(0)
         )
         return metrics["loss"]
 

@@ -260,11 +260,11 @@ def summary_count(config):
 
 def test_attention_stage_on_a_tiny_resnet_with_mock_imagenet(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
-    from train import train
+    from train import models, train
 
     config = resnet18_imagenet.get_config("tiny")
     config.dataset.data_dir = str(tmp_path / "tfds")
-    model = train.models.build_backbone(config)
+    model = models.build_backbone(config)
     np.savez(tmp_path / "r.npz", **random_state_dict(model, config.dataset.image_shape))
     config.backbone_checkpoint = str(tmp_path / "r.npz")
     with tfds.testing.mock_data(num_examples=80, policy=tfds.testing.MockPolicy.USE_CODE):

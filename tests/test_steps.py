@@ -55,7 +55,7 @@ def test_attention_step_compiles_once_donates_state_and_leaves_the_backbone_alon
     losses = []
     for i in range(4):
         old = state
-        state, metrics = step(state, bv, images, labels, perm, jnp.int32(i))
+        state, metrics = step(state, {"backbone": bv}, images, labels, perm, jnp.int32(i))
         assert bool(metrics["finite"])
         losses.append(float(metrics["loss"]))
         assert all(x.is_deleted() for x in jax.tree.leaves(old["params"]))  # donated
@@ -100,7 +100,9 @@ def l2_part(loss_fn, params, extra, frozen, coefficient):
 def test_l2_coefficient_covers_exactly_the_key_and_query_matrices():
     backbone, bv, attention, params = tiny_attention()
     params = jax.tree.map(lambda a: a + 0.5, params)  # biases and alphas non-zero too
-    diff, g_diff = l2_part(lambda c: attention_loss_fn(backbone, attention, c), params, {}, bv, 0.1)
+    diff, g_diff = l2_part(
+        lambda c: attention_loss_fn(backbone, attention, c), params, {}, {"backbone": bv}, 0.1
+    )
     squares = sum(float(jnp.sum(p[w] ** 2)) for p in params.values() for w in ("K", "Q"))
     np.testing.assert_allclose(diff, 0.1 * squares, rtol=1e-4)
     for path, g in jax.tree_util.tree_leaves_with_path(g_diff):

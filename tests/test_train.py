@@ -79,6 +79,39 @@ def test_rerunning_a_finished_run_keeps_its_results_and_training_time(backbone_r
         assert again[key] == results[key], key
 
 
+def test_the_frozen_variables_have_one_shape_in_every_mode(backbone_run):
+    """{'backbone': the frozen backbone's variables} wherever there is one, else {}."""
+    from train import addon_tasks, models, tasks
+
+    workdir, _, _ = backbone_run
+    modes = {
+        "backbone": ("backbone", {}),
+        "attention": ("attention", {}),
+        "fine-tuning": ("attention", {"attention_training.finetune_backbone": True}),
+        "add-on": ("addon", {}),
+        "add-on from scratch": ("addon", {"addon.from_scratch": True}),
+    }
+    make = {
+        "backbone": tasks.backbone_task,
+        "attention": tasks.attention_task,
+        "addon": addon_tasks.addon_task,
+    }
+    backbone_vars = None
+    for mode, (stage, fields) in modes.items():
+        config = tiny_config(stage)
+        config.backbone_checkpoint = str(workdir)
+        config.update_from_flattened_dict(fields)
+        backbone = models.build_backbone(config)
+        task = make[stage](config, backbone, jax.random.key(0))
+        if stage == "backbone" or "addon.from_scratch" in fields:
+            assert task.frozen == {}, mode
+            continue
+        assert list(task.frozen) == ["backbone"], mode
+        assert sorted(task.frozen["backbone"]) == ["params"], mode  # the toy CNN's variables
+        backbone_vars = backbone_vars or task.frozen["backbone"]
+        assert_trees_equal(task.frozen["backbone"], backbone_vars)
+
+
 def assert_matches_the_best_checkpoint(workdir, results):
     import optax
 

@@ -100,15 +100,17 @@ def _addon_on_frozen(backbone, addons, addon_params, addon_state, backbone_vars,
     def loss_fn(params, extra, frozen, x, y, rngs):
         del rngs
         module_vars, _ = _addon_split({"params": params, **extra})
-        out = addon.forward(backbone, addons, module_vars, frozen, x, train_addons=True)
+        bb_vars = frozen["backbone"]
+        out = addon.forward(backbone, addons, module_vars, bb_vars, x, train_addons=True)
         return _addon_loss(recipe.weight_decay, params, extra, out, y)
 
     def logits_fn(variables, frozen, x):
-        return addon.forward(backbone, addons, _addon_split(variables)[0], frozen, x)
+        module_vars = _addon_split(variables)[0]
+        return addon.forward(backbone, addons, module_vars, frozen["backbone"], x)
 
     def baseline(variables, frozen, x):
         del variables
-        return backbone.apply(frozen, x, train=False)
+        return backbone.apply(frozen["backbone"], x, train=False)
 
     return Task(
         "addon",
@@ -116,7 +118,7 @@ def _addon_on_frozen(backbone, addons, addon_params, addon_state, backbone_vars,
         loss_fn,
         logits_fn,
         recipe,
-        backbone_vars,
+        {"backbone": backbone_vars},
         baseline,
         source,
         extra=addon_state,

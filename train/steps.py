@@ -107,7 +107,7 @@ def train_step(
 ):
     """One optimisation step on batch ``index`` of the epoch ordered by ``perm``.
 
-    ``frozen`` (the frozen backbone's variables, or empty) is an argument rather than a closure
+    ``frozen`` ({'backbone': the frozen backbone's variables}, or {}) is an argument rather than a
     constant, so large backbones are not baked into the compiled program. With
     ``skip_nonfinite`` an update whose loss or gradient is not finite is dropped (parameters and
     optimizer state stay as they were) and counted in ``state['skipped']``; the step counter

@@ -102,7 +102,9 @@ class SweepRun(Run):
         self.backbone = backbone = models.build_backbone(config)
         models.attention_from_shapes(config, backbone)
         task = attention_task(config, backbone, jax.random.key(config.seed))
-        self.attention = attention = models.build_attention(config, backbone, task.frozen)
+        self.attention = attention = models.build_attention(
+            config, backbone, task.frozen["backbone"]
+        )
         try:
             lesions = [m.attention.lesion or None for m in members]
             masks = [sites.lesion_mask(lesion, attention.sites) for lesion in lesions]
@@ -333,7 +335,7 @@ class _MemberEval:
 
         def batch_fn(batch_size, variables, mask, frozen, images, labels, start):
             def logits(v, f, x):
-                return two_pass(backbone, attention, v, f, x, lesion=mask).logits
+                return two_pass(backbone, attention, v, f["backbone"], x, lesion=mask).logits
 
             return steps.eval_batch(logits, batch_size, variables, frozen, images, labels, start)
 
@@ -364,7 +366,7 @@ class _MemberEval:
     def backbone(self, frozen, split, batch_size) -> float:
         def logits(v, f, x):
             del v
-            return self.backbone_module.apply(f, x, train=False)
+            return self.backbone_module.apply(f["backbone"], x, train=False)
 
         fn = jax.jit(functools.partial(steps.eval_batch, logits, batch_size))
         correct = 0

@@ -32,7 +32,7 @@ class Task:
     loss_fn: steps.LossFn  # training mode (see steps.LossFn)
     logits_fn: steps.LogitsFn  # (variables, frozen, x) -> logits, inference mode
     recipe: ml_collections.ConfigDict  # backbone_training or attention_training
-    frozen: dict  # the frozen backbone's variables (attention stage), else empty
+    frozen: dict  # {'backbone': the frozen backbone's variables} (attention, add-on), else {}
     baseline_logits_fn: steps.LogitsFn | None = None
     backbone_source: tuple[str, int | None, str] | None = None  # (dir or file, step, sha256)
     place: parallel.Placement = dataclasses.field(default_factory=lambda: parallel.Placement(None))
@@ -78,7 +78,15 @@ def attention_loss_fn(
         variables = {"params": params, **extra}
         cues = (cue_fraction, cue_weight)
         out = training_two_pass(
-            backbone, attention, variables, frozen, x, y, rngs["examples"], lesion, cues
+            backbone,
+            attention,
+            variables,
+            frozen["backbone"],
+            x,
+            y,
+            rngs["examples"],
+            lesion,
+            cues,
         )
         loss = jnp.mean(steps.cross_entropy(out.logits, y))
         return loss + weight_decay * steps.l2_penalty(params, ("K", "Q")), (out.logits, out.updates)
@@ -171,7 +179,7 @@ def attention_task(config, backbone, rng) -> Task:
 
     def baseline(variables, frozen, x):
         del variables
-        return backbone.apply(frozen, x, train=False)
+        return backbone.apply(frozen["backbone"], x, train=False)
 
     if t.finetune_backbone:
         return finetune_task(config, backbone, attention, params, variables, backbone_vars, source)
@@ -185,7 +193,7 @@ def attention_task(config, backbone, rng) -> Task:
     )
 
     def logits_fn(variables, frozen, x):
-        return two_pass(backbone, attention, variables, frozen, x, lesion=lesion).logits
+        return two_pass(backbone, attention, variables, frozen["backbone"], x, lesion=lesion).logits
 
     return Task(
         "attention",
@@ -193,7 +201,7 @@ def attention_task(config, backbone, rng) -> Task:
         loss_fn,
         logits_fn,
         config.attention_training,
-        backbone_vars,
+        {"backbone": backbone_vars},
         baseline,
         source,
         extra=variables,

@@ -65,11 +65,9 @@ def load(workdir: str, data_dir: str = "", max_examples: int = 0) -> Trained:
     mngr = checkpoints.manager(directory, keep=1, create=False)
     restored = checkpoints.restore(mngr, step, {"variables": abstract}, "attention checkpoint")
     variables = restored["variables"]
+    baseline_vars = backbone_vars = task.frozen["backbone"]
     if config.attention_training.finetune_backbone:
         variables, backbone_vars = split_finetuned(variables, task.frozen)
-        baseline_vars = task.frozen["backbone"]
-    else:
-        backbone_vars = baseline_vars = task.frozen
     attention = models.build_attention(config, backbone, backbone_vars)
     if config.dataset.pipeline != "memory":
         raise UserError(
