@@ -26,7 +26,8 @@ from absl import app, flags
 
 from benchmarks.common import report
 from configs import toy_cifar10
-from train import checkpoints, input_pipeline, models, parallel, steps, tasks
+from train import checkpoints, models, parallel, steps, tasks
+from train.data import input_pipeline
 
 _STAGE = flags.DEFINE_enum("stage", "backbone", ["backbone", "attention"], "Stage to time.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "data/tfds", "Prepared tfds data (local_cifar10).")

@@ -21,7 +21,8 @@ from absl import app, flags
 
 from benchmarks.common import build
 from configs import toy_cifar10
-from train import input_pipeline, steps
+from train import steps
+from train.data import input_pipeline
 from train.tasks import attention_loss_fn, backbone_loss_fn
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "data/tfds", "tfds data dir with local_cifar10.")

@@ -9,7 +9,7 @@ Pretrain the backbone, then train GAttANet (d = 16) on it, frozen:
 
 The data is tfds 'local_cifar10', prepared without TensorFlow from a local copy:
 
-  python -m train.prepare_data --source ../shared/data/cifar10-jpeg.tar.xz --name local_cifar10
+  python -m train.prepare_data --source path/to/cifar10-jpeg.tar.xz --name local_cifar10
 
 Shrunk for a CPU check: ``--config configs/toy_cifar10.py:smoke``. Print parameter counts and
 sites: ``python -m train.summary --config configs/toy_cifar10.py [--config.attention.d=32]``.
@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dataset.max_test_examples = 0
     # 'memory': the splits live in accelerator memory as uint8 arrays, batches are picked and
     # augmented inside the compiled step (CIFAR-sized data). 'imagenet': streamed from the tfds
-    # source and preprocessed on the host (train/imagenet.py; configs/resnet50_imagenet.py).
+    # source and preprocessed on the host (train/data/imagenet.py; configs/resnet50_imagenet.py).
     config.dataset.pipeline = "memory"
 
     config.model = ml_collections.ConfigDict()

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train import augment
+from train.data import augment
 
 
 def batch(n=3, size=8, seed=0):

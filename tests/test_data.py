@@ -9,7 +9,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from train import input_pipeline, prepare_data, sources
+from train import prepare_data
+from train.data import input_pipeline, sources
 from train.errors import UserError
 
 CLASSES = [f"class{i}" for i in range(10)]

@@ -115,7 +115,8 @@ def test_the_frozen_variables_have_one_shape_in_every_mode(backbone_run):
 def assert_matches_the_best_checkpoint(workdir, results):
     import optax
 
-    from train import input_pipeline, models
+    from train import models
+    from train.data import input_pipeline
 
     config = tiny_config()
     backbone = models.build_backbone(config)

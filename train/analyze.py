@@ -31,7 +31,7 @@ from gattanet_jax import two_pass
 from gattanet_jax.attention import param_name
 from gattanet_jax.sites import lesion_mask, lesion_string
 from train import plots
-from train.augment import to_float
+from train.data.augment import to_float
 from train.errors import UserError
 from train.trained import Trained, load, read_config
 

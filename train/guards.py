@@ -22,7 +22,7 @@ import numpy as np
 
 from gattanet_jax import site_alphas
 from train import checkpoints
-from train.augment import to_float
+from train.data.augment import to_float
 from train.errors import UserError
 
 

@@ -1,6 +1,6 @@
 r"""Prepares CIFAR-10 or CIFAR-100 as a tfds dataset from local files (no TensorFlow needed).
 
-  python -m train.prepare_data --source ../shared/data/cifar10-jpeg.tar.xz --name local_cifar10
+  python -m train.prepare_data --source path/to/cifar10-jpeg.tar.xz --name local_cifar10
   python -m train.prepare_data --source cifar-100-python.tar.gz --name local_cifar100 \
       --data_dir ~/tensorflow_datasets
 
@@ -15,7 +15,7 @@ import time
 
 from absl import app, flags, logging
 
-from train import tfds_builders
+from train.data import tfds_builders
 from train.errors import UserError
 
 _SOURCE = flags.DEFINE_string("source", None, "Archive or folder to read.", required=True)

@@ -17,8 +17,9 @@ import numpy as np
 import optax
 
 from gattanet_jax import count_params, site_alphas
-from train import checkpoints, guards, input_pipeline, models, parallel, progress, steps, validate
+from train import checkpoints, guards, models, parallel, progress, steps, validate
 from train.addon_tasks import addon_task
+from train.data import input_pipeline
 from train.errors import UserError
 from train.tasks import attention_task, backbone_task, evaluate
 

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from train import input_pipeline
-from train.augment import augment, to_float
+from train.data import input_pipeline
+from train.data.augment import augment, to_float
 from train.parallel import constrain
 
 # (trainable params, other trained collections, frozen variables, images, labels, rngs)

@@ -125,7 +125,7 @@ def counts(config, summary: dict) -> dict:
 def dry_run(config) -> dict:
     """What a run of ``config`` would do, without training or writing anything: the resolved
     config, parameter counts, sites, and the data splits it would read with their sizes."""
-    from train import input_pipeline
+    from train.data import input_pipeline
 
     config = defaults.complete(config)
     s = summarize(config)

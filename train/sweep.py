@@ -35,7 +35,8 @@ import numpy as np
 import optax
 
 from gattanet_jax import count_params, init_attention, site_alphas, sites, two_pass
-from train import checkpoints, guards, input_pipeline, models, parallel, progress, steps, validate
+from train import checkpoints, guards, models, parallel, progress, steps, validate
+from train.data import input_pipeline
 from train.errors import UserError
 from train.run import Run
 from train.tasks import attention_loss_fn, attention_task

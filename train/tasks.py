@@ -19,7 +19,8 @@ from absl import logging
 
 from gattanet_jax import init_attention, two_pass, weights
 from gattanet_jax import sites as sites_lib
-from train import checkpoints, input_pipeline, models, parallel, steps
+from train import checkpoints, models, parallel, steps
+from train.data import input_pipeline
 from train.errors import UserError
 
 

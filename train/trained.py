@@ -10,7 +10,8 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from train import checkpoints, defaults, input_pipeline, models
+from train import checkpoints, defaults, models
+from train.data import input_pipeline
 from train.errors import UserError
 
 

@@ -1,7 +1,7 @@
 """Datasets as in-memory uint8 arrays: tfds data sources, or the embedded generated dataset.
 
 CIFAR-sized datasets fit in accelerator memory, so the training loop keeps them there and picks,
-augments and normalises batches inside the compiled step (``train.augment``).
+augments and normalises batches inside the compiled step (``train.data.augment``).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def read_tfds(name: str, data_dir: str) -> tuple[dict[str, Split], tuple[str, ..
     """
     import tensorflow_datasets as tfds
 
-    from train import tfds_builders  # noqa: F401  (registers local_cifar10, local_cifar100)
+    from train.data import tfds_builders  # noqa: F401  (registers local_cifar10, local_cifar100)
 
     try:
         builder = tfds.builder(name, data_dir=data_dir)
@@ -147,7 +147,7 @@ def open_source(name: str, split: str, data_dir: str):
     """``tfds.data_source`` of a prepared split; never downloads; says how to prepare it."""
     import tensorflow_datasets as tfds
 
-    from train import tfds_builders
+    from train.data import tfds_builders
 
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
@@ -205,12 +205,12 @@ def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
 
 
 def load_stream(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> Data:
-    """The imagenet pipeline: splits streamed from the tfds source (train/imagenet.py). The test
-    split is ``config.dataset.test_split`` (ImageNet's labelled 'validation' set); the validation
-    split for early stopping is carved from 'train'."""
+    """The imagenet pipeline: splits streamed from the tfds source (train/data/imagenet.py). The
+    test split is ``config.dataset.test_split`` (ImageNet's labelled 'validation' set); the
+    validation split for early stopping is carved from 'train'."""
     import tensorflow_datasets as tfds
 
-    from train.imagenet import Stream
+    from train.data.imagenet import Stream
 
     name, data_dir, ds = config.dataset.name, _data_dir(config), config.dataset
     try:

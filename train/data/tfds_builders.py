@@ -12,7 +12,7 @@ import typing
 import numpy as np
 import tensorflow_datasets as tfds
 
-from train import sources
+from train.data import sources
 from train.errors import UserError
 
 
