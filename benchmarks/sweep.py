@@ -2,9 +2,10 @@ r"""Throughput of the toy attention step for N vmap members at a fixed per-membe
 
   python -m benchmarks.sweep [--members 1,4,16] [--batch 128] [--dtype float32] [--json]
 
-Times the compiled step that ``train.sweep`` runs (``jax.vmap`` of ``steps.train_step`` over the
-members' states, seeds and learning rates; each member its own batch of ``--batch`` images), as
-the median of ``--repeats`` calls after ``--warmup``. Keys: benchmarks/README.md.
+Times the compiled step that ``train.sweep`` runs (``sweep.members_step``: ``jax.vmap`` of
+``steps.train_step`` over the members' states, seeds, learning rates and lesion masks; every
+site modulated; each member its own batch of ``--batch`` images), as the median of
+``--repeats`` calls after ``--warmup``. Keys: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import optax
 from absl import app, flags
 
 from benchmarks.common import build, median_seconds, report
-from train import steps
-from train.tasks import attention_loss_fn
+from train import steps, sweep
 
 if __name__ == "__main__":  # flags only when run as a program (the suite imports this)
     _MEMBERS = flags.DEFINE_list("members", ["1", "4", "16"], "Member counts to time.")
@@ -38,25 +38,8 @@ def time_members(n: int, batch: int, dtype: str, repeats: int, warmup: int) -> f
     labels = jnp.asarray(rng.integers(0, 10, (pool,)), jnp.int32)
     perms = jnp.stack([jnp.arange(m * batch, (m + 1) * batch) for m in range(n)])
 
-    def member_step(state, seed_data, lr, frozen, images, labels, perm, index):
-        tx = optax.adam(lr, eps=1e-7)
-        return steps.train_step(
-            attention_loss_fn(backbone, attention, 1e-5),
-            tx,
-            False,
-            batch,
-            jax.random.wrap_key_data(seed_data),
-            state,
-            frozen,
-            images,
-            labels,
-            perm,
-            index,
-        )
-
-    step = jax.jit(
-        jax.vmap(member_step, in_axes=(0, 0, 0, None, None, None, 0, None)), donate_argnums=(0,)
-    )
+    step = sweep.members_step(backbone, attention, 1e-5, False, batch)
+    masks = jnp.ones((n, len(attention.sites)), jnp.float32)  # every site modulated
     tx = optax.adam(1e-3, eps=1e-7)
     state = jax.tree.map(lambda x: jnp.stack([x] * n), steps.init_state(av["params"], tx))
     seeds = jnp.stack([jax.random.key_data(jax.random.key(m)) for m in range(n)])
@@ -64,9 +47,8 @@ def time_members(n: int, batch: int, dtype: str, repeats: int, warmup: int) -> f
     holder = {"state": state}
 
     def call():
-        holder["state"], metrics = step(
-            holder["state"], seeds, lrs, {"backbone": bv}, images, labels, perms, jnp.int32(0)
-        )
+        args = (seeds, lrs, masks, {"backbone": bv}, images, labels, perms, jnp.int32(0))
+        holder["state"], metrics = step(holder["state"], *args)
         return metrics["loss"]
 
     return median_seconds(call, repeats=repeats, warmup=warmup)

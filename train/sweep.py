@@ -175,26 +175,12 @@ class SweepRun(Run):
             )
 
     def compile_step(self):
-        config, recipe = self.config, self.recipe
-        a = config.attention
-
-        def member_step(state, seed_data, lr, mask, frozen, images, labels, perm, index):
-            loss_fn = attention_loss_fn(
-                self.backbone,
-                self.attention,
-                recipe.weight_decay,
-                lesion=mask,
-                cue_fraction=a.cue_fraction if a.cue_classes else 0.0,
-                cue_weight=a.cue_weight,
-            )
-            return steps.train_step(
-                loss_fn, optax.adam(lr, eps=1e-7), recipe.augment, recipe.batch_size,
-                jax.random.wrap_key_data(seed_data), state, frozen, images, labels, perm, index,
-                skip_nonfinite=self.skip,
-            )  # fmt: skip
-
-        vmapped = jax.vmap(member_step, in_axes=(0, 0, 0, 0, None, None, None, 0, None))
-        compiled = jax.jit(vmapped, donate_argnums=(0,))
+        a, recipe = self.config.attention, self.recipe
+        compiled = members_step(
+            self.backbone, self.attention, recipe.weight_decay, recipe.augment, recipe.batch_size,
+            cues=(a.cue_fraction if a.cue_classes else 0.0, a.cue_weight),
+            skip_nonfinite=self.skip,
+        )  # fmt: skip
 
         def step(state, frozen, images, labels, perms, index):
             return compiled(state, self.seed_keys, self.lrs, self.masks, frozen, images, labels,
@@ -291,6 +277,30 @@ class SweepRun(Run):
         progress.write_text(self.path / "sweep.md", table)
         progress.log(table, flush=True)
         return {"state": state}, results
+
+
+def members_step(
+    backbone, attention, weight_decay: float, augment: bool, batch_size: int,
+    cues=(0.0, 0.0), skip_nonfinite: bool = False,
+):  # fmt: skip
+    """The sweep's compiled step: ``steps.train_step`` of the attention stage for every member
+    under ``jax.vmap``, ``(states, seed key data, learning rates, lesion masks, frozen, images,
+    labels, permutations, index) -> (states, metrics)``; per member (leading axis): the state,
+    seed, learning rate, lesion mask and data order."""
+
+    def member_step(state, seed_data, lr, mask, frozen, images, labels, perm, index):
+        loss_fn = attention_loss_fn(
+            backbone, attention, weight_decay, lesion=mask, cue_fraction=cues[0],
+            cue_weight=cues[1],
+        )  # fmt: skip
+        return steps.train_step(
+            loss_fn, optax.adam(lr, eps=1e-7), augment, batch_size,
+            jax.random.wrap_key_data(seed_data), state, frozen, images, labels, perm, index,
+            skip_nonfinite=skip_nonfinite,
+        )  # fmt: skip
+
+    vmapped = jax.vmap(member_step, in_axes=(0, 0, 0, 0, None, None, None, 0, None))
+    return jax.jit(vmapped, donate_argnums=(0,))
 
 
 def _check_sweep(config) -> None:
