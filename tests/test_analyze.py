@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from tests.test_train import tiny_config
-from train import analyze, train
+from train import train
 from train.errors import UserError
+from train.tools import analyze
 
 
 @pytest.fixture(scope="module")

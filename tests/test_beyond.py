@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from tests.test_train import leaves, tiny_config
-from train import analyze, train
+from train import train
+from train.tools import analyze
 
 
 def test_joint_fine_tuning_trains_the_backbone_with_its_own_learning_rate(tmp_path):
@@ -77,7 +78,7 @@ def test_fine_tuning_gradients_and_batch_norm_statistics_frozen_or_updated():
 
 def test_beyond_config_variants():
     from configs import beyond_toy_cifar10 as beyond
-    from train import summary
+    from train.tools import summary
 
     t2 = beyond.get_config("t2")
     assert t2.attention.iterations == 2 and t2.attention.bounded

@@ -6,7 +6,8 @@ import pytest
 
 from configs import compare_toy_cifar10
 from tests.test_train import tiny_config
-from train import compare, summary, train
+from train import train
+from train.tools import compare, summary
 
 
 def small(config):

@@ -14,9 +14,9 @@ import gattanet_jax as gj
 from configs import resnet18_imagenet, resnet50_imagenet
 from gattanet_jax import weights
 from gattanet_jax.backbones import resnet
-from train import summary
 from train.data import imagenet
 from train.errors import UserError
+from train.tools import summary
 
 # Table 1: (config module, d) -> attention parameters as printed in the paper.
 TABLE1_RESNET = [

@@ -51,7 +51,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     # imported late: JAX starts after the flags are parsed
-    from train import defaults, summary, train
+    from train import defaults, train
+    from train.tools import summary
 
     try:
         if _DRY_RUN.value:

@@ -1,7 +1,7 @@
 """What a training run trains: the tasks of each stage (losses, logits, initial parameters, the
 frozen backbone) and their evaluation, apart from the loop that runs them (``train.train``).
 
-The loop, sweeps (``train.sweep``), analyses (``train.analyze``) and benchmarks import this
+The loop, sweeps (``train.sweep``), analyses (``train.tools``) and benchmarks import this
 module; it imports none of them.
 """
 

@@ -1,0 +1,372 @@
+r"""The paper's analyses of a trained GAttANet, one command each.
+
+  python -m train.analyze noise  --workdir DIR [--sigmas 0,0.01,0.1]
+  python -m train.analyze lesion --workdir DIR [--lesions cccdd,.ccdd,c.cdd]
+  python -m train.analyze umap   --workdir DIR
+  python -m train.analyze maps   --workdir DIR [--images 0,1,2]
+  python -m train.analyze cues   --workdir DIR [--cue_weights 0,0.25,0.5,0.75,1]
+  python -m train.analyze table  --workdir OUT --runs DIR1,DIR2,...
+
+DIR is an attention-stage workdir (what ``--config.stage=attention`` wrote, or <dir>/attention of
+``stage=both``): its config.json, best/ checkpoint and the frozen backbone it names are loaded,
+and the test split is evaluated. Figures (PNG) and numbers (JSON, markdown for the table) go to
+DIR/analysis/. ``--max_examples N`` evaluates the first N test images only (default: the test
+split the workdir was evaluated on).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from gattanet_jax import two_pass
+from gattanet_jax.attention import param_name
+from gattanet_jax.sites import lesion_mask, lesion_string
+from train.data.augment import to_float
+from train.errors import UserError
+from train.tools import plots
+from train.tools.trained import Trained, load, read_config
+
+ANALYSES = ("noise", "lesion", "umap", "maps", "cues", "table")
+DEFAULT_CUE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# 0, then a log grid up to 0.25 (images in [0, 1]), as in Figures 2a and 4a.
+DEFAULT_SIGMAS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.25)
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _batch_outputs(
+    backbone, attention, internals, variables, bvars, base_vars, images, mask, sigma, key
+):
+    x = to_float(images)
+    x = x + sigma * jax.random.normal(key, x.shape, x.dtype)  # additive, not clipped
+    out = two_pass(
+        backbone, attention, variables, bvars, x, lesion=mask, return_internals=internals
+    )
+    base = backbone.apply(base_vars, x, train=False)
+    extra = (out.attention.q_avg, out.attention.gatta) if internals else None
+    return out.logits, base, extra
+
+
+def outputs(m: Trained, images, *, sigma=0.0, mask=None, seed=0, internals=False, batch=500):
+    """(attention logits, baseline logits[, (q_avg, gatta)]) over ``images``, in batches padded to
+    one shape (one compilation). The noise of image i depends on (seed, i) only, and the two
+    models see the same noisy image."""
+    n = len(images)
+    mask = jnp.ones(len(m.attention.sites)) if mask is None else jnp.asarray(mask, jnp.float32)
+    pieces = []
+    for start in range(0, n, batch):
+        chunk = images[start : start + batch]
+        pad = batch - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+        key = jax.random.fold_in(jax.random.key(seed), start)
+        res = _batch_outputs(
+            m.backbone,
+            m.attention,
+            internals,
+            m.variables,
+            m.backbone_vars,
+            m.baseline_vars,
+            chunk,
+            mask,
+            jnp.float32(sigma),
+            key,
+        )
+        pieces.append(jax.tree.map(lambda a, k=batch - pad: np.asarray(a)[:k], res))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *pieces)
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(logits, -1) == labels))
+
+
+# --- the analyses ---------------------------------------------------------------------------------
+
+
+def noise(m: Trained, sigmas=DEFAULT_SIGMAS, seed: int = 0) -> dict:
+    rows = []
+    for sigma in sigmas:
+        att, base, _ = outputs(m, m.test.images, sigma=sigma, seed=seed)
+        rows.append(
+            {
+                "sigma": float(sigma),
+                "baseline_accuracy": accuracy(base, m.test.labels),
+                "attention_accuracy": accuracy(att, m.test.labels),
+            }
+        )
+        print(
+            f"sigma {sigma:<6g} baseline {rows[-1]['baseline_accuracy']:.4f} "
+            f"attention {rows[-1]['attention_accuracy']:.4f}",
+            flush=True,
+        )
+    result = {"test_examples": len(m.test), "noise_seed": seed, "rows": rows}
+    _write(m, "noise", result, plots.noise(rows, _title(m)))
+    return result
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _cued_logits(backbone, attention, variables, bvars, images, cue, weight):
+    out = two_pass(
+        backbone, attention, variables, bvars, to_float(images), cue=cue, cue_weight=weight
+    )
+    return out.logits
+
+
+def wrong_classes(labels: np.ndarray, num_classes: int, seed: int = 0) -> np.ndarray:
+    """A uniformly drawn class other than the true one, per example (fixed by ``seed``)."""
+    shift = np.random.default_rng(seed).integers(1, num_classes, size=len(labels))
+    return (labels + shift) % num_classes
+
+
+def cues(m: Trained, weights=DEFAULT_CUE_WEIGHTS, seed: int = 0, batch: int = 500) -> dict:
+    """Test accuracy with the true class cued, a wrong class cued, and uncued, per cue weight."""
+    if not m.attention.cue_classes:
+        raise UserError(
+            f"{m.workdir} was trained without top-down cues (config.attention.cue_classes=False)"
+        )
+    labels = np.asarray(m.test.labels)
+    wrong = wrong_classes(labels, m.attention.cue_classes, seed)
+    att, base, _ = outputs(m, m.test.images)
+    uncued, base_acc = accuracy(att, labels), accuracy(base, labels)
+
+    def acc(cue, w):
+        pieces = []
+        for start in range(0, len(labels), batch):
+            chunk, c = m.test.images[start : start + batch], cue[start : start + batch]
+            pad = batch - len(chunk)
+            if pad:  # one shape, one compilation
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+                c = np.concatenate([c, np.repeat(c[-1:], pad)])
+            logits = _cued_logits(
+                m.backbone, m.attention, m.variables, m.backbone_vars, chunk, c, jnp.float32(w)
+            )
+            pieces.append(np.asarray(logits)[: batch - pad])
+        return accuracy(np.concatenate(pieces), labels)
+
+    rows = []
+    for w in weights:
+        rows.append(
+            {
+                "weight": float(w),
+                "true_cue_accuracy": acc(labels, w),
+                "wrong_cue_accuracy": acc(wrong, w),
+                "uncued_accuracy": uncued,
+            }
+        )
+        r = rows[-1]
+        print(
+            f"weight {w:<5g} true cue {r['true_cue_accuracy']:.4f} wrong cue "
+            f"{r['wrong_cue_accuracy']:.4f} uncued {uncued:.4f}",
+            flush=True,
+        )
+    result = {"test_examples": len(labels), "baseline_accuracy": base_acc, "rows": rows}
+    _write(m, "cues", result, plots.cues(rows, base_acc, _title(m)))
+    return result
+
+
+def default_lesions(sites) -> list[str]:
+    """The full model, every single-site removal, every single-site-only model, no site."""
+    n = len(sites)
+    masks = [[True] * n]
+    masks += [[j != i for j in range(n)] for i in range(n)]
+    masks += [[j == i for j in range(n)] for i in range(n)]
+    masks.append([False] * n)
+    return [lesion_string(mk, sites) for mk in masks]
+
+
+def lesion(m: Trained, lesions=None) -> dict:
+    sites = m.attention.sites
+    lesions = list(lesions or default_lesions(sites))
+    base_acc = None
+    rows = []
+    for name in lesions:
+        try:
+            mask = np.asarray(lesion_mask(name, sites), np.float32)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        att, base, _ = outputs(m, m.test.images, mask=mask)
+        base_acc = accuracy(base, m.test.labels)
+        rows.append({"lesion": name, "accuracy": accuracy(att, m.test.labels)})
+        print(f"{name}  {rows[-1]['accuracy']:.4f}", flush=True)
+    result = {"test_examples": len(m.test), "baseline_accuracy": base_acc, "rows": rows}
+    _write(m, "lesion", result, plots.lesion(rows, base_acc, _title(m)))
+    return result
+
+
+def umap(m: Trained, seed: int = 0) -> dict:
+    try:
+        import umap as umap_learn
+    except ImportError:
+        raise UserError(
+            "the UMAP analysis needs umap-learn: pip install 'gattanet-jax[analysis]'"
+        ) from None
+
+    _, _, (q_avg, _) = outputs(m, m.test.images, internals=True)
+    with warnings.catch_warnings():  # a fixed random_state runs single-threaded: said above
+        warnings.simplefilter("ignore", UserWarning)
+        reducer = umap_learn.UMAP(n_components=2, random_state=seed, n_jobs=1)
+        embedding = reducer.fit_transform(q_avg)
+    np.savez_compressed(m.out / "umap.npz", embedding=embedding, labels=m.test.labels, q_avg=q_avg)
+    result = {"test_examples": len(m.test), "d": int(q_avg.shape[1]), "umap_seed": seed}
+    _write(m, "umap", result, plots.umap(embedding, m.test.labels, m.class_names, _title(m)))
+    return result
+
+
+def maps(m: Trained, indices=(0, 1, 2, 3)) -> dict:
+    indices = [int(i) for i in indices]
+    if not indices or max(indices) >= len(m.test) or min(indices) < 0:
+        raise UserError(f"--images must be test indices in [0, {len(m.test)}), got {indices}")
+    att, _, (_, gatta) = outputs(m, m.test.images, internals=True)
+    logits_site = m.attention.sites[-1]
+    result = {"test_examples": len(m.test), "images": indices}
+    if logits_site.kind == "dense" and logits_site.channels == len(m.class_names):
+        g = gatta[logits_site.name]
+        alpha = float(m.variables["params"][param_name(logits_site.name)]["alpha"])
+        result["logits_site"] = logits_site.name
+        result["logits_site_alpha"] = alpha
+        result["true_class_has_highest_agreement"] = float(np.mean(g.argmax(-1) == m.test.labels))
+        result["true_class_has_lowest_agreement"] = float(np.mean(g.argmin(-1) == m.test.labels))
+        result["chance"] = 1.0 / len(m.class_names)
+        print(
+            f"at '{logits_site.name}' (alpha {alpha:+.4f}: agreement "
+            f"{'boosts' if alpha >= 0 else 'damps'} a unit) the true class has the highest "
+            f"agreement for {result['true_class_has_highest_agreement']:.4f} and the lowest for "
+            f"{result['true_class_has_lowest_agreement']:.4f} of test images (chance "
+            f"{result['chance']:.2f})"
+        )
+    figure = plots.maps(
+        m.test.images[indices],
+        m.test.labels[indices],
+        np.argmax(att[indices], -1),
+        {s.name: gatta[s.name][indices] for s in m.attention.sites},
+        m.attention.sites,
+        m.class_names,
+        _title(m),
+    )
+    _write(m, "maps", result, figure)
+    return result
+
+
+def table(out: Path, runs: list[str]) -> str:
+    """Table 1's columns from the results of a list of attention workdirs."""
+    header = (
+        "| backbone | data | base params | base acc. | d | attention params | acc. | gain |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for run in runs:
+        path = Path(run)
+        config = read_config(path)
+        results_path = path / "results.json"
+        if config.stage != "attention" or not results_path.is_file():
+            raise UserError(f"{path} is not a finished attention workdir (no results.json)")
+        r = json.loads(results_path.read_text())
+        base, acc = r["backbone_test_accuracy"], r["test_accuracy"]
+        lines.append(
+            f"| {config.model.backbone} | {config.dataset.name} | {r['frozen_params']:,} | "
+            f"{100 * base:.2f} | {config.attention.d} | {r['trainable_params']:,} | "
+            f"{100 * acc:.2f} | {100 * (acc - base):+.2f} |"
+        )
+    text = header + "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text)
+    print(text, end="")
+    return text
+
+
+def _title(m: Trained) -> str:
+    """What the figures show: the model and the data, never a workdir's name."""
+    c = m.config
+    backbone = "toy CNN" if c.model.backbone == "toy" else c.model.backbone
+    return f"GAttANet d={c.attention.d} on a frozen {backbone}, {c.dataset.name} test set"
+
+
+def _write(m: Trained, name: str, result: dict, figure) -> None:
+    result = dict(result, workdir=str(m.workdir), figure=f"{name}.png")
+    (m.out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    figure.savefig(m.out / f"{name}.png", dpi=110, bbox_inches="tight")
+    plots.close(figure)
+    print(f"wrote {m.out / name}.png and {name}.json")
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def define_flags() -> dict:
+    """The CLI's flags; defined only when run as a program, so importing this module (tests,
+    notebooks) never clashes with other modules' absl flags."""
+    return {
+        "workdir": flags.DEFINE_string("workdir", None, "Attention workdir ('table': output)."),
+        "runs": flags.DEFINE_list("runs", [], "table: attention workdirs, one row each."),
+        "sigmas": flags.DEFINE_list("sigmas", [str(s) for s in DEFAULT_SIGMAS], "noise levels."),
+        "lesions": flags.DEFINE_list("lesions", [], "lesion strings (default: single sites)."),
+        "images": flags.DEFINE_list("images", ["0", "1", "2", "3"], "maps: test indices."),
+        "cue_weights": flags.DEFINE_list(
+            "cue_weights", [str(w) for w in DEFAULT_CUE_WEIGHTS], "cues: weights of the cue."
+        ),
+        "max_examples": flags.DEFINE_integer("max_examples", 0, "First N test images (0: all)."),
+        "data_dir": flags.DEFINE_string("data_dir", "", "Override the tfds data directory."),
+    }
+
+
+def run(analysis: str, f: dict) -> None:
+    if not f["workdir"]:
+        raise UserError("--workdir is required")
+    if analysis == "table":
+        if not f["runs"]:
+            raise UserError("table needs --runs DIR1,DIR2,... (attention workdirs)")
+        table(Path(f["workdir"]), f["runs"])
+        return
+    m = load(f["workdir"], f["data_dir"], f["max_examples"])
+    if analysis == "noise":
+        noise(m, _parse(f["sigmas"], float, "--sigmas must be numbers"))
+    elif analysis == "lesion":
+        lesion(m, f["lesions"])
+    elif analysis == "umap":
+        umap(m)
+    elif analysis == "maps":
+        maps(m, _parse(f["images"], int, "--images must be test indices"))
+    elif analysis == "cues":
+        cues(m, _parse(f["cue_weights"], float, "--cue_weights must be numbers"))
+
+
+def _parse(values: list[str], kind, what: str) -> list:
+    try:
+        return [kind(v) for v in values]
+    except ValueError:
+        raise UserError(f"{what}, got {values}") from None
+
+
+def main(argv, defined: dict):
+    if len(argv) != 2 or argv[1] not in ANALYSES:
+        names = "|".join(ANALYSES)
+        print(f"usage: python -m train.analyze {{{names}}} --workdir DIR [...]", file=sys.stderr)
+        sys.exit(2)
+    logging.set_verbosity(logging.WARNING)
+    try:
+        run(argv[1], {k: v.value for k, v in defined.items()})
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run_cli():
+    """``python -m train.analyze``."""
+    from train import cli
+
+    app.run(functools.partial(main, defined=define_flags()), flags_parser=cli.parse_flags)
+
+
+if __name__ == "__main__":
+    run_cli()

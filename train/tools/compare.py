@@ -1,0 +1,158 @@
+r"""GAttANet against GALA, SE and GSA add-ons on the same frozen backbones, one table.
+
+  python -m train.compare --workdir workdirs/compare \
+      --backbones workdirs/b0,workdirs/b1,workdirs/b2 --systems gattanet,gala,se,gsa \
+      [--epochs N] [--patience N] [--data_dir DIR] [--arg smoke]
+
+For every backbone (a backbone-stage workdir or checkpoint) and every system of
+configs/compare_toy_cifar10.py, trains the system on that frozen backbone into
+``<workdir>/<system>/<backbone index>`` (seed = the backbone's index; a run finished with the
+same config is read back, an interrupted one resumes), then writes ``compare.md`` (mean and
+standard deviation over the backbones, the gain over each frozen backbone) and
+``compare.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+from absl import app, flags, logging
+
+from train import defaults
+from train.errors import UserError
+
+
+def define_flags() -> dict:
+    """The CLI's flags; defined only when run as a program, so importing this module (tests,
+    notebooks) never clashes with other modules' absl flags."""
+    defined = {
+        "workdir": flags.DEFINE_string("workdir", None, "Directory for the runs and the table."),
+        "backbones": flags.DEFINE_list("backbones", None, "Frozen backbone workdirs/checkpoints."),
+        "systems": flags.DEFINE_list("systems", "gattanet,gala,se,gsa", "Systems to compare."),
+        "epochs": flags.DEFINE_integer("epochs", None, "attention_training.num_epochs."),
+        "patience": flags.DEFINE_integer("patience", None, "attention_training.patience."),
+        "data_dir": flags.DEFINE_string("data_dir", None, "dataset.data_dir."),
+        "dataset": flags.DEFINE_string("dataset", None, "dataset.name."),
+        "arg": flags.DEFINE_string("arg", "", "Config arguments for every run, e.g. 'smoke'."),
+    }
+    flags.mark_flags_as_required(["workdir", "backbones"])
+    return defined
+
+
+def run_config(system: str, backbone: str, seed: int, arg: str = "", **overrides):
+    from configs import compare_toy_cifar10
+
+    config = compare_toy_cifar10.get_config(",".join(w for w in (system, arg) if w))
+    config.backbone_checkpoint = backbone
+    config.seed = seed
+    t = config.attention_training
+    if overrides.get("epochs") is not None:
+        t.num_epochs = overrides["epochs"]
+    if overrides.get("patience") is not None:
+        t.patience = overrides["patience"]
+    if overrides.get("data_dir") is not None:
+        config.dataset.data_dir = overrides["data_dir"]
+    if overrides.get("dataset") is not None:
+        config.dataset.name = overrides["dataset"]
+    return config
+
+
+def _as_json(config) -> dict:
+    """A config with its defaults, as JSON reads it back (tuples become lists)."""
+    return json.loads(defaults.complete(config).to_json_best_effort())
+
+
+def _finished(run_dir: str, config) -> dict | None:
+    """A finished run's results.json (its own wall time kept), if it ran this very config."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            same = _as_json(json.load(f)) == _as_json(config)
+        with open(os.path.join(run_dir, "results.json")) as f:
+            return json.load(f) if same else None
+    except FileNotFoundError:
+        return None
+
+
+def compare(workdir: str, backbones, systems, arg: str = "", configure=None, **overrides) -> dict:
+    """Trains what is missing and returns {'systems': {name: [results per backbone]}}.
+    ``configure``: a function applied to every run's config last (e.g. a smaller model)."""
+    from train import train
+
+    out = {"backbones": list(backbones), "systems": {}}
+    for system in systems:
+        out["systems"][system] = []
+        for i, backbone in enumerate(backbones):
+            config = run_config(system, backbone, i, arg, **overrides)
+            if configure is not None:
+                configure(config)
+            run_dir = os.path.join(workdir, system, str(i))
+            results = _finished(run_dir, config)
+            if results is None:
+                print(f"[compare] {system} on backbone {i} ({backbone}) -> {run_dir}", flush=True)
+                _, results = train.train_and_evaluate(config, run_dir)
+            out["systems"][system].append(results)
+    return out
+
+
+def _mean_std(values) -> str:
+    v = 100 * np.asarray(values, np.float64)
+    if len(v) < 2:
+        return f"{v.mean():.2f}"
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
+
+
+def table(out: dict) -> str:
+    """Markdown: one row per system (and the frozen backbones), one column per backbone."""
+    runs = out["systems"]
+    first = next(iter(runs.values()))
+    n = len(first)
+    head = " | ".join(f"backbone {i}" for i in range(n))
+    lines = [
+        f"| system | trainable params | {head} | mean ± sd | gain (mean ± sd) | epochs (best) |",
+        "|---" * (n + 5) + "|",
+    ]
+    base = [r["backbone_test_accuracy"] for r in first]
+    cells = " | ".join(f"{100 * b:.2f}" for b in base)
+    lines.append(f"| frozen backbone | 0 | {cells} | {_mean_std(base)} | | |")
+    for system, results in runs.items():
+        acc = [r["test_accuracy"] for r in results]
+        gain = [r["test_accuracy"] - r["backbone_test_accuracy"] for r in results]
+        cells = " | ".join(f"{100 * a:.2f}" for a in acc)
+        epochs = ", ".join(f"{r['epochs']} ({r['best_epoch']})" for r in results)
+        lines.append(
+            f"| {system} | {results[0]['trainable_params']:,} | {cells} | {_mean_std(acc)} | "
+            f"{_mean_std(gain)} | {epochs} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv, defined: dict):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    f = {k: v.value for k, v in defined.items()}
+    overrides = {k: f[k] for k in ("epochs", "patience", "data_dir", "dataset")}
+    try:
+        out = compare(f["workdir"], f["backbones"], f["systems"], f["arg"], **overrides)
+    except (UserError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    text = table(out)
+    with open(os.path.join(f["workdir"], "compare.md"), "w") as fh:
+        fh.write(text)
+    with open(os.path.join(f["workdir"], "compare.json"), "w") as fh:
+        json.dump(out, fh, indent=1, default=str)
+    print(text)
+
+
+def run_cli():
+    """``python -m train.compare``."""
+    defined = define_flags()
+    app.run(lambda argv: main(argv, defined))
+
+
+if __name__ == "__main__":
+    run_cli()
