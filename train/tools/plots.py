@@ -89,7 +89,7 @@ def lesion(rows: list[dict], baseline: float, title: str):
     ax.set_ylabel("test accuracy (%)")
     high = max(acc.max(), baseline * 100)
     ax.set_ylim(0, min(100, high + 8))  # bars from zero; the labels carry the differences
-    ax.legend(loc="upper right")
+    ax.legend(loc="lower right")  # over the bars' bodies, clear of their labels
     ax.set_title(f"lesions — {title}")
     fig.tight_layout()
     return fig

@@ -1,0 +1,68 @@
+"""The shipped seed-0 toy CIFAR-10 models (pretrained/): intact, usable as a frozen backbone
+(``--config.backbone_checkpoint``) and by every ``train.analyze`` command."""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import toy_cifar10
+from gattanet_jax import site_alphas
+from tests.test_train import assert_trees_equal
+from train import checkpoints, models, tasks
+from train.errors import UserError
+from train.tools import analyze
+
+ANALYSES = ("noise", "lesion", "umap", "maps")  # cues: for models trained with cues
+ROOT = Path(__file__).parent.parent
+SHIPPED = ROOT / "pretrained" / "toy_cifar10_s0"
+DIGESTS = {  # (best step, sha256 of the checkpoint's files), as pretrained/README.md lists them
+    "backbone": (250, "d85d932de8daf4ed53830c05b8bbac45567bbab21a4343d1152a520463aa78d6"),
+    "gattanet": (27, "ffbc22268a1c947a324141ef786fc905a295953cc15c54d82c973f06737db135"),
+}
+
+
+def test_the_shipped_checkpoints_are_the_documented_ones():
+    readme = (SHIPPED.parent / "README.md").read_text()
+    for name, (step, sha) in DIGESTS.items():
+        assert checkpoints.digest(str(SHIPPED / name / "best"), step) == sha, name
+        assert sha in readme, name
+    results = json.loads((SHIPPED / "gattanet" / "results.json").read_text())
+    assert results["backbone_checkpoint_sha256"] == DIGESTS["backbone"][1]
+    size = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
+    assert size < 10 * 2**20
+
+
+def test_the_shipped_backbone_loads_as_a_frozen_backbone(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    config = toy_cifar10.get_config()  # the shipped models' config, as a user starts from
+    config.backbone_checkpoint = "pretrained/toy_cifar10_s0/backbone"
+    variables, (_, step, sha) = tasks.load_backbone(config, models.build_backbone(config))
+    assert step == 250 and sha == DIGESTS["backbone"][1]
+    assert variables["params"]["conv1"]["kernel"].shape == (3, 3, 3, 32)
+
+
+def test_every_analysis_runs_on_the_shipped_gattanet(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.chdir(ROOT)  # its config names the backbone by its path in the repository
+    workdir = tmp_path / "gattanet"  # the analyses write into <workdir>/analysis
+    shutil.copytree(SHIPPED / "gattanet", workdir)
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+        m = analyze.load(str(workdir), str(tmp_path / "tfds"), 40)
+    results = json.loads((SHIPPED / "gattanet" / "results.json").read_text())
+    alphas = {k: float(v) for k, v in site_alphas(m.variables["params"]).items()}
+    assert alphas == pytest.approx(results["alpha"], rel=1e-6)
+    backbone = jax.tree.map(np.asarray, m.backbone_vars)
+    shipped = checkpoints.manager(SHIPPED / "backbone" / "best", keep=1, create=False)
+    assert_trees_equal(backbone, shipped.restore(250)["variables"])
+    rows = {r["lesion"]: r["accuracy"] for r in analyze.lesion(m, ["cccdd", "....."])["rows"]}
+    assert rows["....."] == analyze.lesion(m, ["....."])["baseline_accuracy"]
+    assert len(analyze.noise(m, sigmas=(0.0, 0.1))["rows"]) == 2
+    assert analyze.umap(m)["d"] == 16
+    analyze.maps(m, (0, 1))
+    with pytest.raises(UserError, match="trained without top-down cues"):  # the paper's model
+        analyze.cues(m, (0.0, 1.0), batch=20)
+    assert {p.name for p in m.out.glob("*.png")} == {f"{a}.png" for a in ANALYSES}
