@@ -135,3 +135,18 @@ def test_the_alpha_zero_guard_checks_every_sweep_member(backbone_dir, tmp_path, 
     config.sweep.alpha_inits = (0.1, 0.1, 0.0, 0.1)  # only member 2 starts at alpha = 0
     with pytest.raises(UserError, match=r"guard failed: with every alpha = 0"):
         train.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("stage", "backbone", r"config.sweep trains attention systems: needs stage 'attention'"),
+        ("parallel", "jit", r"config.sweep runs on one device"),
+        ("attention_training.finetune_backbone", True, r"on a frozen backbone: set"),
+    ],
+)
+def test_a_sweep_of_another_mode_is_one_clear_error(backbone_dir, tmp_path, field, value, message):
+    config = sweep_config(backbone_dir)
+    config.update_from_flattened_dict({field: value})
+    with pytest.raises(UserError, match=message):
+        train.train_and_evaluate(config, str(tmp_path))

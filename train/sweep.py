@@ -93,7 +93,7 @@ class SweepRun(Run):
     def __init__(self, config, workdir: str):
         self.start_time = time.time()
         self.config = config
-        _check_sweep(config)
+        validate.check_sweep(config)
         self.members = members = member_configs(config)
         for member in members:
             validate.check_config(member)
@@ -301,20 +301,6 @@ def members_step(
 
     vmapped = jax.vmap(member_step, in_axes=(0, 0, 0, 0, None, None, None, 0, None))
     return jax.jit(vmapped, donate_argnums=(0,))
-
-
-def _check_sweep(config) -> None:
-    if config.stage != "attention":
-        raise UserError(
-            f"config.sweep trains attention systems: needs stage 'attention', got {config.stage!r}"
-        )
-    if config.parallel != "none":
-        raise UserError("config.sweep runs on one device: set config.parallel='none'")
-    if config.attention_training.finetune_backbone:
-        raise UserError(
-            "config.sweep trains attention systems on a frozen backbone: set "
-            "config.attention_training.finetune_backbone=False"
-        )
 
 
 class _MemberBatches:

@@ -168,3 +168,18 @@ def prepare_workdir(workdir: str) -> Path:
     except OSError as e:
         raise UserError(f"workdir {path} is not writable: {e.strerror or e}") from None
     return path
+
+
+def check_sweep(config) -> None:
+    """What a sweep (config.sweep) needs of the rest of the config."""
+    if config.stage != "attention":
+        raise UserError(
+            f"config.sweep trains attention systems: needs stage 'attention', got {config.stage!r}"
+        )
+    if config.parallel != "none":
+        raise UserError("config.sweep runs on one device: set config.parallel='none'")
+    if config.attention_training.finetune_backbone:
+        raise UserError(
+            "config.sweep trains attention systems on a frozen backbone: set "
+            "config.attention_training.finetune_backbone=False"
+        )
