@@ -36,6 +36,9 @@ if __name__ == "__main__":  # flags only when run as a program (the suite import
     _BATCH = flags.DEFINE_integer("batch", 128, "Batch size.")
     _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
     _D = flags.DEFINE_integer("d", 16, "Attention dimension.")
+    _KQ_DROPOUT = flags.DEFINE_float(
+        "kq_dropout", None, "Key/query dropout rate of the attention step (default: the paper's)."
+    )
     _PEER = flags.DEFINE_enum("peer", None, ["torch"], "Also time a peer implementation.")
     _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed runs per measurement.")
     _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed runs before timing.")
@@ -79,6 +82,7 @@ def train_steps(
     warmup: int,
     backbone_name: str = "toy",
     image_size: int = 0,
+    kq_dropout: float | None = None,
     **arch,
 ) -> tuple[dict, tuple]:
     """Times the backbone's own training step and GAttANet's attention step; returns the
@@ -86,6 +90,8 @@ def train_steps(
     backbone, bv, attention, av, images, labels = build(
         batch, dtype, d, backbone_name, image_size, **arch
     )
+    if kq_dropout is not None:
+        attention = attention.clone(dropout_rate=kq_dropout)
     perm = jnp.arange(batch)
     data = (images, labels, perm)
     seed = jax.random.key(0)
@@ -126,11 +132,12 @@ def run(
     peer: str | None,
     backbone_name: str = "toy",
     image_size: int = 0,
+    kq_dropout: float | None = None,
 ) -> dict:
     if peer and backbone_name != "toy":
         raise app.UsageError("--peer torch times the toy model only")
     results, (backbone, bv, attention, av, images) = train_steps(
-        batch, dtype, d, repeats, warmup, backbone_name, image_size
+        batch, dtype, d, repeats, warmup, backbone_name, image_size, kq_dropout
     )
     x = images.astype(jnp.float32) / 255.0
     eval_fn = jax.jit(lambda av, bv, x: gj.two_pass(backbone, attention, av, bv, x).logits)
@@ -178,6 +185,7 @@ def run(
         "batch": batch,
         "dtype": dtype,
         "d": d,
+        "kq_dropout": attention.dropout_rate,
         "repeats": repeats,
         "device": str(device),
         "device_kind": device.device_kind,
@@ -199,6 +207,7 @@ def main(argv):
         _PEER.value,
         _BACKBONE.value,
         _IMAGE_SIZE.value,
+        _KQ_DROPOUT.value,
     )
     report(results, _JSON.value)
 
