@@ -1,7 +1,7 @@
 r"""Input throughput of the ImageNet pipeline on a generated ImageNet-shaped dataset.
 
-  python -m benchmarks.input [--data_dir data/tfds] [--examples 2048] [--batch 128] \
-      [--batches 12] [--workers 8] [--json]
+  python -m benchmarks.input [--data_dir data/tfds] [--examples 4096] [--batch 128] \
+      [--batches 30] [--workers 8] [--json]
 
 The first run writes ``synthetic_imagenet`` into ``--data_dir`` as tfds prepares ImageNet:
 array_record files of JPEG images (quality 90, sides 300-500 px as most ImageNet photos,
@@ -26,9 +26,9 @@ from absl import app, flags
 
 if __name__ == "__main__":
     _DATA_DIR = flags.DEFINE_string("data_dir", "data/tfds", "Where the dataset is written.")
-    _EXAMPLES = flags.DEFINE_integer("examples", 2048, "Examples in the generated dataset.")
+    _EXAMPLES = flags.DEFINE_integer("examples", 4096, "Examples in the generated dataset.")
     _BATCH = flags.DEFINE_integer("batch", 128, "Batch size.")
-    _BATCHES = flags.DEFINE_integer("batches", 12, "Timed batches of each kind.")
+    _BATCHES = flags.DEFINE_integer("batches", 30, "Timed batches of each kind.")
     _WORKERS = flags.DEFINE_integer("workers", 8, "Reading threads (config.dataset.workers).")
     _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 

@@ -11,7 +11,8 @@ Adam lr 3e-4, batch 8, early stopping with patience 1 epoch, at most 10 epochs. 
 ``backbone_checkpoint`` is a torchvision-format state dict (.pth/.pt read with weights_only, or
 .safetensors / .npz without torch), e.g. torchvision's ``resnet50-0676ba61.pth``, or a workdir of
 this project. The data is tfds 'imagenet2012' prepared elsewhere (``tfds build imagenet2012
---manual_dir ...``) in ``--config.dataset.data_dir``; it is streamed, not loaded into memory.
+--file_format=array_record --manual_dir ...``) in ``--config.dataset.data_dir``; it is streamed,
+not loaded into memory.
 Parameter counts: ``python -m train.summary --config configs/resnet50_imagenet.py
 --config.attention.d=4``. A tiny variant for a CPU check on mock data: ``:tiny``.
 """

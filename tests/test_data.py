@@ -184,3 +184,18 @@ def test_validation_is_carved_from_train_without_overlap():
     assert len(train) == 180 and len(val) == 20
     seen = {a.tobytes() for a in train.images}
     assert not any(a.tobytes() in seen for a in val.images)
+
+
+def test_data_prepared_as_tfrecord_is_its_own_error_with_the_fix(tmp_path):
+    data_dir = str(tmp_path / "tfds")
+    fix = r"tfds build imagenet2012 --data_dir .*tfds --file_format=array_record --manual_dir"
+    with pytest.raises(
+        UserError, match=r"split 'train' is not prepared in .*; prepare it with: " + fix
+    ):
+        input_pipeline.open_source("imagenet2012", "train", data_dir)
+    version = tmp_path / "tfds" / "imagenet2012" / "5.1.0"
+    version.mkdir(parents=True)
+    (version / "imagenet2012-train.tfrecord-00000-of-00001").write_bytes(b"")
+    tfrecord = r"'imagenet2012' in .*tfds is prepared as TFRecord files, which tfds.data_source"
+    with pytest.raises(UserError, match=tfrecord + r".*prepare it again as array_record: " + fix):
+        input_pipeline.open_source("imagenet2012", "train", data_dir)

@@ -2,8 +2,9 @@
 
 ImageNet does not fit in accelerator memory the way CIFAR does, and its images differ in size,
 so its splits are ``Stream``s: random access into ``tfds.data_source`` (array_record files
-prepared elsewhere, e.g. ``tfds build imagenet2012`` with the manual download), read a batch at a
-time by a pool of threads ahead of the training step.
+prepared elsewhere, e.g. ``tfds build imagenet2012 --file_format=array_record`` with the manual
+download), read through grain (``grain.MapDataset``: each example decoded and preprocessed on a
+pool of threads, in order, two batches ahead of the training step).
 
 Preprocessing, as torchvision's reference recipe (what pretrained torchvision weights expect):
   train  random-resized crop to ``size`` (scale 0.08-1, aspect ratio 3/4-4/3, 10 tries, then a
@@ -13,12 +14,13 @@ Resizing is PIL's bilinear filter with antialiasing. Images leave here as uint8;
 them to [0, 1] and the ResNet normalises them with ImageNet's mean and std.
 
 Every random choice is a function of (seed, epoch, step, position in the batch), so a resumed
-run reads exactly the batches the interrupted one would have read.
+run reads exactly the batches the interrupted one would have read: the checkpoint's step is the
+whole input state (grain's own iterator checkpoints are not needed), and each process of a
+multi-host run reads its slice of every global batch.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import math
 from collections.abc import Iterator
@@ -107,46 +109,41 @@ class Stream:
     def subset(self, positions: np.ndarray) -> Stream:
         return dataclasses.replace(self, indices=self.indices[positions])
 
-    def _read(self, positions, train: bool, seed, first=0) -> tuple[np.ndarray, np.ndarray]:
-        """Images and labels at ``positions``; training crops draw from (*seed, first + j) for
-        the j-th position (``first``: where they start in the global batch)."""
-        images = np.empty((len(positions), self.size, self.size, 3), np.uint8)
-        labels = np.empty((len(positions),), np.int32)
-        for j, pos in enumerate(positions):
-            index = int(self.indices[pos])
-            record = self.source[index]
-            image, label = np.asarray(record["image"]), int(record["label"])
-            if image.ndim == 2:
-                image = np.repeat(image[..., None], 3, axis=-1)
-            if image.ndim != 3 or image.shape[-1] != 3:
-                raise UserError(
-                    f"{self.name} example {index}: image of shape {image.shape}, not RGB"
-                )
-            if not 0 <= label < self.num_classes:
-                raise UserError(
-                    f"{self.name} example {index}: label {label} is outside "
-                    f"[0, {self.num_classes}) (config.dataset.num_classes)"
-                )
-            if train:
-                rng = np.random.default_rng([*seed, first + j])
-                image = random_resized_crop(image, rng, self.size)
-                if rng.random() < 0.5:
-                    image = image[:, ::-1]
-            else:
-                image = resize_center_crop(image, self.size, self.resize)
-            images[j], labels[j] = image, label
-        return images, labels
+    def _example(self, index: int, rng: np.random.Generator | None) -> tuple[np.ndarray, np.int32]:
+        """Example ``index`` of the source, preprocessed: training crop and flip drawn from
+        ``rng``, or the eval resize and centre crop when ``rng`` is None."""
+        record = self.source[index]
+        image, label = np.asarray(record["image"]), int(record["label"])
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=-1)
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise UserError(f"{self.name} example {index}: image of shape {image.shape}, not RGB")
+        if not 0 <= label < self.num_classes:
+            raise UserError(
+                f"{self.name} example {index}: label {label} is outside "
+                f"[0, {self.num_classes}) (config.dataset.num_classes)"
+            )
+        if rng is None:
+            image = resize_center_crop(image, self.size, self.resize)
+        else:
+            image = random_resized_crop(image, rng, self.size)
+            if rng.random() < 0.5:
+                image = image[:, ::-1]
+        return np.ascontiguousarray(image), np.int32(label)
 
-    def _prefetched(self, jobs: list, read) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Runs ``read(job)`` for every job on the thread pool, at most 2 * workers ahead."""
-        ahead = 2 * self.workers
-        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-            pending = [pool.submit(read, job) for job in jobs[:ahead]]
-            for k in range(len(jobs)):
-                if k + ahead < len(jobs):
-                    pending.append(pool.submit(read, jobs[k + ahead]))
-                yield pending[k].result()
-                pending[k] = None
+    def _batches(self, count: int, read, batch: int, drop_remainder: bool):
+        """grain: ``read(e)`` for e in range(count), stacked into (images, labels) batches of
+        ``batch``; each batch is read by one of ``workers`` threads, in order, at most
+        2 x ``workers`` batches ahead."""
+        import grain
+
+        def read_batch(b):
+            rows = [read(e) for e in range(b * batch, min((b + 1) * batch, count))]
+            return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+        batches = count // batch if drop_remainder else -(-count // batch)
+        options = grain.ReadOptions(num_threads=self.workers, prefetch_buffer_size=2 * self.workers)
+        return grain.MapDataset.range(batches).map(read_batch).to_iter_dataset(options)
 
     def train_batches(
         self,
@@ -160,34 +157,39 @@ class Stream:
         """The epoch's full batches in a random order that depends on (seed, epoch) only.
         ``augment=False`` gives the eval preprocessing. ``shard=(k, n)``: only the k-th of n
         equal slices of every batch (process k of n reads its part; the crops are those of
-        the whole batch). ``start``: resume at that step of the epoch."""
+        the whole batch: the j-th image of step i draws from (seed, epoch, i, j)). ``start``:
+        resume at that step of the epoch."""
         k, n = shard
         local = batch_size // n
         order = np.random.default_rng([seed, epoch]).permutation(len(self))
-        steps = len(self) // batch_size
-        jobs = [
-            (i, order[i * batch_size + k * local : i * batch_size + (k + 1) * local])
-            for i in range(start, steps)
-        ]
-        return self._prefetched(
-            jobs, lambda job: self._read(job[1], augment, (seed, epoch, job[0]), k * local)
-        )
+        steps = np.arange(start, len(self) // batch_size)
+        columns = k * local + np.arange(local)  # this process's places in every global batch
+        positions = order[steps[:, None] * batch_size + columns[None, :]].ravel()
+
+        def read(e):
+            step, column = steps[e // local], columns[e % local]
+            rng = np.random.default_rng([seed, epoch, step, column]) if augment else None
+            return self._example(int(self.indices[positions[e]]), rng)
+
+        return iter(self._batches(len(positions), read, local, drop_remainder=True))
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every example once, in order; the last batch is padded to ``batch_size`` with copies
         of its last image labelled -1 (counted for nothing by the eval step)."""
 
-        def read(start):
-            positions = np.arange(start, min(start + batch_size, len(self)))
-            images, labels = self._read(positions, False, None)
-            pad = batch_size - len(positions)
-            if pad:
-                images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
-                labels = np.concatenate([labels, np.full((pad,), -1, np.int32)])
+        def pad(batch):
+            images, labels = batch
+            missing = batch_size - len(labels)
+            if missing:
+                images = np.concatenate([images, np.repeat(images[-1:], missing, axis=0)])
+                labels = np.concatenate([labels, np.full((missing,), -1, np.int32)])
             return images, labels
 
-        return self._prefetched(list(range(0, len(self), batch_size)), read)
+        def read(e):
+            return self._example(int(self.indices[e]), None)
+
+        return iter(self._batches(len(self), read, batch_size, drop_remainder=False).map(pad))
 
     def head(self, n: int) -> np.ndarray:
         """The first ``n`` images, eval-preprocessed."""
-        return self._read(np.arange(min(n, len(self))), False, None)[0]
+        return np.stack([self._example(int(i), None)[0] for i in self.indices[:n]])

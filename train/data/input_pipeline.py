@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import os
 
 import ml_collections
@@ -159,15 +160,30 @@ def open_source(name: str, split: str, data_dir: str):
             )
         elif name.startswith("imagenet"):
             how = (
-                f"tfds build {name} --data_dir {data_dir} --manual_dir <folder with "
-                "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar>"
+                f"tfds build {name} --data_dir {data_dir} --file_format=array_record "
+                "--manual_dir <folder with ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar>"
             )
         else:
-            how = f"tfds build {name} --data_dir {data_dir} (on a machine that can download)"
+            how = (
+                f"tfds build {name} --data_dir {data_dir} --file_format=array_record "
+                "(on a machine that can download)"
+            )
+        if _tfrecord_files(data_dir, name):
+            raise UserError(
+                f"dataset {name!r} in {data_dir} is prepared as TFRecord files, which "
+                "tfds.data_source cannot read (it needs random access); prepare it again as "
+                f"array_record: {how}"
+            ) from None
         raise UserError(
             f"dataset {name!r} split {split!r} is not prepared in {data_dir}; "
             f"prepare it with: {how}"
         ) from None
+
+
+def _tfrecord_files(data_dir: str, name: str) -> list[str]:
+    """TFRecord files of a tfds dataset (``name`` without its config or version) in data_dir."""
+    base = name.split(":")[0].split("/")[0]
+    return glob.glob(os.path.join(data_dir, base, "**", "*.tfrecord*"), recursive=True)
 
 
 def _read_all(source, chunk: int = 5000) -> Split:
