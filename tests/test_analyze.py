@@ -152,3 +152,54 @@ def test_cue_analysis_true_wrong_and_uncued(cued, model):
     assert np.all(wrong != labels) and np.all((wrong >= 0) & (wrong < 10))
     with pytest.raises(UserError, match="without top-down cues"):
         analyze.cues(model)
+
+
+def test_seeds_draws_the_mean_and_sd_of_several_runs(trained, cued, tmp_path):
+    runs = [str(trained), str(cued.workdir)]
+    result = analyze.seeds(tmp_path / "seeds", runs, sigmas=[0.0, 0.1], lesions=["cccdd", "....."])
+    for run, per_run in zip(runs, result["per_run"], strict=True):
+        saved = json.loads((analyze.Path(run) / "analysis" / "noise.json").read_text())
+        assert per_run["noise"]["rows"] == saved["rows"]
+    gains = [
+        100
+        * (p["noise"]["rows"][1]["attention_accuracy"] - p["noise"]["rows"][1]["baseline_accuracy"])
+        for p in result["per_run"]
+    ]
+    assert result["noise"][1]["gain"]["mean"] == pytest.approx(np.mean(gains))
+    assert result["noise"][1]["gain"]["sd"] == pytest.approx(np.std(gains, ddof=1))
+    # no site modulated: each run's frozen baseline, so no gain at all
+    assert result["lesion"][1]["gain"] == {"mean": pytest.approx(0.0), "sd": pytest.approx(0.0)}
+    for name in ("noise.png", "lesion.png"):
+        assert (tmp_path / "seeds" / name).stat().st_size > 10_000
+    text = (tmp_path / "seeds" / "seeds.md").read_text()
+    assert "| 0.1 |" in text and "| `.....` |" in text
+    with pytest.raises(UserError, match="two or more attention workdirs"):
+        analyze.seeds(tmp_path, runs[:1])
+
+
+def test_seeds_mean_and_sample_sd_over_runs(trained, cued, tmp_path, monkeypatch):
+    runs = [str(trained), str(cued.workdir)]
+    accuracies = {runs[0]: (0.50, 0.60, 0.40), runs[1]: (0.54, 0.70, 0.30)}  # base, att, lesion
+
+    def fake_noise(m, sigmas):
+        base, att, _ = accuracies[str(m.workdir)]
+        row = {"baseline_accuracy": base, "attention_accuracy": att}
+        return {"rows": [dict(row, sigma=s) for s in sigmas]}
+
+    def fake_lesion(m, lesions):
+        base, att, lesioned = accuracies[str(m.workdir)]
+        rows = [{"lesion": "cccdd", "accuracy": att}, {"lesion": ".cccd", "accuracy": lesioned}]
+        return {"baseline_accuracy": base, "rows": rows}
+
+    monkeypatch.setattr(analyze, "noise", fake_noise)
+    monkeypatch.setattr(analyze, "lesion", fake_lesion)
+    result = analyze.seeds(tmp_path, runs, sigmas=[0.0, 0.1])
+    gain = result["noise"][0]["gain"]  # 10 and 16 points
+    assert gain["mean"] == pytest.approx(13.0) and gain["sd"] == pytest.approx(
+        np.std([10, 16], ddof=1)
+    )
+    assert result["noise"][0]["baseline_accuracy"]["mean"] == pytest.approx(52.0)
+    lesioned = result["lesion"][1]  # -10 and -24 points from each run's own baseline
+    assert lesioned["gain"]["mean"] == pytest.approx(-17.0)
+    assert lesioned["accuracy"]["sd"] == pytest.approx(np.std([40, 30], ddof=1))
+    assert "| `.cccd` | 35.00 ± 7.07 | -17.00 ± 9.90 |" in (tmp_path / "seeds.md").read_text()

@@ -6,12 +6,15 @@ r"""The paper's analyses of a trained GAttANet, one command each.
   python -m train.analyze maps   --workdir DIR [--images 0,1,2]
   python -m train.analyze cues   --workdir DIR [--cue_weights 0,0.25,0.5,0.75,1]
   python -m train.analyze table  --workdir OUT --runs DIR1,DIR2,...
+  python -m train.analyze seeds  --workdir OUT --runs DIR1,DIR2,... [--sigmas ...] [--lesions ...]
 
 DIR is an attention-stage workdir (what ``--config.stage=attention`` wrote, or <dir>/attention of
 ``stage=both``): its config.json, best/ checkpoint and the frozen backbone it names are loaded,
 and the test split is evaluated. Figures (PNG) and numbers (JSON, markdown for the table) go to
 DIR/analysis/. ``--max_examples N`` evaluates the first N test images only (default: the test
-split the workdir was evaluated on).
+split the workdir was evaluated on). ``seeds`` runs ``noise`` and ``lesion`` on each of several
+attention workdirs (one per seed or backbone) and draws their mean and standard deviation into
+OUT (noise.png, lesion.png, seeds.json, seeds.md).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from train.errors import UserError
 from train.tools import plots
 from train.tools.trained import Trained, load, read_config
 
-ANALYSES = ("noise", "lesion", "umap", "maps", "cues", "table")
+ANALYSES = ("noise", "lesion", "umap", "maps", "cues", "table", "seeds")
 DEFAULT_CUE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # 0, then a log grid up to 0.25 (images in [0, 1]), as in Figures 2a and 4a.
 DEFAULT_SIGMAS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.25)
@@ -111,7 +114,8 @@ def noise(m: Trained, sigmas=DEFAULT_SIGMAS, seed: int = 0) -> dict:
             flush=True,
         )
     result = {"test_examples": len(m.test), "noise_seed": seed, "rows": rows}
-    _write(m, "noise", result, plots.noise(rows, _title(m)))
+    base, att = ([[r[k] for r in rows]] for k in ("baseline_accuracy", "attention_accuracy"))
+    _write(m, "noise", result, plots.noise(list(sigmas), base, att, _title(m)))
     return result
 
 
@@ -200,7 +204,8 @@ def lesion(m: Trained, lesions=None) -> dict:
         rows.append({"lesion": name, "accuracy": accuracy(att, m.test.labels)})
         print(f"{name}  {rows[-1]['accuracy']:.4f}", flush=True)
     result = {"test_examples": len(m.test), "baseline_accuracy": base_acc, "rows": rows}
-    _write(m, "lesion", result, plots.lesion(rows, base_acc, _title(m)))
+    accs = [[r["accuracy"] for r in rows]]
+    _write(m, "lesion", result, plots.lesion(lesions, accs, [base_acc], _title(m)))
     return result
 
 
@@ -285,6 +290,86 @@ def table(out: Path, runs: list[str]) -> str:
     return text
 
 
+def seeds(out: Path, runs: list[str], sigmas=DEFAULT_SIGMAS, lesions=None, **load_args) -> dict:
+    """``noise`` and ``lesion`` on each run (written into its own analysis/ as usual), then
+    their mean and sample standard deviation over the runs, in ``out``."""
+    if len(runs) < 2:
+        raise UserError("seeds needs --runs with two or more attention workdirs")
+    per_run, title = [], None
+    for run in runs:
+        m = load(run, **load_args)
+        title = title or _title(m)
+        per_run.append({"workdir": run, "noise": noise(m, sigmas), "lesion": lesion(m, lesions)})
+    names = [r["lesion"] for r in per_run[0]["lesion"]["rows"]]
+    if any([r["lesion"] for r in p["lesion"]["rows"]] != names for p in per_run):
+        raise UserError("seeds needs runs with the same sites (their lesions differ)")
+
+    def array(part, key):
+        return np.array([[r[key] for r in p[part]["rows"]] for p in per_run])
+
+    base, att = array("noise", "baseline_accuracy"), array("noise", "attention_accuracy")
+    acc = array("lesion", "accuracy")
+    lesion_base = np.array([p["lesion"]["baseline_accuracy"] for p in per_run])
+    title = f"{title}, {len(runs)} runs"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, figure in (
+        ("noise", plots.noise(list(sigmas), base, att, title)),
+        ("lesion", plots.lesion(names, acc, lesion_base, title)),
+    ):
+        figure.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
+        plots.close(figure)
+
+    def stats(values):  # percent: mean, sd
+        values = 100 * np.asarray(values)
+        return {"mean": float(values.mean()), "sd": float(values.std(ddof=1))}
+
+    result = {
+        "runs": list(runs),
+        "noise": [
+            {
+                "sigma": float(sigma),
+                "baseline_accuracy": stats(base[:, i]),
+                "attention_accuracy": stats(att[:, i]),
+                "gain": stats(att[:, i] - base[:, i]),
+            }
+            for i, sigma in enumerate(sigmas)
+        ],
+        "lesion": [
+            {"lesion": n, "accuracy": stats(acc[:, i]), "gain": stats(acc[:, i] - lesion_base)}
+            for i, n in enumerate(names)
+        ],
+        "per_run": per_run,
+    }
+    (out / "seeds.json").write_text(json.dumps(result, indent=2))
+
+    def cell(x):
+        return f"{x['mean']:.2f} ± {x['sd']:.2f}"
+
+    lines = [
+        f"Mean ± sd over {len(runs)} runs, test accuracy (%).",
+        "",
+        "| noise σ | frozen baseline | GAttANet | gain |",
+        "|---|---|---|---|",
+        *(
+            f"| {r['sigma']:g} | {cell(r['baseline_accuracy'])} | "
+            f"{cell(r['attention_accuracy'])} | {cell(r['gain'])} |"
+            for r in result["noise"]
+        ),
+        "",
+        "| lesion | accuracy | gain over the frozen baseline |",
+        "|---|---|---|",
+        *(
+            f"| `{r['lesion']}` | {cell(r['accuracy'])} | {cell(r['gain'])} |"
+            for r in result["lesion"]
+        ),
+    ]
+    text = "\n".join(lines) + "\n"
+    (out / "seeds.md").write_text(text)
+    print(text, end="")
+    print(f"wrote {out}/noise.png, lesion.png, seeds.json and seeds.md")
+    return result
+
+
 def _title(m: Trained) -> str:
     """What the figures show: the model and the data, never a workdir's name."""
     c = m.config
@@ -307,8 +392,10 @@ def define_flags() -> dict:
     """The CLI's flags; defined only when run as a program, so importing this module (tests,
     notebooks) never clashes with other modules' absl flags."""
     return {
-        "workdir": flags.DEFINE_string("workdir", None, "Attention workdir ('table': output)."),
-        "runs": flags.DEFINE_list("runs", [], "table: attention workdirs, one row each."),
+        "workdir": flags.DEFINE_string(
+            "workdir", None, "Attention workdir ('table', 'seeds': output)."
+        ),
+        "runs": flags.DEFINE_list("runs", [], "table, seeds: attention workdirs."),
         "sigmas": flags.DEFINE_list("sigmas", [str(s) for s in DEFAULT_SIGMAS], "noise levels."),
         "lesions": flags.DEFINE_list("lesions", [], "lesion strings (default: single sites)."),
         "images": flags.DEFINE_list("images", ["0", "1", "2", "3"], "maps: test indices."),
@@ -327,6 +414,11 @@ def run(analysis: str, f: dict) -> None:
         if not f["runs"]:
             raise UserError("table needs --runs DIR1,DIR2,... (attention workdirs)")
         table(Path(f["workdir"]), f["runs"])
+        return
+    if analysis == "seeds":
+        sigmas = _parse(f["sigmas"], float, "--sigmas must be numbers")
+        load_args = {"data_dir": f["data_dir"], "max_examples": f["max_examples"]}
+        seeds(Path(f["workdir"]), f["runs"], sigmas, f["lesions"], **load_args)
         return
     m = load(f["workdir"], f["data_dir"], f["max_examples"])
     if analysis == "noise":

@@ -23,24 +23,40 @@ def _sigma_axis(ax, sigmas):
     ax.grid(True, alpha=0.3)
 
 
-def noise(rows: list[dict], title: str):
-    """Figure 2a / 4a (accuracy against noise) and 4b (the gain)."""
-    s = [r["sigma"] for r in rows]
-    base = np.array([r["baseline_accuracy"] for r in rows]) * 100
-    att = np.array([r["attention_accuracy"] for r in rows]) * 100
+def _mean_sd(values: np.ndarray):
+    """Mean over runs (axis 0) and the sample standard deviation (None for one run)."""
+    return values.mean(0), (values.std(0, ddof=1) if len(values) > 1 else None)
+
+
+def _curve(ax, x, values: np.ndarray, color: str, label: str) -> None:
+    """One curve: the run's values, or the mean over runs with its sd and each run faintly."""
+    mean, sd = _mean_sd(values)
+    if sd is None:
+        ax.plot(x, mean, "o-", color=color, label=label)
+        return
+    for run in values:
+        ax.plot(x, run, "-", color=color, alpha=0.25, lw=0.8)
+    ax.errorbar(x, mean, yerr=sd, fmt="o-", color=color, capsize=3, label=f"{label} (mean ± sd)")
+
+
+def noise(sigmas, baseline: np.ndarray, attention: np.ndarray, title: str):
+    """Figure 2a / 4a (accuracy against noise) and 4b (the gain). ``baseline`` and
+    ``attention``: accuracies (0-1) of shape (runs, sigmas); several runs are drawn as their
+    mean with the standard deviation over runs, and each run faintly."""
+    base, att = np.asarray(baseline) * 100, np.asarray(attention) * 100
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(s, base, "o-", color=BASELINE, label="frozen baseline")
-    a.plot(s, att, "o-", color=ATTENTION, label="with GAttANet")
+    _curve(a, sigmas, base, BASELINE, "frozen baseline")
+    _curve(a, sigmas, att, ATTENTION, "with GAttANet")
     a.set_ylabel("test accuracy (%)")
     a.set_title("accuracy against input noise")
     a.legend()
-    _sigma_axis(a, s)
-    b.plot(s, att - base, "o-", color=ATTENTION, label="GAttANet − baseline")
+    _sigma_axis(a, sigmas)
+    _curve(b, sigmas, att - base, ATTENTION, "GAttANet − baseline")
     b.axhline(0, color="black", lw=0.8)
     b.set_ylabel("accuracy gain (percentage points)")
     b.set_title("gain from attention")
     b.legend()
-    _sigma_axis(b, s)
+    _sigma_axis(b, sigmas)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -75,19 +91,30 @@ def cues(rows: list[dict], baseline: float, title: str):
     return fig
 
 
-def lesion(rows: list[dict], baseline: float, title: str):
-    """Figure 4c: accuracy of the model with some sites receiving no modulation."""
-    names = [r["lesion"] for r in rows]
-    acc = np.array([r["accuracy"] for r in rows]) * 100
+def lesion(names, accuracies: np.ndarray, baseline: np.ndarray, title: str):
+    """Figure 4c: accuracy of the model with some sites receiving no modulation.
+    ``accuracies``: (runs, lesions), ``baseline``: (runs,), both 0-1; several runs are drawn as
+    mean bars with the standard deviation over runs and each run as a dot."""
+    acc, base = np.asarray(accuracies) * 100, np.asarray(baseline) * 100
+    mean, sd = _mean_sd(acc)
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names) + 2), 4))
     colors = [ATTENTION if set(n) != {"."} else BASELINE for n in names]
-    bars = ax.bar(range(len(names)), acc, color=colors)
-    ax.bar_label(bars, [f"{a:.1f}" for a in acc], fontsize=7, padding=2)
-    ax.axhline(baseline * 100, color="black", ls="--", lw=1, label="frozen baseline")
-    ax.set_xticks(range(len(names)), names, family="monospace", fontsize=9)
+    x = np.arange(len(names))
+    bars = ax.bar(x, mean, color=colors, yerr=sd, capsize=3 if sd is not None else 0)
+    if sd is None:
+        labels = [f"{m:.1f}" for m in mean]
+    else:
+        labels = [f"{m:.1f}±{e:.1f}" for m, e in zip(mean, sd, strict=True)]
+    ax.bar_label(bars, labels, fontsize=7, padding=2)
+    if sd is not None:
+        for run in acc:
+            ax.plot(x, run, ".", color="black", ms=3, alpha=0.6)
+    label = "frozen baseline" if len(base) == 1 else "frozen baselines (mean)"
+    ax.axhline(base.mean(), color="black", ls="--", lw=1, label=label)
+    ax.set_xticks(x, names, family="monospace", fontsize=9)
     ax.set_xlabel("modulated sites ('.' = no modulation at that site)")
     ax.set_ylabel("test accuracy (%)")
-    high = max(acc.max(), baseline * 100)
+    high = max(acc.max(), base.max())
     ax.set_ylim(0, min(100, high + 8))  # bars from zero; the labels carry the differences
     ax.legend(loc="lower right")  # over the bars' bodies, clear of their labels
     ax.set_title(f"lesions — {title}")
