@@ -203,3 +203,66 @@ def test_seeds_mean_and_sample_sd_over_runs(trained, cued, tmp_path, monkeypatch
     assert lesioned["gain"]["mean"] == pytest.approx(-17.0)
     assert lesioned["accuracy"]["sd"] == pytest.approx(np.std([40, 30], ddof=1))
     assert "| `.cccd` | 35.00 ± 7.07 | -17.00 ± 9.90 |" in (tmp_path / "seeds.md").read_text()
+
+
+def test_mcnemar_exact_p_values():
+    assert analyze.mcnemar_p(0, 0) == 1.0 and analyze.mcnemar_p(5, 5) == 1.0
+    assert analyze.mcnemar_p(3, 0) == pytest.approx(0.25)  # 2 * (1/2)^3
+    assert analyze.mcnemar_p(10, 20) == pytest.approx(0.09873714670539)  # 2 * P(X <= 10), n = 30
+    # n in the thousands, as on a full test set: binomial coefficients past a float's range
+    assert analyze.mcnemar_p(1500, 1400) == pytest.approx(0.065987349665, rel=1e-6)
+
+
+def test_paired_compares_runs_example_by_example(trained, cued, tmp_path):
+    runs = [str(trained), str(cued.workdir)]
+    result = analyze.paired(tmp_path / "paired", runs)
+    (first, second), (pair,) = result["against_backbone"], result["pairs"]
+    results = [json.loads((analyze.Path(r) / "results.json").read_text()) for r in runs]
+    for c, r in zip((first, second), results, strict=True):
+        assert c["accuracy_a"] == pytest.approx(r["test_accuracy"])
+        assert c["accuracy_b"] == pytest.approx(r["backbone_test_accuracy"])
+    assert (pair["a"], pair["b"]) == tuple(runs) and result["test_examples"] == 96
+    assert pair["accuracy_a"] - pair["accuracy_b"] == pytest.approx(pair["difference"])
+    assert (pair["only_a"] - pair["only_b"]) / 96 == pytest.approx(pair["difference"])
+    counts = ("both_right", "only_a", "only_b", "both_wrong")
+    assert sum(pair[k] for k in counts) == 96
+    assert pair["mcnemar_p"] == analyze.mcnemar_p(pair["only_a"], pair["only_b"])
+    saved = json.loads((tmp_path / "paired" / "paired.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert len((tmp_path / "paired" / "paired.md").read_text().splitlines()) == 4 + 3
+    with pytest.raises(UserError, match="two or more attention workdirs"):
+        analyze.paired(tmp_path, runs[:1])
+
+
+def test_paired_counts_from_known_predictions(trained, cued, tmp_path, monkeypatch):
+    runs = [str(trained), str(cued.workdir)]
+    labels = np.asarray(cued.test.labels)
+    right = {  # per run: (attention right, frozen backbone right), over the 96 test images
+        runs[0]: (np.arange(96) < 60, np.arange(96) < 50),
+        runs[1]: (np.arange(96) >= 40, np.arange(96) < 50),
+    }
+
+    def fake_outputs(m, images):
+        def logits(ok):
+            return np.eye(10)[np.where(ok, labels, (labels + 1) % 10)]
+
+        att, base = right[str(m.workdir)]
+        return logits(att), logits(base), None
+
+    monkeypatch.setattr(analyze, "outputs", fake_outputs)
+    result = analyze.paired(tmp_path, runs)
+    first, second = result["against_backbone"]
+    assert (first["only_a"], first["only_b"], first["both_right"]) == (10, 0, 50)
+    assert (second["only_a"], second["only_b"], second["both_right"]) == (46, 40, 10)
+    pair = result["pairs"][0]  # 0..59 against 40..95
+    assert (pair["both_right"], pair["only_a"], pair["only_b"], pair["both_wrong"]) == (
+        20,
+        40,
+        36,
+        0,
+    )
+    assert pair["difference"] == pytest.approx(4 / 96) and pair["mcnemar_p"] == pytest.approx(
+        analyze.mcnemar_p(40, 36)
+    )
+    diff = right[runs[0]][0].astype(float) - right[runs[1]][0].astype(float)
+    assert pair["difference_se"] == pytest.approx(diff.std(ddof=1) / np.sqrt(96))

@@ -7,6 +7,7 @@ r"""The paper's analyses of a trained GAttANet, one command each.
   python -m train.analyze cues   --workdir DIR [--cue_weights 0,0.25,0.5,0.75,1]
   python -m train.analyze table  --workdir OUT --runs DIR1,DIR2,...
   python -m train.analyze seeds  --workdir OUT --runs DIR1,DIR2,... [--sigmas ...] [--lesions ...]
+  python -m train.analyze paired --workdir OUT --runs DIR1,DIR2,...
 
 DIR is an attention-stage workdir (what ``--config.stage=attention`` wrote, or <dir>/attention of
 ``stage=both``): its config.json, best/ checkpoint and the frozen backbone it names are loaded,
@@ -14,13 +15,18 @@ and the test split is evaluated. Figures (PNG) and numbers (JSON, markdown for t
 DIR/analysis/. ``--max_examples N`` evaluates the first N test images only (default: the test
 split the workdir was evaluated on). ``seeds`` runs ``noise`` and ``lesion`` on each of several
 attention workdirs (one per seed or backbone) and draws their mean and standard deviation into
-OUT (noise.png, lesion.png, seeds.json, seeds.md).
+OUT (noise.png, lesion.png, seeds.json, seeds.md). ``paired`` compares runs on the same test
+images, example by example: each against its frozen backbone and each pair with each other
+(McNemar's exact test on the examples one gets right and the other wrong; OUT/paired.json and
+paired.md).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -38,7 +44,7 @@ from train.errors import UserError
 from train.tools import plots
 from train.tools.trained import Trained, load, read_config
 
-ANALYSES = ("noise", "lesion", "umap", "maps", "cues", "table", "seeds")
+ANALYSES = ("noise", "lesion", "umap", "maps", "cues", "table", "seeds", "paired")
 DEFAULT_CUE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # 0, then a log grid up to 0.25 (images in [0, 1]), as in Figures 2a and 4a.
 DEFAULT_SIGMAS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.25)
@@ -370,6 +376,89 @@ def seeds(out: Path, runs: list[str], sigmas=DEFAULT_SIGMAS, lesions=None, **loa
     return result
 
 
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """McNemar's exact two-sided p-value: under 'the two are equally accurate' each example that
+    exactly one of them gets right is that one's with probability 1/2."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    log_norm = math.lgamma(n + 1) - n * math.log(2.0)  # log(n! / 2^n), in logs: n is large
+    tail = sum(
+        math.exp(log_norm - math.lgamma(i + 1) - math.lgamma(n - i + 1)) for i in range(k + 1)
+    )
+    return min(1.0, 2.0 * tail)
+
+
+def compare_correct(a: np.ndarray, b: np.ndarray) -> dict:
+    """Two models' per-example correctness (booleans over the same examples), compared."""
+    n = len(a)
+    diff = a.astype(np.float64) - b.astype(np.float64)
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(b & ~a))
+    return {
+        "accuracy_a": float(a.mean()),
+        "accuracy_b": float(b.mean()),
+        "difference": float(diff.mean()),
+        "difference_se": float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+        "both_right": int(np.sum(a & b)),
+        "only_a": only_a,
+        "only_b": only_b,
+        "both_wrong": int(np.sum(~a & ~b)),
+        "mcnemar_p": mcnemar_p(only_a, only_b),
+    }
+
+
+def paired(out: Path, runs: list[str], **load_args) -> dict:
+    """Every run against its frozen backbone, and every pair of runs against each other, example
+    by example on the same test images (accuracies in [0, 1], the paired standard error of their
+    difference, McNemar's exact p)."""
+    if len(runs) < 2:
+        raise UserError("paired needs --runs with two or more attention workdirs")
+    correct, labels = {}, None
+    for run in runs:
+        m = load(run, **load_args)
+        y = np.asarray(m.test.labels)
+        if labels is not None and not np.array_equal(y, labels):
+            raise UserError(
+                f"{run} was tested on other images than {runs[0]}; paired needs one test set"
+            )
+        labels = y
+        att, base, _ = outputs(m, m.test.images)
+        correct[run] = (np.argmax(att, -1) == y, np.argmax(base, -1) == y)
+    result = {
+        "runs": list(runs),
+        "test_examples": len(labels),
+        "against_backbone": [dict(compare_correct(*correct[r]), run=r) for r in runs],
+        "pairs": [
+            dict(compare_correct(correct[a][0], correct[b][0]), a=a, b=b)
+            for a, b in itertools.combinations(runs, 2)
+        ],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "paired.json").write_text(json.dumps(result, indent=2))
+
+    def row(first, second, c):
+        return (
+            f"| {first} | {second} | {100 * c['accuracy_a']:.2f} | {100 * c['accuracy_b']:.2f} | "
+            f"{100 * c['difference']:+.2f} ± {100 * c['difference_se']:.2f} | {c['only_a']} | "
+            f"{c['only_b']} | {c['mcnemar_p']:.3g} |"
+        )
+
+    lines = [
+        f"{len(labels)} test images; difference ± its paired standard error, in points; 'only a': "
+        "images a gets right and b wrong.",
+        "",
+        "| a | b | accuracy a | accuracy b | a - b | only a | only b | McNemar p |",
+        "|---|---|---|---|---|---|---|---|",
+        *(row(c["run"], "its frozen backbone", c) for c in result["against_backbone"]),
+        *(row(c["a"], c["b"], c) for c in result["pairs"]),
+    ]
+    text = "\n".join(lines) + "\n"
+    (out / "paired.md").write_text(text)
+    print(text, end="")
+    print(f"wrote {out}/paired.json and paired.md")
+    return result
+
+
 def _title(m: Trained) -> str:
     """What the figures show: the model and the data, never a workdir's name."""
     c = m.config
@@ -393,9 +482,9 @@ def define_flags() -> dict:
     notebooks) never clashes with other modules' absl flags."""
     return {
         "workdir": flags.DEFINE_string(
-            "workdir", None, "Attention workdir ('table', 'seeds': output)."
+            "workdir", None, "Attention workdir ('table', 'seeds', 'paired': output)."
         ),
-        "runs": flags.DEFINE_list("runs", [], "table, seeds: attention workdirs."),
+        "runs": flags.DEFINE_list("runs", [], "table, seeds, paired: attention workdirs."),
         "sigmas": flags.DEFINE_list("sigmas", [str(s) for s in DEFAULT_SIGMAS], "noise levels."),
         "lesions": flags.DEFINE_list("lesions", [], "lesion strings (default: single sites)."),
         "images": flags.DEFINE_list("images", ["0", "1", "2", "3"], "maps: test indices."),
@@ -419,6 +508,10 @@ def run(analysis: str, f: dict) -> None:
         sigmas = _parse(f["sigmas"], float, "--sigmas must be numbers")
         load_args = {"data_dir": f["data_dir"], "max_examples": f["max_examples"]}
         seeds(Path(f["workdir"]), f["runs"], sigmas, f["lesions"], **load_args)
+        return
+    if analysis == "paired":
+        load_args = {"data_dir": f["data_dir"], "max_examples": f["max_examples"]}
+        paired(Path(f["workdir"]), f["runs"], **load_args)
         return
     m = load(f["workdir"], f["data_dir"], f["max_examples"])
     if analysis == "noise":
