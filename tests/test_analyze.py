@@ -266,3 +266,33 @@ def test_paired_counts_from_known_predictions(trained, cued, tmp_path, monkeypat
     )
     diff = right[runs[0]][0].astype(float) - right[runs[1]][0].astype(float)
     assert pair["difference_se"] == pytest.approx(diff.std(ddof=1) / np.sqrt(96))
+
+
+def test_shifted_global_query_at_test_time(model):
+    import dataclasses
+
+    import jax
+
+    import gattanet_jax as gj
+
+    # strong modulation, so that whose global query an image gets changes its prediction
+    params = dict(model.variables["params"])
+    for site in model.attention.sites:
+        name = gj.attention.param_name(site.name)
+        params[name] = dict(params[name], alpha=jax.numpy.float32(20.0))
+    m = dataclasses.replace(model, variables=dict(model.variables, params=params))
+    result = analyze.shifted(m)
+    x, labels = np.asarray(m.test.images, np.float32) / 255.0, np.asarray(m.test.labels)
+
+    def acc(attention):  # all 96 test images in one batch: image 0 takes image 95's query
+        out = gj.two_pass(m.backbone, attention, m.variables, m.backbone_vars, x)
+        return np.argmax(out.logits, -1)
+
+    own, moved = acc(m.attention), acc(m.attention.clone(q_avg_source="shifted"))
+    assert result["own_accuracy"] == pytest.approx(np.mean(own == labels))
+    assert result["shifted_accuracy"] == pytest.approx(np.mean(moved == labels))
+    assert result["changed_predictions"] == pytest.approx(np.mean(own != moved))
+    assert result["changed_predictions"] > 0
+    assert json.loads((m.out / "shifted.json").read_text())["shifted_accuracy"] == pytest.approx(
+        result["shifted_accuracy"]
+    )

@@ -5,6 +5,7 @@ r"""The paper's analyses of a trained GAttANet, one command each.
   python -m train.analyze umap   --workdir DIR
   python -m train.analyze maps   --workdir DIR [--images 0,1,2]
   python -m train.analyze cues   --workdir DIR [--cue_weights 0,0.25,0.5,0.75,1]
+  python -m train.analyze shifted --workdir DIR
   python -m train.analyze table  --workdir OUT --runs DIR1,DIR2,...
   python -m train.analyze seeds  --workdir OUT --runs DIR1,DIR2,... [--sigmas ...] [--lesions ...]
   python -m train.analyze paired --workdir OUT --runs DIR1,DIR2,...
@@ -18,11 +19,13 @@ attention workdirs (one per seed or backbone) and draws their mean and standard 
 OUT (noise.png, lesion.png, seeds.json, seeds.md). ``paired`` compares runs on the same test
 images, example by example: each against its frozen backbone and each pair with each other
 (McNemar's exact test on the examples one gets right and the other wrong; OUT/paired.json and
-paired.md).
+paired.md). ``shifted`` tests a trained GAttANet with each test image's global query taken from
+the previous test image (its agreement with another image's queries), without retraining.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -44,7 +47,7 @@ from train.errors import UserError
 from train.tools import plots
 from train.tools.trained import Trained, load, read_config
 
-ANALYSES = ("noise", "lesion", "umap", "maps", "cues", "table", "seeds", "paired")
+ANALYSES = ("noise", "lesion", "umap", "maps", "cues", "table", "seeds", "paired", "shifted")
 DEFAULT_CUE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # 0, then a log grid up to 0.25 (images in [0, 1]), as in Figures 2a and 4a.
 DEFAULT_SIGMAS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.25)
@@ -459,6 +462,43 @@ def paired(out: Path, runs: list[str], **load_args) -> dict:
     return result
 
 
+def shifted(m: Trained) -> dict:
+    """Test accuracy with every image's global query replaced by the previous test image's (in
+    batches of 500, the first taking the last's): the ``shifted_q`` control applied at test time to
+    a model trained with its own. What drops is what the model draws from an image's agreement
+    with its own queries."""
+    if m.config.attention.q_avg_source != "own":
+        raise UserError(
+            f"{m.workdir} was trained with q_avg_source={m.config.attention.q_avg_source!r}; "
+            "shifted tests a model trained with each image's own global query"
+        )
+    labels = np.asarray(m.test.labels)
+    own, base, _ = outputs(m, m.test.images)
+    other = dataclasses.replace(m, attention=m.attention.clone(q_avg_source="shifted"))
+    moved, _, _ = outputs(other, m.test.images)
+    right = np.argmax(own, -1) == labels, np.argmax(moved, -1) == labels
+    result = {
+        "test_examples": len(labels),
+        "baseline_accuracy": accuracy(base, labels),
+        "own_accuracy": float(right[0].mean()),
+        "shifted_accuracy": float(right[1].mean()),
+        "changed_predictions": float(np.mean(np.argmax(own, -1) != np.argmax(moved, -1))),
+        "own_against_shifted": compare_correct(*right),
+    }
+    c = result["own_against_shifted"]
+    print(
+        f"test accuracy with each image's own global query {result['own_accuracy']:.4f}, with the "
+        f"previous image's {result['shifted_accuracy']:.4f} (frozen backbone "
+        f"{result['baseline_accuracy']:.4f}); predictions changed on "
+        f"{result['changed_predictions']:.4f} of images; own - shifted "
+        f"{100 * c['difference']:+.2f} ± {100 * c['difference_se']:.2f} points, McNemar p "
+        f"{c['mcnemar_p']:.3g}"
+    )
+    (m.out / "shifted.json").write_text(json.dumps(dict(result, workdir=str(m.workdir)), indent=2))
+    print(f"wrote {m.out / 'shifted.json'}")
+    return result
+
+
 def _title(m: Trained) -> str:
     """What the figures show: the model and the data, never a workdir's name."""
     c = m.config
@@ -524,6 +564,8 @@ def run(analysis: str, f: dict) -> None:
         maps(m, _parse(f["images"], int, "--images must be test indices"))
     elif analysis == "cues":
         cues(m, _parse(f["cue_weights"], float, "--cue_weights must be numbers"))
+    elif analysis == "shifted":
+        shifted(m)
 
 
 def _parse(values: list[str], kind, what: str) -> list:
