@@ -22,7 +22,10 @@ SHIPPED = ROOT / "pretrained" / "toy_cifar10_s0"
 DIGESTS = {  # (best step, sha256 of the checkpoint's files), as pretrained/README.md lists them
     "backbone": (250, "d85d932de8daf4ed53830c05b8bbac45567bbab21a4343d1152a520463aa78d6"),
     "gattanet": (27, "ffbc22268a1c947a324141ef786fc905a295953cc15c54d82c973f06737db135"),
+    "learned_q": (3, "1f02eb7d6ba7ad8f50295fbdd343d66cb6c158f395b7c49e98d1315e6c64924a"),
+    "shifted_q": (3, "b0ad76ed5c755a1c73d15be734b17172eacc56330005e261a9bedcb936661528"),
 }
+ATTENTION = ("gattanet", "learned_q", "shifted_q")
 
 
 def test_the_shipped_checkpoints_are_the_documented_ones():
@@ -30,8 +33,9 @@ def test_the_shipped_checkpoints_are_the_documented_ones():
     for name, (step, sha) in DIGESTS.items():
         assert checkpoints.digest(str(SHIPPED / name / "best"), step) == sha, name
         assert sha in readme, name
-    results = json.loads((SHIPPED / "gattanet" / "results.json").read_text())
-    assert results["backbone_checkpoint_sha256"] == DIGESTS["backbone"][1]
+    for name in ATTENTION:
+        results = json.loads((SHIPPED / name / "results.json").read_text())
+        assert results["backbone_checkpoint_sha256"] == DIGESTS["backbone"][1], name
     size = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
     assert size < 10 * 2**20
 
@@ -66,3 +70,27 @@ def test_every_analysis_runs_on_the_shipped_gattanet(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="trained without top-down cues"):  # the paper's model
         analyze.cues(m, (0.0, 1.0), batch=20)
     assert {p.name for p in m.out.glob("*.png")} == {f"{a}.png" for a in ANALYSES}
+
+
+def test_the_shipped_controls_load_and_compare_with_gattanet(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.chdir(ROOT)
+    runs = []
+    for name in ATTENTION:
+        shutil.copytree(SHIPPED / name, tmp_path / name)
+        runs.append(str(tmp_path / name))
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+        data = {"data_dir": str(tmp_path / "tfds"), "max_examples": 40}
+        loaded = {n: analyze.load(r, **data) for n, r in zip(ATTENTION, runs, strict=True)}
+        result = analyze.paired(tmp_path / "paired", runs, **data)
+    for name, m in loaded.items():
+        results = json.loads((SHIPPED / name / "results.json").read_text())
+        alphas = {k: float(v) for k, v in site_alphas(m.variables["params"]).items()}
+        assert alphas == pytest.approx(results["alpha"], rel=1e-6), name
+    assert loaded["learned_q"].variables["params"]["q_avg_learned"].shape == (16,)
+    assert loaded["shifted_q"].attention.q_avg_source == "shifted"
+    bases = {c["accuracy_b"] for c in result["against_backbone"]}
+    assert len(bases) == 1 and len(result["pairs"]) == 3  # one frozen backbone under all three
+    assert analyze.shifted(loaded["gattanet"])["test_examples"] == 40
+    with pytest.raises(UserError, match="trained with q_avg_source='learned'"):
+        analyze.shifted(loaded["learned_q"])
