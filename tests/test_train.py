@@ -155,6 +155,27 @@ def test_progress_lines_within_an_epoch_in_any_output(tmp_path, capsys):
     assert all("loss " in x and "steps/s" in x and "run ETA" in x for x in lines)
 
 
+def test_epoch_rate_and_eta_count_the_steps_a_resumed_epoch_ran(monkeypatch):
+    """An epoch resumed at its step 75 of 100 ran 25 steps: its steps/s and the run's ETA come
+    from those 25 steps' time, not from a whole epoch's steps in a quarter of the time."""
+    from types import SimpleNamespace
+
+    from train import run
+
+    monkeypatch.setattr(run.time, "time", lambda: 1000.0)
+    fake = SimpleNamespace(
+        epoch_times=[], steps_this_epoch=25, steps_per_epoch=100,
+        recipe=SimpleNamespace(num_epochs=12), meta={"epoch": 2},
+    )  # fmt: skip
+    rate, eta = run.Run.timing(fake, t0=995.0)  # 25 steps in 5 s: 0.2 s a step
+    assert rate == pytest.approx(5.0)
+    assert eta == "3m20s"  # 10 epochs left x 100 steps x 0.2 s
+    fake.steps_this_epoch, fake.meta["epoch"] = 100, 3  # a whole epoch next, 0.1 s a step
+    rate, eta = run.Run.timing(fake, t0=990.0)
+    assert rate == pytest.approx(10.0)
+    assert eta == "1m48s"  # 9 epochs x 100 steps x (15 s / 125 steps)
+
+
 def test_resume_equals_an_uninterrupted_run(backbone_run, tmp_path):
     _, state, results = backbone_run
     train.train_and_evaluate(tiny_config(epochs=1), str(tmp_path))

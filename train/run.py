@@ -210,6 +210,7 @@ class Run:
         self.step_log.start_epoch(self.resume_at)
         first_step, finite = self.step_count(), []
         steps_left = range(self.resume_at, self.steps_per_epoch)
+        self.steps_this_epoch = len(steps_left)  # fewer than an epoch's when resumed within it
         for i, args in zip(steps_left, self.batch_args.epoch(epoch, self.resume_at), strict=False):
             if stop.signum is not None:  # preempted: save here, exit; a rerun resumes here
                 if not self.skip:
@@ -262,10 +263,14 @@ class Run:
             self._save(self.ckpt, meta["epoch"], saved)
 
     def timing(self, t0: float) -> tuple[float, str]:
-        """Steps/s of the epoch that started at ``t0``, and the ETA of the run."""
-        self.epoch_times.append(time.time() - t0)
-        remaining = (self.recipe.num_epochs - self.meta["epoch"]) * np.mean(self.epoch_times[-5:])
-        return self.steps_per_epoch / self.epoch_times[-1], progress.duration(float(remaining))
+        """Steps/s of the epoch that started at ``t0`` (counting only the steps this process ran
+        in a resumed epoch), and the ETA of the run from the last five epochs' time per step."""
+        self.epoch_times.append((time.time() - t0, self.steps_this_epoch))
+        seconds, steps_run = np.sum(self.epoch_times[-5:], axis=0)
+        epochs_left = self.recipe.num_epochs - self.meta["epoch"]
+        remaining = epochs_left * self.steps_per_epoch * seconds / max(steps_run, 1)
+        last_s, last_steps = self.epoch_times[-1]
+        return last_steps / last_s, progress.duration(float(remaining))
 
     def end_epoch(self, sums: dict, skipped, t0: float):
         """Validation, the best checkpoint, early stopping, the periodic checkpoint, the log."""
