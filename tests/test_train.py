@@ -133,15 +133,19 @@ def assert_matches_the_best_checkpoint(workdir, results):
     assert results["test_loss"] == pytest.approx(loss, rel=1e-5)
 
 
-def test_early_stopping_stops_the_run(tmp_path):
+def test_early_stopping_stops_the_run(tmp_path, capsys):
     """Learning rate ~0: validation accuracy never beats epoch 1's, so patience 2 stops the run
-    after epoch 3 of 50 and says so."""
+    after epoch 3 of 50 and says so, and each epoch's line says when it would."""
     config = tiny_config(epochs=50)
     config.backbone_training.patience = 2
     config.backbone_training.learning_rate = 1e-12
     _, results = train.train_and_evaluate(config, str(tmp_path))
     assert results["epochs"] == 3 and results["early_stopped"] is True
     assert results["best_epoch"] == 1 and results["steps"] == 3 * 4
+    lines = [x for x in capsys.readouterr().out.splitlines() if "val_acc" in x]
+    assert len(lines) == 3
+    assert all("early stop at epoch 3 (" in x for x in lines[:2])
+    assert "early stop at" not in lines[2]  # it stops there
 
 
 def test_progress_lines_within_an_epoch_in_any_output(tmp_path, capsys):

@@ -267,10 +267,10 @@ class Run:
         in a resumed epoch), and the ETA of the run from the last five epochs' time per step."""
         self.epoch_times.append((time.time() - t0, self.steps_this_epoch))
         seconds, steps_run = np.sum(self.epoch_times[-5:], axis=0)
+        self.epoch_seconds = self.steps_per_epoch * seconds / max(steps_run, 1)
         epochs_left = self.recipe.num_epochs - self.meta["epoch"]
-        remaining = epochs_left * self.steps_per_epoch * seconds / max(steps_run, 1)
         last_s, last_steps = self.epoch_times[-1]
-        return last_steps / last_s, progress.duration(float(remaining))
+        return last_steps / last_s, progress.duration(float(epochs_left * self.epoch_seconds))
 
     def end_epoch(self, sums: dict, skipped, t0: float):
         """Validation, the best checkpoint, early stopping, the periodic checkpoint, the log."""
@@ -296,6 +296,7 @@ class Run:
             f"[{self.label}] epoch {meta['epoch']}/{self.recipe.num_epochs} "
             f"loss {means['loss']:.4f} acc {means['accuracy']:.4f} val_acc {val['accuracy']:.4f}"
             f"{' *' if improved else ''} | {rate:.1f} steps/s, ETA {eta} (at most)"
+            + self._early_stop_eta()
             + (f" | skipped {int(skipped)} non-finite updates" if skipped else ""),
             flush=True,
         )
@@ -309,6 +310,15 @@ class Run:
                 "steps_per_s": rate,
             },
         )
+
+    def _early_stop_eta(self) -> str:
+        """When early stopping comes before the last epoch if validation does not improve."""
+        meta, patience = self.meta, self.recipe.patience
+        stop_at = meta["epoch"] + patience - meta["bad_epochs"]
+        if meta["done"] or stop_at >= self.recipe.num_epochs:
+            return ""
+        eta = progress.duration((stop_at - meta["epoch"]) * self.epoch_seconds)
+        return f", early stop at epoch {stop_at} ({eta}) unless val_acc improves"
 
     def wall_time(self) -> float:
         """Training time of every process that trained this workdir, up to now (a rerun of a
