@@ -1,6 +1,9 @@
 """train.compare: every system on every frozen backbone, one table."""
 
+import fcntl
 import json
+import threading
+import time
 
 import pytest
 
@@ -35,6 +38,35 @@ def test_a_system_on_two_backbones_makes_one_table(tmp_path):
     # a rerun reads the finished runs back
     again = compare.compare(str(tmp_path / "cmp"), backbones, ["se"], "smoke", configure=small)
     assert json.dumps(again, default=str) == json.dumps(out, default=str)
+
+
+def test_a_run_another_process_holds_is_left_to_it_and_waited_for(tmp_path):
+    """Two compare processes on one workdir: a run claimed by the other (its lock held here) is
+    not trained twice: this one trains the rest first, then waits for the lock; the holder
+    gone without results, it trains the run itself."""
+    train.train_and_evaluate(tiny_config(epochs=1), str(tmp_path / "b0"))
+    backbones, cmp = [str(tmp_path / "b0")] * 2, tmp_path / "cmp"
+    (cmp / "se" / "0").mkdir(parents=True)
+    worker = threading.Thread(
+        target=lambda: box.update(out=compare.compare(str(cmp), backbones, ["se"], "smoke",
+                                                      configure=small))
+    )  # fmt: skip
+    box = {}
+    with open(cmp / "se" / "0" / compare.LOCK, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        worker.start()
+        deadline = time.time() + 120
+        while not (cmp / "se" / "1" / "results.json").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        assert (cmp / "se" / "1" / "results.json").exists()
+        assert not (cmp / "se" / "0" / "results.json").exists()  # left to the lock's holder
+        assert worker.is_alive()  # waiting for it
+    # the holder gone (its file closed), the worker claims the run
+    worker.join(timeout=300)
+    runs = box["out"]["systems"]["se"]
+    assert len(runs) == 2 and runs[0]["steps"] == runs[1]["steps"]
+    assert json.loads((cmp / "se" / "0" / "results.json").read_text())["steps"] == runs[0]["steps"]
 
 
 def test_the_comparison_budgets_are_within_ten_percent_of_gattanet():

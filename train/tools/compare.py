@@ -9,11 +9,14 @@ configs/compare_toy_cifar10.py, trains the system on that frozen backbone into
 ``<workdir>/<system>/<backbone index>`` (seed = the backbone's index; a run finished with the
 same config is read back, an interrupted one resumes), then writes ``compare.md`` (mean and
 standard deviation over the backbones, the gain over each frozen backbone) and
-``compare.json``.
+``compare.json``. Several processes may run the same command on one workdir at once: each run is
+trained by one of them, and each writes the whole table.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import sys
@@ -23,6 +26,8 @@ from absl import app, flags, logging
 
 from train import defaults
 from train.errors import UserError
+
+LOCK = ".compare.lock"
 
 
 def define_flags() -> dict:
@@ -76,24 +81,58 @@ def _finished(run_dir: str, config) -> dict | None:
         return None
 
 
+@contextlib.contextmanager
+def _claim(run_dir: str, wait: bool):
+    """Holds ``<run_dir>/.compare.lock`` (an flock: the system drops it when its process ends,
+    even by kill -9); yields False, without waiting, when another process holds it."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, LOCK), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def compare(workdir: str, backbones, systems, arg: str = "", configure=None, **overrides) -> dict:
     """Trains what is missing and returns {'systems': {name: [results per backbone]}}.
-    ``configure``: a function applied to every run's config last (e.g. a smaller model)."""
+    ``configure``: a function applied to every run's config last (e.g. a smaller model).
+
+    Several processes may run the same comparison in one workdir (two side by side train
+    faster than one on a CPU whose cores one run does not fill): each run is claimed by one
+    process; the others train the rest and then wait for it and read it back."""
     from train import train
 
-    out = {"backbones": list(backbones), "systems": {}}
+    runs = {}
     for system in systems:
-        out["systems"][system] = []
         for i, backbone in enumerate(backbones):
             config = run_config(system, backbone, i, arg, **overrides)
             if configure is not None:
                 configure(config)
-            run_dir = os.path.join(workdir, system, str(i))
-            results = _finished(run_dir, config)
-            if results is None:
-                print(f"[compare] {system} on backbone {i} ({backbone}) -> {run_dir}", flush=True)
+            runs[system, i] = (config, os.path.join(workdir, system, str(i)), backbone)
+
+    def train_or_read(key, wait: bool):
+        config, run_dir, backbone = runs[key]
+        with _claim(run_dir, wait) as claimed:
+            results = _finished(run_dir, config) if claimed else None
+            if claimed and results is None:
+                print(f"[compare] {key[0]} on backbone {key[1]} ({backbone}) -> {run_dir}",
+                      flush=True)  # fmt: skip
                 _, results = train.train_and_evaluate(config, run_dir)
-            out["systems"][system].append(results)
+            return results
+
+    results = {key: train_or_read(key, wait=False) for key in runs}
+    for key in [k for k, r in results.items() if r is None]:
+        print(f"[compare] {key[0]} on backbone {key[1]}: another process is training it; "
+              "waiting for it", flush=True)  # fmt: skip
+        results[key] = train_or_read(key, wait=True)
+    out = {"backbones": list(backbones), "systems": {}}
+    for (system, _), r in results.items():
+        out["systems"].setdefault(system, []).append(r)
     return out
 
 
