@@ -173,7 +173,7 @@ def test_seeds_draws_the_mean_and_sd_of_several_runs(trained, cued, tmp_path):
         assert (tmp_path / "seeds" / name).stat().st_size > 10_000
     text = (tmp_path / "seeds" / "seeds.md").read_text()
     assert "| 0.1 |" in text and "| `.....` |" in text
-    with pytest.raises(UserError, match="two or more attention workdirs"):
+    with pytest.raises(UserError, match="two or more attention or add-on workdirs"):
         analyze.seeds(tmp_path, runs[:1])
 
 
@@ -230,8 +230,35 @@ def test_paired_compares_runs_example_by_example(trained, cued, tmp_path):
     saved = json.loads((tmp_path / "paired" / "paired.json").read_text())
     assert saved == json.loads(json.dumps(result))
     assert len((tmp_path / "paired" / "paired.md").read_text().splitlines()) == 4 + 3
-    with pytest.raises(UserError, match="two or more attention workdirs"):
+    with pytest.raises(UserError, match="two or more attention or add-on workdirs"):
         analyze.paired(tmp_path, runs[:1])
+
+
+def test_paired_takes_an_addon_of_train_compare(trained, tmp_path):
+    """An SE add-on on the same frozen backbone: its test logits and its backbone's, read back
+    from its best checkpoint, give the accuracy and loss its training measured."""
+    import optax
+
+    from train.tools import compare
+    from train.tools import trained as trained_tools
+
+    config = compare.run_config("se", str(trained.parent / "backbone"), 0, "smoke")
+    tiny = tiny_config("attention", epochs=1)
+    config.dataset, config.model, config.eval_batch_size = tiny.dataset, tiny.model, 50
+    config.dataset.max_test_examples = 96
+    config.attention_training.update(batch_size=32, num_epochs=1, learning_rate=0.05)
+    _, results = train.train_and_evaluate(config, str(tmp_path / "se"))
+    labels, logits, base = trained_tools.addon_logits(str(tmp_path / "se"))
+    loss = optax.softmax_cross_entropy_with_integer_labels
+    assert float(np.mean(loss(logits, labels))) == pytest.approx(results["test_loss"], rel=1e-5)
+    assert float(np.mean(loss(base, labels))) == pytest.approx(
+        results["backbone_test_loss"], rel=1e-5
+    )
+    result = analyze.paired(tmp_path / "p", [str(trained), str(tmp_path / "se")])
+    se = result["against_backbone"][1]
+    assert se["accuracy_a"] == pytest.approx(results["test_accuracy"])
+    assert se["accuracy_b"] == pytest.approx(results["backbone_test_accuracy"])
+    assert result["pairs"][0]["accuracy_b"] == se["accuracy_a"]
 
 
 def test_paired_counts_from_known_predictions(trained, cued, tmp_path, monkeypatch):

@@ -19,8 +19,9 @@ attention workdirs (one per seed or backbone) and draws their mean and standard 
 OUT (noise.png, lesion.png, seeds.json, seeds.md). ``paired`` compares runs on the same test
 images, example by example: each against its frozen backbone and each pair with each other
 (McNemar's exact test on the examples one gets right and the other wrong; OUT/paired.json and
-paired.md). ``shifted`` tests a trained GAttANet with each test image's global query taken from
-the previous test image (its agreement with another image's queries), without retraining.
+paired.md; a run may also be a GALA, SE or GSA add-on of ``train.compare``). ``shifted`` tests a
+trained GAttANet with each test image's global query taken from the previous test image (its
+agreement with another image's queries), without retraining.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from gattanet_jax.sites import lesion_mask, lesion_string
 from train.data.augment import to_float
 from train.errors import UserError
 from train.tools import plots
-from train.tools.trained import Trained, load, read_config
+from train.tools.trained import Trained, addon_logits, load, read_config
 
 ANALYSES = ("noise", "lesion", "umap", "maps", "cues", "table", "seeds", "paired", "shifted")
 DEFAULT_CUE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -415,17 +416,20 @@ def paired(out: Path, runs: list[str], **load_args) -> dict:
     by example on the same test images (accuracies in [0, 1], the paired standard error of their
     difference, McNemar's exact p)."""
     if len(runs) < 2:
-        raise UserError("paired needs --runs with two or more attention workdirs")
+        raise UserError("paired needs --runs with two or more attention or add-on workdirs")
     correct, labels = {}, None
     for run in runs:
-        m = load(run, **load_args)
-        y = np.asarray(m.test.labels)
+        if read_config(Path(run)).stage == "addon":  # GALA, SE or GSA from train.compare
+            y, att, base = addon_logits(run, **load_args)
+        else:
+            m = load(run, **load_args)
+            y = np.asarray(m.test.labels)
+            att, base, _ = outputs(m, m.test.images)
         if labels is not None and not np.array_equal(y, labels):
             raise UserError(
                 f"{run} was tested on other images than {runs[0]}; paired needs one test set"
             )
         labels = y
-        att, base, _ = outputs(m, m.test.images)
         correct[run] = (np.argmax(att, -1) == y, np.argmax(base, -1) == y)
     result = {
         "runs": list(runs),

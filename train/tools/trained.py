@@ -9,9 +9,11 @@ from pathlib import Path
 
 import jax
 import ml_collections
+import numpy as np
 
 from train import checkpoints, defaults, models
 from train.data import input_pipeline
+from train.data.augment import to_float
 from train.errors import UserError
 
 
@@ -90,3 +92,42 @@ def load(workdir: str, data_dir: str = "", max_examples: int = 0) -> Trained:
         results,
         baseline_vars,
     )
+
+
+def addon_logits(workdir: str, data_dir: str = "", max_examples: int = 0, batch: int = 500):
+    """(test labels, logits, the frozen backbone's logits) of a comparison system's workdir (GALA,
+    SE or GSA added to a frozen backbone: what ``train.compare`` trains), from its best
+    checkpoint, with the loading of training."""
+    from train import steps
+    from train.addon_tasks import addon_task
+
+    path = Path(workdir)
+    config = read_config(path)
+    if config.stage != "addon" or config.addon.from_scratch or config.dataset.pipeline != "memory":
+        raise UserError(
+            f"{path} is not an add-on to a frozen backbone with an in-memory test split "
+            f"(stage {config.stage!r}); expected a workdir of train.compare"
+        )
+    if data_dir:
+        config.dataset.data_dir = data_dir
+    if max_examples:
+        config.dataset.max_test_examples = max_examples
+    backbone = models.build_backbone(config)
+    task = addon_task(config, backbone, jax.random.key(0))
+    abstract = jax.eval_shape(lambda: steps.variables({"params": task.params, "extra": task.extra}))
+    directory, step = checkpoints.find_model_checkpoint(str(path))
+    mngr = checkpoints.manager(directory, keep=1, create=False)
+    variables = checkpoints.restore(mngr, step, {"variables": abstract}, "add-on checkpoint")
+    test = input_pipeline.load(config, models.image_shape(config)).test
+
+    @jax.jit
+    def both(variables, frozen, images):
+        x = to_float(images)
+        return task.logits_fn(variables, frozen, x), task.baseline_logits_fn(None, frozen, x)
+
+    pieces = [
+        both(variables["variables"], task.frozen, test.images[i : i + batch])
+        for i in range(0, len(test), batch)
+    ]
+    logits, base = (np.concatenate([np.asarray(p[k]) for p in pieces]) for k in (0, 1))
+    return np.asarray(test.labels), logits, base
