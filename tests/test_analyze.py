@@ -173,7 +173,7 @@ def test_seeds_draws_the_mean_and_sd_of_several_runs(trained, cued, tmp_path):
         assert (tmp_path / "seeds" / name).stat().st_size > 10_000
     text = (tmp_path / "seeds" / "seeds.md").read_text()
     assert "| 0.1 |" in text and "| `.....` |" in text
-    with pytest.raises(UserError, match="two or more attention or add-on workdirs"):
+    with pytest.raises(UserError, match="two or more attention workdirs"):
         analyze.seeds(tmp_path, runs[:1])
 
 

@@ -46,28 +46,40 @@ def read_config(workdir: Path) -> ml_collections.ConfigDict:
     return defaults.complete(json.loads(path.read_text()))
 
 
-def load(workdir: str, data_dir: str = "", max_examples: int = 0) -> Trained:
+def _analysis_config(path: Path, data_dir: str, max_examples: int) -> ml_collections.ConfigDict:
+    """The workdir's config, reading its test split from ``data_dir`` (if given), its first
+    ``max_examples`` images only (if given)."""
+    config = read_config(path)
+    if data_dir:
+        config.dataset.data_dir = data_dir
+    if max_examples:
+        config.dataset.max_test_examples = max_examples
+    return config
+
+
+def _best_variables(path: Path, task, what: str) -> dict:
+    """The variables of the workdir's best checkpoint, restored into the shapes of ``task``."""
     from train import steps
+
+    abstract = jax.eval_shape(lambda: steps.variables({"params": task.params, "extra": task.extra}))
+    directory, step = checkpoints.find_model_checkpoint(str(path))
+    mngr = checkpoints.manager(directory, keep=1, create=False)
+    return checkpoints.restore(mngr, step, {"variables": abstract}, what)["variables"]
+
+
+def load(workdir: str, data_dir: str = "", max_examples: int = 0) -> Trained:
     from train.tasks import attention_task, split_finetuned  # the same loading as training
 
     path = Path(workdir)
-    config = read_config(path)
+    config = _analysis_config(path, data_dir, max_examples)
     if config.stage != "attention":
         raise UserError(
             f"{path} holds a {config.stage!r} stage; analyses need an attention workdir "
             "(for stage=both, pass <workdir>/attention)"
         )
-    if data_dir:
-        config.dataset.data_dir = data_dir
-    if max_examples:
-        config.dataset.max_test_examples = max_examples
     backbone = models.build_backbone(config)
     task = attention_task(config, backbone, jax.random.key(0))
-    abstract = jax.eval_shape(lambda: steps.variables({"params": task.params, "extra": task.extra}))
-    directory, step = checkpoints.find_model_checkpoint(str(path))
-    mngr = checkpoints.manager(directory, keep=1, create=False)
-    restored = checkpoints.restore(mngr, step, {"variables": abstract}, "attention checkpoint")
-    variables = restored["variables"]
+    variables = _best_variables(path, task, "attention checkpoint")
     baseline_vars = backbone_vars = task.frozen["backbone"]
     if config.attention_training.finetune_backbone:
         variables, backbone_vars = split_finetuned(variables, task.frozen)
@@ -98,26 +110,18 @@ def addon_logits(workdir: str, data_dir: str = "", max_examples: int = 0, batch:
     """(test labels, logits, the frozen backbone's logits) of a comparison system's workdir (GALA,
     SE or GSA added to a frozen backbone: what ``train.compare`` trains), from its best
     checkpoint, with the loading of training."""
-    from train import steps
     from train.addon_tasks import addon_task
 
     path = Path(workdir)
-    config = read_config(path)
+    config = _analysis_config(path, data_dir, max_examples)
     if config.stage != "addon" or config.addon.from_scratch or config.dataset.pipeline != "memory":
         raise UserError(
             f"{path} is not an add-on to a frozen backbone with an in-memory test split "
             f"(stage {config.stage!r}); expected a workdir of train.compare"
         )
-    if data_dir:
-        config.dataset.data_dir = data_dir
-    if max_examples:
-        config.dataset.max_test_examples = max_examples
     backbone = models.build_backbone(config)
     task = addon_task(config, backbone, jax.random.key(0))
-    abstract = jax.eval_shape(lambda: steps.variables({"params": task.params, "extra": task.extra}))
-    directory, step = checkpoints.find_model_checkpoint(str(path))
-    mngr = checkpoints.manager(directory, keep=1, create=False)
-    variables = checkpoints.restore(mngr, step, {"variables": abstract}, "add-on checkpoint")
+    variables = _best_variables(path, task, "add-on checkpoint")
     test = input_pipeline.load(config, models.image_shape(config)).test
 
     @jax.jit
@@ -126,8 +130,7 @@ def addon_logits(workdir: str, data_dir: str = "", max_examples: int = 0, batch:
         return task.logits_fn(variables, frozen, x), task.baseline_logits_fn(None, frozen, x)
 
     pieces = [
-        both(variables["variables"], task.frozen, test.images[i : i + batch])
-        for i in range(0, len(test), batch)
+        both(variables, task.frozen, test.images[i : i + batch]) for i in range(0, len(test), batch)
     ]
     logits, base = (np.concatenate([np.asarray(p[k]) for p in pieces]) for k in (0, 1))
     return np.asarray(test.labels), logits, base
