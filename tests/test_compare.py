@@ -23,7 +23,7 @@ def small(config):
     config.eval_batch_size = 64
 
 
-def test_a_system_on_two_backbones_makes_one_table(tmp_path):
+def test_a_system_on_two_backbones_makes_one_table(tmp_path, capsys):
     train.train_and_evaluate(tiny_config(epochs=1), str(tmp_path / "b0"))
     backbones = [str(tmp_path / "b0")] * 2  # the same backbone twice: run seeds 0 and 1
     out = compare.compare(str(tmp_path / "cmp"), backbones, ["se"], "smoke", configure=small)
@@ -35,9 +35,11 @@ def test_a_system_on_two_backbones_makes_one_table(tmp_path):
     assert set(rows) == {"frozen backbone", "se"}
     assert f"{100 * runs['se'][1]['test_accuracy']:.2f}" in rows["se"]
     assert "±" in rows["se"]
-    # a rerun reads the finished runs back
+    # a rerun reads the finished runs back, and says so
+    capsys.readouterr()
     again = compare.compare(str(tmp_path / "cmp"), backbones, ["se"], "smoke", configure=small)
     assert json.dumps(again, default=str) == json.dumps(out, default=str)
+    assert "[compare] 2 of 2 runs finished in" in capsys.readouterr().out
 
 
 def test_a_run_another_process_holds_is_left_to_it_and_waited_for(tmp_path):

@@ -115,6 +115,9 @@ def compare(workdir: str, backbones, systems, arg: str = "", configure=None, **o
                 configure(config)
             runs[system, i] = (config, os.path.join(workdir, system, str(i)), backbone)
 
+    done = sum(_finished(run_dir, config) is not None for config, run_dir, _ in runs.values())
+    print(f"[compare] {done} of {len(runs)} runs finished in {workdir}", flush=True)
+
     def train_or_read(key, wait: bool):
         config, run_dir, backbone = runs[key]
         with _claim(run_dir, wait) as claimed:
