@@ -1,6 +1,7 @@
 """train_and_evaluate end to end: both stages, resume, and clear errors for bad input."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -13,6 +14,8 @@ from configs import toy_cifar10
 from gattanet_jax import count_params
 from train import checkpoints, train
 from train.errors import UserError
+
+COMMIT = r"[0-9a-f]{40}(\+changes)?"  # a checkout's commit, marked if its files differ
 
 
 def tiny_config(stage="backbone", epochs=2, **dataset):
@@ -57,7 +60,12 @@ def test_backbone_stage_writes_results_and_checkpoints(backbone_run):
     env = saved["environment"]  # what produced the result
     assert env["jax"] == jax.__version__ and env["device_count"] == jax.device_count()
     assert env["device_kind"] and env["flax"] and env["optax"]
-    assert env["git_commit"] is None or len(env["git_commit"]) == 40
+    assert env["git_commit"] is None or re.fullmatch(COMMIT, env["git_commit"])
+    # the one process that trained it: its code, start and steps
+    (process,) = saved["processes"]
+    assert process["from_step"] == 0 and process["to_step"] == 8
+    assert 0 < process["wall_time_s"] <= saved["wall_time_s"]
+    assert process["git_commit"] == env["git_commit"] and process["started"].endswith("Z")
     # test accuracy and loss are the best checkpoint's, recomputed here from the test split
     assert_matches_the_best_checkpoint(workdir, results)
     assert (workdir / "best").is_dir() and (workdir / "checkpoints" / "2").is_dir()
@@ -68,13 +76,15 @@ def test_rerunning_a_finished_run_keeps_its_results_and_training_time(backbone_r
     import shutil
 
     workdir, _, results = backbone_run
-    saved = json.loads((workdir / "elapsed.json").read_text())["wall_time_s"]
-    assert saved == results["wall_time_s"] > 0
+    elapsed = json.loads((workdir / "elapsed.json").read_text())
+    saved = elapsed["wall_time_s"]
+    assert saved == results["wall_time_s"] > 0 and elapsed["processes"] == results["processes"]
     copy = tmp_path / "copy"
     shutil.copytree(workdir, copy)
     time.sleep(1.0)
     _, again = train.train_and_evaluate(tiny_config(), str(copy))
-    assert again["wall_time_s"] == saved  # nothing trained: no time added
+    assert again["wall_time_s"] == saved  # nothing trained: no time added, no process
+    assert again["processes"] == results["processes"]
     for key in ("test_accuracy", "test_loss", "best_epoch", "steps"):
         assert again[key] == results[key], key
 
@@ -187,6 +197,30 @@ def test_resume_equals_an_uninterrupted_run(backbone_run, tmp_path):
     assert_trees_equal(resumed_state["state"]["params"], state["state"]["params"])
     assert resumed["test_accuracy"] == results["test_accuracy"]
     assert resumed["steps"] == results["steps"]
+    # each process's code and steps, and the time of both
+    assert [(p["from_step"], p["to_step"]) for p in resumed["processes"]] == [(0, 4), (4, 8)]
+    assert resumed["wall_time_s"] == pytest.approx(
+        sum(p["wall_time_s"] for p in resumed["processes"]), abs=0.2
+    )
+
+
+def test_the_recorded_commit_says_when_tracked_files_differ_from_it(tmp_path):
+    from train import progress
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    assert progress.git_commit(tmp_path) is None  # not a checkout
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("a = 1\n")
+    git("add", "code.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "code")
+    clean = progress.git_commit(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{40}", clean)
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert progress.git_commit(tmp_path) == clean
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert progress.git_commit(tmp_path) == clean + "+changes"
 
 
 def test_attention_stage_trains_only_the_attention_tree(backbone_run, tmp_path):

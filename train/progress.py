@@ -31,13 +31,6 @@ def environment() -> dict:
     import jaxlib
     import optax
 
-    try:
-        root = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
     device = jax.devices()[0]
     return {
         "jax": jax.__version__,
@@ -49,8 +42,25 @@ def environment() -> dict:
         "platform": device.platform,
         "device_count": jax.device_count(),
         "process_count": jax.process_count(),
-        "git_commit": commit or None,
+        "git_commit": git_commit(),
     }
+
+
+def git_commit(root: Path | None = None) -> str | None:
+    """The commit of the checkout (this code's, by default), with ``+changes`` when tracked
+    files differ from it (None outside a git checkout)."""
+    root = root or Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        changed = commit and git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("+changes" if changed else "")) or None
 
 
 def write_text(path: Path, text: str) -> None:

@@ -23,7 +23,9 @@ from train.data import input_pipeline
 from train.errors import UserError
 from train.tasks import attention_task, backbone_task, evaluate
 
-ELAPSED = "elapsed.json"  # training time of the processes before this one, at their last save
+ELAPSED = (
+    "elapsed.json"  # training time and code of the processes before this one, at their last save
+)
 
 
 class Run:
@@ -167,7 +169,14 @@ class Run:
                     f"[{self.label}] removed {best.directory}/{ahead}: written after the last "
                     "complete checkpoint"
                 )
-        self.elapsed_before = _read_elapsed(path) if self.step_count() else 0.0
+        self.elapsed_before, self.processes_before = (
+            _read_elapsed(path) if self.step_count() else (0.0, [])
+        )
+        self.process = {
+            "git_commit": progress.git_commit(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.start_time)),
+            "from_step": self.step_count(),
+        }
 
     def _restore(self, manager, what: str, within_epoch: bool = False) -> dict:
         target = {"state": self.state, "meta": self.meta_arrays(self.meta)}
@@ -181,8 +190,22 @@ class Run:
         """A checkpoint, and the training time up to it (``results.json``'s ``wall_time_s``
         counts every process that trained this workdir, up to its last save)."""
         checkpoints.save(manager, step, tree)
-        elapsed = self.elapsed_before + time.time() - self.start_time
-        progress.write_text(self.path / ELAPSED, json.dumps({"wall_time_s": round(elapsed, 1)}))
+        self._write_elapsed(trained=True)
+
+    def _write_elapsed(self, trained: bool) -> dict:
+        """``elapsed.json``: the training time of every process that trained this workdir, and
+        each one's code (``processes``: its git commit, start and steps); this process counts
+        if it trained."""
+        elapsed, processes = self.elapsed_before, list(self.processes_before)
+        if trained:
+            now = time.time() - self.start_time
+            elapsed += now
+            processes.append(
+                self.process | {"to_step": self.step_count(), "wall_time_s": round(now, 1)}
+            )
+        record = {"wall_time_s": round(elapsed, 1), "processes": processes}
+        progress.write_text(self.path / ELAPSED, json.dumps(record, indent=1))
+        return record
 
     def prepare(self):
         """The alpha-zero guard, config.json, the compiled step, the batches and the logs."""
@@ -320,15 +343,10 @@ class Run:
         eta = progress.duration((stop_at - meta["epoch"]) * self.epoch_seconds)
         return f", early stop at epoch {stop_at} ({eta}) unless val_acc improves"
 
-    def wall_time(self) -> float:
-        """Training time of every process that trained this workdir, up to now (a rerun of a
-        finished run adds nothing); recorded for the next rerun."""
-        elapsed = self.elapsed_before
-        if self.epoch_times or self.step_count() == 0:
-            elapsed += time.time() - self.start_time
-        elapsed = round(elapsed, 1)
-        progress.write_text(self.path / ELAPSED, json.dumps({"wall_time_s": elapsed}))
-        return elapsed
+    def wall_time(self) -> dict:
+        """Training time of every process that trained this workdir, up to now, and each one's
+        code (a rerun of a finished run adds nothing); recorded for the next rerun."""
+        return self._write_elapsed(trained=bool(self.epoch_times) or self.step_count() == 0)
 
     def finish(self) -> tuple[dict, dict]:
         """Evaluates the best variables on the test split and writes results.json."""
@@ -353,7 +371,7 @@ class Run:
             "early_stopped": bool(meta["done"]),
             "trainable_params": count_params(params),
             "frozen_params": count_params(task.frozen),
-            "wall_time_s": self.wall_time(),
+            **self.wall_time(),
             "environment": progress.environment(),
         }
         if task.baseline_logits_fn is not None:
@@ -380,15 +398,18 @@ def _baseline_results(config, task, variables, test_split) -> dict:
     return results
 
 
-def _read_elapsed(path) -> float:
-    """The training time recorded in the workdir: its ``elapsed.json``, else (a workdir from
-    before that file) its ``results.json``'s, else 0."""
+def _read_elapsed(path) -> tuple[float, list]:
+    """The training time and the processes recorded in the workdir: its ``elapsed.json``, else
+    (a workdir from before that file) its ``results.json``'s, else 0 and none (a workdir from
+    before the process records has a time and no processes)."""
     for name in (ELAPSED, "results.json"):
         try:
-            return float(json.loads((path / name).read_text())["wall_time_s"])
-        except (OSError, ValueError, KeyError, TypeError):
+            record = json.loads((path / name).read_text())
+            processes = record.get("processes", [])
+            return float(record["wall_time_s"]), processes if isinstance(processes, list) else []
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-    return 0.0
+    return 0.0, []
 
 
 def _epoch_arrays(epoch_state: dict) -> dict:

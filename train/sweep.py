@@ -269,7 +269,7 @@ class SweepRun(Run):
             "steps_per_member": self.step_count(),
             "backbone_checkpoint": where if step is None else f"{where}/{step}",
             "backbone_checkpoint_sha256": sha,
-            "wall_time_s": self.wall_time(),
+            **self.wall_time(),
             "environment": progress.environment(),
         }
         progress.write_text(self.path / "results.json", json.dumps(results, indent=2))
