@@ -187,7 +187,14 @@ def test_epoch_rate_and_eta_count_the_steps_a_resumed_epoch_ran(monkeypatch):
     fake.steps_this_epoch, fake.meta["epoch"] = 100, 3  # a whole epoch next, 0.1 s a step
     rate, eta = run.Run.timing(fake, t0=990.0)
     assert rate == pytest.approx(10.0)
-    assert eta == "1m48s"  # 9 epochs x 100 steps x (15 s / 125 steps)
+    assert eta == "2m15s"  # 9 epochs x 100 steps x the median of 0.2 and 0.1 s a step
+    for epoch in (4, 5, 6):  # 0.1 s a step, then an epoch during which the process was paused
+        fake.meta["epoch"] = epoch
+        run.Run.timing(fake, t0=990.0)
+    fake.meta["epoch"] = 7
+    rate, eta = run.Run.timing(fake, t0=0.0)
+    assert rate == pytest.approx(0.1)
+    assert eta == "0m50s"  # 5 epochs x 100 steps x 0.1 s, the median of the last five epochs
 
 
 def test_resume_equals_an_uninterrupted_run(backbone_run, tmp_path):

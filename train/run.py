@@ -287,10 +287,11 @@ class Run:
 
     def timing(self, t0: float) -> tuple[float, str]:
         """Steps/s of the epoch that started at ``t0`` (counting only the steps this process ran
-        in a resumed epoch), and the ETA of the run from the last five epochs' time per step."""
+        in a resumed epoch), and the ETA of the run from the median time per step of the last
+        five epochs (an epoch slowed by a pause of the process or a busy machine moves it less)."""
         self.epoch_times.append((time.time() - t0, self.steps_this_epoch))
-        seconds, steps_run = np.sum(self.epoch_times[-5:], axis=0)
-        self.epoch_seconds = self.steps_per_epoch * seconds / max(steps_run, 1)
+        per_step = [seconds / max(steps_run, 1) for seconds, steps_run in self.epoch_times[-5:]]
+        self.epoch_seconds = self.steps_per_epoch * float(np.median(per_step))
         epochs_left = self.recipe.num_epochs - self.meta["epoch"]
         last_s, last_steps = self.epoch_times[-1]
         return last_steps / last_s, progress.duration(float(epochs_left * self.epoch_seconds))
