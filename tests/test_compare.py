@@ -2,6 +2,7 @@
 
 import fcntl
 import json
+import shutil
 import threading
 import time
 
@@ -10,6 +11,7 @@ import pytest
 from configs import compare_toy_cifar10
 from tests.test_train import tiny_config
 from train import train
+from train.errors import UserError
 from train.tools import compare, summary
 
 
@@ -40,6 +42,15 @@ def test_a_system_on_two_backbones_makes_one_table(tmp_path, capsys):
     again = compare.compare(str(tmp_path / "cmp"), backbones, ["se"], "smoke", configure=small)
     assert json.dumps(again, default=str) == json.dumps(out, default=str)
     assert "[compare] 2 of 2 runs finished in" in capsys.readouterr().out
+    # a backbone whose training has not ended is refused before anything is trained
+    shutil.copytree(tmp_path / "b0", tmp_path / "b1")
+    (tmp_path / "b1" / "results.json").unlink()
+    with pytest.raises(UserError, match=r"backbone .*b1 has not finished training \(no "
+                       r"results.json; its last checkpoint is of epoch 1\): rerun .* or pass "
+                       r".*b1/best to use"):  # fmt: skip
+        compare.compare(str(tmp_path / "late"), [backbones[0], str(tmp_path / "b1")], ["se"],
+                        "smoke", configure=small)  # fmt: skip
+    assert not (tmp_path / "late").exists()
 
 
 def test_a_run_another_process_holds_is_left_to_it_and_waited_for(tmp_path):

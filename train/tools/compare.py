@@ -107,6 +107,8 @@ def compare(workdir: str, backbones, systems, arg: str = "", configure=None, **o
     process; the others train the rest and then wait for it and read it back."""
     from train import train
 
+    for backbone in backbones:
+        _check_finished(backbone)
     runs = {}
     for system in systems:
         for i, backbone in enumerate(backbones):
@@ -137,6 +139,23 @@ def compare(workdir: str, backbones, systems, arg: str = "", configure=None, **o
     for (system, _), r in results.items():
         out["systems"].setdefault(system, []).append(r)
     return out
+
+
+def _check_finished(backbone: str) -> None:
+    """A backbone workdir whose training has not ended (checkpoints and no results.json) is
+    refused: the comparison is of add-ons on trained backbones, and a backbone still training
+    would change under them. Its best/ directory, passed as such, is taken as it is."""
+    path = os.path.expanduser(backbone)
+    checkpoints = os.path.join(path, "checkpoints")
+    if not os.path.isdir(checkpoints) or os.path.exists(os.path.join(path, "results.json")):
+        return
+    epochs = [int(name) for name in os.listdir(checkpoints) if name.isdigit()]
+    reached = f"; its last checkpoint is of epoch {max(epochs)}" if epochs else ""
+    raise UserError(
+        f"backbone {backbone} has not finished training (no results.json{reached}): rerun its "
+        f"training command to finish it, or pass {os.path.join(backbone, 'best')} to use its "
+        "best checkpoint as it is"
+    )
 
 
 def _mean_std(values) -> str:
