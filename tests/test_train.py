@@ -246,6 +246,26 @@ def test_attention_stage_trains_only_the_attention_tree(backbone_run, tmp_path):
     assert_trees_equal(after, before)
 
 
+def test_a_backbone_whose_training_has_not_ended_is_named_as_such(backbone_run, tmp_path, capsys):
+    import shutil
+
+    from train import models, tasks
+
+    backbone_dir, _, _ = backbone_run
+    config = tiny_config("attention")
+    for name, finished in (("done", True), ("running", False)):
+        shutil.copytree(backbone_dir, tmp_path / name)
+        if not finished:
+            (tmp_path / name / "results.json").unlink()
+        config.backbone_checkpoint = str(tmp_path / name)
+        capsys.readouterr()
+        tasks.load_backbone(config, models.build_backbone(config))
+        note = capsys.readouterr().out
+        assert ("has not finished training" in note) != finished
+    assert f"note: the backbone in {tmp_path / 'running'} has not finished training (no " in note
+    assert "last checkpoint is of epoch 2): its best checkpoint so far, of epoch" in note
+
+
 def test_attention_stage_without_a_backbone_checkpoint(tmp_path):
     config = tiny_config("attention")
     config.backbone_checkpoint = str(tmp_path / "nowhere")

@@ -116,6 +116,15 @@ def find_model_checkpoint(path: str) -> tuple[str, int]:
     return str(p), steps[-1]
 
 
+def unfinished_training(path: str) -> int | None:
+    """For a training workdir whose run has not ended (checkpoints/ and no results.json): the
+    epoch of its last checkpoint (0 if none yet); None for anything else."""
+    p = Path(path).expanduser()
+    if not (p / "checkpoints").is_dir() or (p / "results.json").exists():
+        return None
+    return max((int(c.name) for c in (p / "checkpoints").iterdir() if c.name.isdigit()), default=0)
+
+
 def digest(directory: str | os.PathLike, step: int) -> str:
     """sha256 over the names and bytes of every file of a checkpoint step."""
     root = Path(directory) / str(step)

@@ -19,7 +19,7 @@ from absl import logging
 
 from gattanet_jax import init_attention, two_pass, weights
 from gattanet_jax import sites as sites_lib
-from train import checkpoints, models, parallel, steps
+from train import checkpoints, models, parallel, progress, steps
 from train.data import input_pipeline
 from train.errors import UserError
 
@@ -154,6 +154,12 @@ def load_backbone(config, backbone) -> tuple[dict, tuple[str, int | None, str]]:
         logging.info("frozen backbone from pretrained weights %s", path)
         return jax.tree.map(jnp.asarray, variables), (path, None, checkpoints.digest_file(path))
     directory, step = checkpoints.find_model_checkpoint(path)
+    if (epoch := checkpoints.unfinished_training(path)) is not None:
+        progress.log(
+            f"note: the backbone in {path} has not finished training (no results.json; its last "
+            f"checkpoint is of epoch {epoch}): its best checkpoint so far, of epoch {step}, is "
+            "the frozen backbone"
+        )
     abstract = {"variables": models.backbone_shapes(backbone, config)}
     mngr = checkpoints.manager(directory, keep=1, create=False)
     sha = checkpoints.digest(directory, step)

@@ -142,19 +142,18 @@ def compare(workdir: str, backbones, systems, arg: str = "", configure=None, **o
 
 
 def _check_finished(backbone: str) -> None:
-    """A backbone workdir whose training has not ended (checkpoints and no results.json) is
-    refused: the comparison is of add-ons on trained backbones, and a backbone still training
-    would change under them. Its best/ directory, passed as such, is taken as it is."""
-    path = os.path.expanduser(backbone)
-    checkpoints = os.path.join(path, "checkpoints")
-    if not os.path.isdir(checkpoints) or os.path.exists(os.path.join(path, "results.json")):
+    """A backbone workdir whose training has not ended is refused: the comparison is of add-ons
+    on trained backbones, and a backbone still training would change under them. Its best/
+    directory, passed as such, is taken as it is."""
+    from train import checkpoints
+
+    epoch = checkpoints.unfinished_training(backbone)
+    if epoch is None:
         return
-    epochs = [int(name) for name in os.listdir(checkpoints) if name.isdigit()]
-    reached = f"; its last checkpoint is of epoch {max(epochs)}" if epochs else ""
     raise UserError(
-        f"backbone {backbone} has not finished training (no results.json{reached}): rerun its "
-        f"training command to finish it, or pass {os.path.join(backbone, 'best')} to use its "
-        "best checkpoint as it is"
+        f"backbone {backbone} has not finished training (no results.json; its last checkpoint "
+        f"is of epoch {epoch}): rerun its training command to finish it, or pass "
+        f"{os.path.join(backbone, 'best')} to use its best checkpoint as it is"
     )
 
 
