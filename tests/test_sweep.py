@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gattanet_jax import agreement
-from tests.test_train import assert_trees_equal, tiny_config
+from tests.test_train import assert_trees_equal, compilations, tiny_config
 from train import sweep, train
 from train.errors import UserError
 
@@ -36,7 +36,9 @@ def sweep_config(backbone_dir):
 
 def test_four_member_sweep_equals_separate_runs_of_its_members(backbone_dir, tmp_path):
     config = sweep_config(backbone_dir)
-    state, results = train.train_and_evaluate(config, str(tmp_path / "sweep"))
+    with compilations() as compiled:
+        state, results = train.train_and_evaluate(config, str(tmp_path / "sweep"))
+    assert compiled.count("jit(member_step)") == 1, compiled
     assert len(results["members"]) == 4
     assert len({str(r["alpha"]) for r in results["members"]}) == 4  # the members differ
     table = (tmp_path / "sweep" / "sweep.md").read_text()

@@ -1,6 +1,8 @@
 """train_and_evaluate end to end: both stages, resume, and clear errors for bad input."""
 
+import contextlib
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -33,6 +35,29 @@ def tiny_config(stage="backbone", epochs=2, **dataset):
         t.patience = 10
     config.eval_batch_size = 50
     return config
+
+
+@contextlib.contextmanager
+def compilations():
+    """The names of the functions XLA compiles within the block (jit(train_step), ...)."""
+    names = []
+
+    class Names(logging.Handler):
+        def emit(self, record):
+            found = re.match(r"Finished XLA compilation of (\S+)", record.getMessage())
+            if found:
+                names.append(found.group(1))
+
+    logger, handler = logging.getLogger("jax._src.dispatch"), Names(logging.DEBUG)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        with jax.log_compiles(True):
+            yield names
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def leaves(tree):
@@ -236,7 +261,11 @@ def test_attention_stage_trains_only_the_attention_tree(backbone_run, tmp_path):
     before = best.restore(best.latest_step())
     config = tiny_config("attention", epochs=1)
     config.backbone_checkpoint = str(backbone_dir)
-    state, results = train.train_and_evaluate(config, str(tmp_path))
+    with compilations() as compiled:
+        state, results = train.train_and_evaluate(config, str(tmp_path))
+    # once: the state is committed to the device from its first step on, as the restored
+    # frozen backbone (and so every step's output) is
+    assert compiled.count("jit(train_step)") == 1, compiled
     assert results["trainable_params"] == count_params(state["params"]) < 2_000
     assert sorted(state["params"]) == ["conv1", "conv2", "conv3", "dense1", "logits"]
     assert "backbone_test_accuracy" in results and "alpha" in results

@@ -85,9 +85,13 @@ class Placement:
         )
 
     def replicate(self, tree):
-        """Puts ``tree`` on the device (one device) or on every device of the mesh."""
+        """Puts ``tree`` on the device (one device) or on every device of the mesh.
+
+        Committed to it in either case: a step's outputs are committed when any of its inputs
+        is (a frozen backbone restored by orbax is), and a step first called with an
+        uncommitted state and then with its own committed outputs is compiled twice."""
         if self.mesh is None:
-            return jax.device_put(tree)
+            return jax.device_put(tree, one_device())
         return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
 
     @property
@@ -172,6 +176,12 @@ def initialize(config) -> None:
             jax.distributed.initialize()
     except (RuntimeError, ValueError) as e:
         raise UserError(f"config.distributed: could not start jax.distributed: {e}") from None
+
+
+def one_device() -> jax.Device:
+    """The device of config.parallel='none': jax.default_device's, else the first local one."""
+    device = jax.config.jax_default_device
+    return device if isinstance(device, jax.Device) else jax.local_devices()[0]
 
 
 def placement(config) -> Placement:

@@ -118,10 +118,11 @@ class SweepRun(Run):
                 "config.sweep needs an in-memory dataset (config.dataset.pipeline='memory')"
             )
         self._set_data(task, data)
-        self.task = dataclasses.replace(task, frozen=jax.device_put(task.frozen))
+        self.task = dataclasses.replace(task, frozen=self.place.replicate(task.frozen))
         self.seed_keys = jnp.stack([jax.random.key_data(jax.random.key(m.seed)) for m in members])
         self.lrs = jnp.asarray([m.attention_training.learning_rate for m in members], jnp.float32)
-        self.state = jax.tree.map(lambda *xs: jnp.stack(xs), *map(self._init_member, members))
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *map(self._init_member, members))
+        self.state = self.place.replicate(stacked)  # committed, as its step's outputs are
         self.meta = {
             "epoch": 0,
             "best_val": np.full((n,), -1.0),
@@ -309,7 +310,7 @@ class _MemberBatches:
 
     def __init__(self, split, seed_keys, batch: int):
         self.n, self.batch = len(split), batch
-        self.arrays = jax.device_put((split.images, split.labels))
+        self.arrays = jax.device_put((split.images, split.labels), parallel.one_device())
         self.seed_keys = seed_keys
 
         def member_perm(seed_data, epoch):
