@@ -63,7 +63,7 @@ def time_epoch(stage: str, data_dir: str, dataset: str, warmup_steps: int) -> di
     recipe = task.recipe
     batch = recipe.batch_size
     task = dataclasses.replace(task, frozen=place.replicate(task.frozen), place=place)
-    validation = input_pipeline.Split(*place.replicate(dataclasses.astuple(data.validation)))
+    validation = input_pipeline.on_device(data.validation, config.eval_batch_size, place.replicate)
     tx = task.tx or optax.adam(recipe.learning_rate, eps=1e-7)
     state = place.replicate(steps.init_state(task.params, tx, task.extra))
     seed_key = jax.random.key(config.seed)

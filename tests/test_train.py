@@ -266,6 +266,9 @@ def test_attention_stage_trains_only_the_attention_tree(backbone_run, tmp_path):
     # once: the state is committed to the device from its first step on, as the restored
     # frozen backbone (and so every step's output) is
     assert compiled.count("jit(train_step)") == 1, compiled
+    # validation (16 examples) and test (64) share one evaluation step; the frozen backbone
+    # alone has its own
+    assert compiled.count("jit(eval_batch)") == 2, compiled
     assert results["trainable_params"] == count_params(state["params"]) < 2_000
     assert sorted(state["params"]) == ["conv1", "conv2", "conv3", "dense1", "logits"]
     assert "backbone_test_accuracy" in results and "alpha" in results

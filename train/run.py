@@ -64,11 +64,11 @@ class Run:
                 "examples"
             )
         if isinstance(data.validation, input_pipeline.Split):  # evaluated from device memory
-            put = self.place.replicate
+            size, put = self.config.eval_batch_size, self.place.replicate
             data = dataclasses.replace(
                 data,
-                validation=input_pipeline.Split(*put(dataclasses.astuple(data.validation))),
-                test=input_pipeline.Split(*put(dataclasses.astuple(data.test))),
+                validation=input_pipeline.on_device(data.validation, size, put),
+                test=input_pipeline.on_device(data.test, size, put),
             )
         self.data = data
 
@@ -212,7 +212,7 @@ class Run:
         config, data = self.config, self.data
         if self.step_count() == 0:
             probe = data.validation if len(data.validation) else data.test
-            self.check_alpha_zero(input_pipeline.head(probe, config.eval_batch_size))
+            self.check_alpha_zero(probe.head(config.eval_batch_size))  # uint8, model-sized
         # Written only once the workdir's checkpoints are known to fit this config.
         progress.write_text(self.path / "config.json", config.to_json_best_effort(indent=2))
         self.skip = config.on_nonfinite == "skip"

@@ -348,8 +348,8 @@ class _MemberEval:
 
     def _accuracy(self, fn, variables, mask, frozen, split, batch_size):
         correct = 0
-        for start in range(0, len(split), batch_size):
-            _, c = fn(variables, mask, frozen, split.images, split.labels, jnp.int32(start))
+        for images, labels in split.eval_batches(batch_size):  # on the device, padded
+            _, c = fn(variables, mask, frozen, images, labels, jnp.int32(0))
             correct = correct + c
         return np.asarray(correct) / len(split)
 
@@ -368,8 +368,8 @@ class _MemberEval:
 
         fn = jax.jit(functools.partial(steps.eval_batch, logits, batch_size))
         correct = 0
-        for start in range(0, len(split), batch_size):
-            correct += fn({}, frozen, split.images, split.labels, jnp.int32(start))[1]
+        for images, labels in split.eval_batches(batch_size):
+            correct += fn({}, frozen, images, labels, jnp.int32(0))[1]
         return float(correct) / len(split)
 
 

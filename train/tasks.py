@@ -20,7 +20,6 @@ from absl import logging
 from gattanet_jax import init_attention, two_pass, weights
 from gattanet_jax import sites as sites_lib
 from train import checkpoints, models, parallel, progress, steps
-from train.data import input_pipeline
 from train.errors import UserError
 
 
@@ -315,16 +314,11 @@ def _eval_step(logits_fn, batch_size: int, place: parallel.Placement):
 def evaluate(task: Task, variables, split, batch_size: int, logits_fn=None) -> dict:
     step = _eval_step(logits_fn or task.logits_fn, batch_size, task.place)
     loss = correct = 0.0
-    if isinstance(split, input_pipeline.Split):
-        batches = (
-            (split.images, split.labels, jnp.int32(start))
-            for start in range(0, len(split), batch_size)
-        )
-    else:  # streamed: each batch is the whole array given (padding labelled -1)
-        batches = (  # every process reads whole eval batches
-            (*task.place.replicate((x, y)), jnp.int32(0)) for x, y in split.eval_batches(batch_size)
-        )
-    for images, labels, start in batches:
+    # each batch is the whole array given (padding labelled -1), read whole by every process:
+    # one shape for every split, so one compiled step serves validation and test
+    start = jnp.int32(0)
+    for x, y in split.eval_batches(batch_size):
+        images, labels = task.place.replicate((x, y))
         batch_loss, batch_correct = step(variables, task.frozen, images, labels, start)
         loss, correct = loss + batch_loss, correct + batch_correct
     n = len(split)

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image
 
+from train.data import input_pipeline
 from train.errors import UserError
 
 SCALE = (0.08, 1.0)
@@ -178,12 +179,7 @@ class Stream:
         of its last image labelled -1 (counted for nothing by the eval step)."""
 
         def pad(batch):
-            images, labels = batch
-            missing = batch_size - len(labels)
-            if missing:
-                images = np.concatenate([images, np.repeat(images[-1:], missing, axis=0)])
-                labels = np.concatenate([labels, np.full((missing,), -1, np.int32)])
-            return images, labels
+            return input_pipeline.pad_batch(*batch, batch_size)
 
         def read(e):
             return self._example(int(self.indices[e]), None)

@@ -28,6 +28,51 @@ class Split:
     def take(self, n: int) -> Split:
         return Split(self.images[:n], self.labels[:n]) if n else self
 
+    def head(self, n: int) -> np.ndarray:
+        return self.images[:n]
+
+    def eval_batches(self, batch_size: int):
+        """Every example once, in order, in batches of ``batch_size`` (the last one padded)."""
+        for start in range(0, len(self), batch_size):
+            end = start + batch_size
+            yield pad_batch(self.images[start:end], self.labels[start:end], batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class OnDevice:
+    """An evaluation split held on the device(s) as its padded batches: placed once, and of one
+    shape whichever the split, so that one compiled evaluation step serves validation and test."""
+
+    host: Split
+    batch_size: int
+    batches: tuple  # ((images, labels), ...) on the device(s)
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+    def head(self, n: int) -> np.ndarray:
+        return self.host.head(n)
+
+    def eval_batches(self, batch_size: int):
+        if batch_size != self.batch_size:
+            raise ValueError(f"placed in batches of {self.batch_size}, asked for {batch_size}")
+        return iter(self.batches)
+
+
+def on_device(split: Split, batch_size: int, put) -> OnDevice:
+    """``split`` in evaluation batches placed by ``put`` (a Placement's replicate)."""
+    return OnDevice(split, batch_size, tuple(put(b) for b in split.eval_batches(batch_size)))
+
+
+def pad_batch(images: np.ndarray, labels: np.ndarray, batch_size: int):
+    """A last batch padded to ``batch_size`` with copies of its last image labelled -1 (counted
+    for nothing by the evaluation step)."""
+    missing = batch_size - len(labels)
+    if missing:
+        images = np.concatenate([images, np.repeat(images[-1:], missing, axis=0)])
+        labels = np.concatenate([labels, np.full((missing,), -1, np.int32)])
+    return images, labels
+
 
 @dataclasses.dataclass(frozen=True)
 class Data:
@@ -253,11 +298,6 @@ def load_stream(config: ml_collections.ConfigDict, image_shape: tuple[int, ...])
     if len(train) == 0 or len(test) == 0:
         raise UserError(f"dataset {name!r} has an empty train or test split")
     return Data(train, validation, test, ds.num_classes, class_names(builder))
-
-
-def head(split, n: int) -> np.ndarray:
-    """The first ``n`` images of a split (in memory or streamed), uint8, model-sized."""
-    return split.images[:n] if isinstance(split, Split) else split.head(n)
 
 
 def load(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> Data:
