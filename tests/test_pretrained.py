@@ -26,6 +26,9 @@ DIGESTS = {  # (best step, sha256 of the checkpoint's files), as pretrained/READ
     "shifted_q": (3, "b0ad76ed5c755a1c73d15be734b17172eacc56330005e261a9bedcb936661528"),
 }
 ATTENTION = ("gattanet", "learned_q", "shifted_q")
+OTHER_BACKBONES = {  # the other seeds' backbones of the comparison, as the README lists them
+    "toy_cifar10_s1": (225, "3cbdddd734bffbf6f5bc3371ba0ab74a16a980c6660cd8439c7b0c3ae2ec1624"),
+}
 
 
 def test_the_shipped_checkpoints_are_the_documented_ones():
@@ -36,8 +39,14 @@ def test_the_shipped_checkpoints_are_the_documented_ones():
     for name in ATTENTION:
         results = json.loads((SHIPPED / name / "results.json").read_text())
         assert results["backbone_checkpoint_sha256"] == DIGESTS["backbone"][1], name
-    size = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
-    assert size < 10 * 2**20
+    for name, (step, sha) in OTHER_BACKBONES.items():
+        backbone = SHIPPED.parent / name / "backbone"
+        assert checkpoints.digest(str(backbone / "best"), step) == sha, name
+        assert sha in readme, name
+        results = json.loads((backbone / "results.json").read_text())
+        assert results["best_epoch"] == step and f"{100 * results['test_accuracy']:.2f} %" in readme
+    size = sum(f.stat().st_size for f in SHIPPED.parent.rglob("*") if f.is_file())
+    assert size < 10 * 2**20  # everything shipped
 
 
 def test_the_shipped_backbone_loads_as_a_frozen_backbone(monkeypatch):
