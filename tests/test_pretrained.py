@@ -28,6 +28,7 @@ DIGESTS = {  # (best step, sha256 of the checkpoint's files), as pretrained/READ
 ATTENTION = ("gattanet", "learned_q", "shifted_q")
 OTHER_BACKBONES = {  # the other seeds' backbones of the comparison, as the README lists them
     "toy_cifar10_s1": (225, "3cbdddd734bffbf6f5bc3371ba0ab74a16a980c6660cd8439c7b0c3ae2ec1624"),
+    "toy_cifar10_s2": (115, "415179f7fc3df008b023b816e40856bffe3e47f2e94c2aa597a1e3a2c849ee9b"),
 }
 
 
