@@ -25,25 +25,3 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="gattanet-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
-
-
-# The modules that take a minute or more, longest first. The two workers take whole modules
-# (--dist loadscope) in collection order (--no-loadscope-reorder; xdist's own order, by number of
-# tests, would leave the long one- and two-test modules to the end, one worker idle meanwhile);
-# the many short modules follow and even out the ends.
-LONGEST_FIRST = (
-    "test_crash",
-    "test_parallel",
-    "test_sweep",
-    "test_suite",
-    "test_bfloat16",
-    "test_gattanet",
-    "test_analyze",
-    "test_systems",
-    "test_train",
-)
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: modules stay whole
