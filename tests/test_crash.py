@@ -99,17 +99,11 @@ def test_kill_9_at_a_random_moment_then_rerun_equals_an_uninterrupted_run(
     proc = subprocess.Popen(
         command(crashed, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
     )
-    deadline = time.time() + 300
-    seen = []
-    for n in (1, 2):  # the time of one epoch on this machine, from two periodic checkpoints
-        while not (crashed / "checkpoints" / str(n)).exists() and time.time() < deadline:
-            time.sleep(0.02)
-        seen.append(time.time())
-    epoch = seen[1] - seen[0]
+    epoch = wait_two_checkpoints(crashed)
     # somewhere in epochs 3-8 of 10 (possibly during a save), whatever the machine's speed
     delay = random.SystemRandom().uniform(0.0, 6 * epoch)
     print(f"killing {delay:.2f} s after the second checkpoint (one epoch: {epoch:.2f} s)")
-    time.sleep(delay)
+    sleep_before_checkpoint(crashed, delay, 8)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (crashed / "results.json").exists(), "the run finished before it was killed"
@@ -159,6 +153,15 @@ def wait_two_checkpoints(workdir) -> float:
     return seen[1] - seen[0]
 
 
+def sleep_before_checkpoint(workdir, delay: float, n: int):
+    """Sleeps ``delay`` seconds, or less if periodic checkpoint ``n`` appears first: later
+    epochs can be much faster than the first two (a busy machine frees up), and the run must
+    not end before its signal."""
+    end = time.time() + delay
+    while time.time() < end and not (workdir / "checkpoints" / str(n)).exists():
+        time.sleep(0.01)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
 def test_a_signal_saves_at_the_next_step_and_the_rerun_equals_an_uninterrupted_run(
     straight, tmp_path, signum
@@ -170,7 +173,8 @@ def test_a_signal_saves_at_the_next_step_and_the_rerun_equals_an_uninterrupted_r
         command(stopped), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV, text=True
     )
     epoch = wait_two_checkpoints(stopped)
-    time.sleep(random.SystemRandom().uniform(0.0, 4 * epoch))  # somewhere in epochs 3-6
+    delay = random.SystemRandom().uniform(0.0, 4 * epoch)  # somewhere in epochs 3-6
+    sleep_before_checkpoint(stopped, delay, 6)
     proc.send_signal(signum)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signum, out[-2000:]
