@@ -1,4 +1,4 @@
-"""The shipped seed-0 toy CIFAR-10 models (pretrained/): intact, usable as a frozen backbone
+"""The shipped toy CIFAR-10 models (pretrained/): intact, usable as a frozen backbone
 (``--config.backbone_checkpoint``) and by every ``train.analyze`` command."""
 
 import json
@@ -30,6 +30,20 @@ OTHER_BACKBONES = {  # the other seeds' backbones of the comparison, as the READ
     "toy_cifar10_s1": (225, "3cbdddd734bffbf6f5bc3371ba0ab74a16a980c6660cd8439c7b0c3ae2ec1624"),
     "toy_cifar10_s2": (115, "415179f7fc3df008b023b816e40856bffe3e47f2e94c2aa597a1e3a2c849ee9b"),
 }
+OTHER_ATTENTION = {  # the models trained on them, as the README lists them
+    "toy_cifar10_s1/gattanet": (
+        76,
+        "35a670f31906571a1b07e6dc9054ce2ed3ca5e086b4a7462c87c14d5158b33b0",
+    ),
+    "toy_cifar10_s1/learned_q": (
+        20,
+        "ba1d4710f65648f26b6098b9eab562449cf5daaa83bae132075271cb434404f4",
+    ),
+    "toy_cifar10_s2/gattanet": (
+        111,
+        "2004cad7caaa1321c5d4657201e380f4632ae3cc4f12db664839b778572028c9",
+    ),
+}
 
 
 def test_the_shipped_checkpoints_are_the_documented_ones():
@@ -46,6 +60,16 @@ def test_the_shipped_checkpoints_are_the_documented_ones():
         assert sha in readme, name
         results = json.loads((backbone / "results.json").read_text())
         assert results["best_epoch"] == step and f"{100 * results['test_accuracy']:.2f} %" in readme
+    for name, (step, sha) in OTHER_ATTENTION.items():
+        model = SHIPPED.parent / name
+        assert checkpoints.digest(str(model / "best"), step) == sha, name
+        assert sha in readme, name
+        results = json.loads((model / "results.json").read_text())
+        assert results["best_epoch"] == step and f"{100 * results['test_accuracy']:.2f} %" in readme
+        seed = name.split("/")[0]
+        assert results["backbone_checkpoint_sha256"] == OTHER_BACKBONES[seed][1], name
+        config = json.loads((model / "config.json").read_text())
+        assert config["backbone_checkpoint"] == f"pretrained/{seed}/backbone", name
     size = sum(f.stat().st_size for f in SHIPPED.parent.rglob("*") if f.is_file())
     assert size < 10 * 2**20  # everything shipped
 
