@@ -54,21 +54,21 @@ def test_the_shipped_checkpoints_are_the_documented_ones():
     for name in ATTENTION:
         results = json.loads((SHIPPED / name / "results.json").read_text())
         assert results["backbone_checkpoint_sha256"] == DIGESTS["backbone"][1], name
-    for name, (step, sha) in OTHER_BACKBONES.items():
-        backbone = SHIPPED.parent / name / "backbone"
-        assert checkpoints.digest(str(backbone / "best"), step) == sha, name
-        assert sha in readme, name
-        results = json.loads((backbone / "results.json").read_text())
-        assert results["best_epoch"] == step and f"{100 * results['test_accuracy']:.2f} %" in readme
-    for name, (step, sha) in OTHER_ATTENTION.items():
-        model = SHIPPED.parent / name
-        assert checkpoints.digest(str(model / "best"), step) == sha, name
-        assert sha in readme, name
+
+    def documented(model, step, sha):  # its digest, and its sha256 and accuracy in the README
+        assert checkpoints.digest(str(model / "best"), step) == sha, model
+        assert sha in readme, model
         results = json.loads((model / "results.json").read_text())
         assert results["best_epoch"] == step and f"{100 * results['test_accuracy']:.2f} %" in readme
+        return results
+
+    for name, (step, sha) in OTHER_BACKBONES.items():
+        documented(SHIPPED.parent / name / "backbone", step, sha)
+    for name, (step, sha) in OTHER_ATTENTION.items():
+        results = documented(SHIPPED.parent / name, step, sha)
         seed = name.split("/")[0]
         assert results["backbone_checkpoint_sha256"] == OTHER_BACKBONES[seed][1], name
-        config = json.loads((model / "config.json").read_text())
+        config = json.loads((SHIPPED.parent / name / "config.json").read_text())
         assert config["backbone_checkpoint"] == f"pretrained/{seed}/backbone", name
     size = sum(f.stat().st_size for f in SHIPPED.parent.rglob("*") if f.is_file())
     assert size < 10 * 2**20  # everything shipped
