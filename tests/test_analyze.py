@@ -323,3 +323,13 @@ def test_shifted_global_query_at_test_time(model):
     assert json.loads((m.out / "shifted.json").read_text())["shifted_accuracy"] == pytest.approx(
         result["shifted_accuracy"]
     )
+
+
+def test_noise_figure_of_the_clean_accuracy_alone_warns_of_nothing():
+    import warnings
+
+    from train.tools import plots
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plots.close(plots.noise([0.0], np.array([[0.7]]), np.array([[0.8]]), "clean only"))
