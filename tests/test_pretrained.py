@@ -43,6 +43,14 @@ OTHER_ATTENTION = {  # the models trained on them, as the README lists them
         111,
         "2004cad7caaa1321c5d4657201e380f4632ae3cc4f12db664839b778572028c9",
     ),
+    "toy_cifar10_s1/shifted_q": (
+        46,
+        "f608f2bf2f3f96e7483c9bb5be3fb60e3508a6f7143b7e017a4e97383a93a1cc",
+    ),
+    "toy_cifar10_s2/learned_q": (
+        67,
+        "9c0021627d2ac28beebdb0cd2596c7c8d1805b5b58542e32e3a442abc14df5b5",
+    ),
 }
 
 
