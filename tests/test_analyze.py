@@ -85,6 +85,10 @@ def test_maps_and_the_true_class_agreement(model):
     assert result["true_class_has_highest_agreement"] == pytest.approx(highest, abs=1e-9)
     lowest = float(np.mean(g.argmin(-1) == labels))
     assert result["true_class_has_lowest_agreement"] == pytest.approx(lowest, abs=1e-9)
+    alpha = result["logits_site_alpha"]
+    assert alpha == float(model.variables["params"]["logits"]["alpha"]) and alpha != 0
+    largest = float(np.mean((alpha * g).argmax(-1) == labels))
+    assert result["true_class_has_largest_factor"] == pytest.approx(largest, abs=1e-9)
     with pytest.raises(UserError, match=r"test indices in \[0, 96\)"):
         analyze.maps(model, [96])
 

@@ -252,13 +252,17 @@ def maps(m: Trained, indices=(0, 1, 2, 3)) -> dict:
         result["logits_site_alpha"] = alpha
         result["true_class_has_highest_agreement"] = float(np.mean(g.argmax(-1) == m.test.labels))
         result["true_class_has_lowest_agreement"] = float(np.mean(g.argmin(-1) == m.test.labels))
+        # whatever alpha's sign: the unit whose logit modulation scales most, 1 + alpha * agreement
+        factor = 1.0 + alpha * g
+        result["true_class_has_largest_factor"] = float(np.mean(factor.argmax(-1) == m.test.labels))
         result["chance"] = 1.0 / len(m.class_names)
         print(
             f"at '{logits_site.name}' (alpha {alpha:+.4f}: agreement "
             f"{'boosts' if alpha >= 0 else 'damps'} a unit) the true class has the highest "
             f"agreement for {result['true_class_has_highest_agreement']:.4f} and the lowest for "
-            f"{result['true_class_has_lowest_agreement']:.4f} of test images (chance "
-            f"{result['chance']:.2f})"
+            f"{result['true_class_has_lowest_agreement']:.4f} of test images; its logit gets "
+            f"the largest factor 1 + alpha * agreement for "
+            f"{result['true_class_has_largest_factor']:.4f} (chance {result['chance']:.2f})"
         )
     figure = plots.maps(
         m.test.images[indices],
