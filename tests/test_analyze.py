@@ -61,6 +61,23 @@ def test_umap_of_q_avg(model):
     saved = np.load(model.out / "umap.npz")
     assert saved["embedding"].shape == (96, 2) and saved["q_avg"].shape == (96, 16)
     assert result["test_examples"] == 96
+    q, labels = saved["q_avg"], saved["labels"]
+    assert result["q_avg_10nn_accuracy"] == analyze.knn_accuracy(q, labels, 10)
+
+
+def test_knn_accuracy_against_a_loop():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 40)
+    x = rng.normal(size=(40, 4)) + labels[:, None] * 0.8  # overlapping clusters
+    hits = 0
+    for i in range(40):
+        dist = [np.sum((x[i] - x[j]) ** 2) if j != i else np.inf for j in range(40)]
+        votes = np.bincount(labels[np.argsort(dist)[:5]], minlength=3)
+        hits += votes.argmax() == labels[i]
+    assert analyze.knn_accuracy(x, labels, k=5) == hits / 40
+    assert 0.4 < hits / 40 < 1.0  # neither chance nor trivial
+    with pytest.raises(UserError, match="0 < k < 40"):
+        analyze.knn_accuracy(x, labels, k=40)
 
 
 def test_maps_and_the_true_class_agreement(model):
