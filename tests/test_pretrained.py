@@ -51,6 +51,10 @@ OTHER_ATTENTION = {  # the models trained on them, as the README lists them
         67,
         "9c0021627d2ac28beebdb0cd2596c7c8d1805b5b58542e32e3a442abc14df5b5",
     ),
+    "toy_cifar10_s1/gala": (
+        15,
+        "0eb97f4ab8e1898b36332b8ce85e0792f74ef7b3a456b9f77c441dd6ccf9fabb",
+    ),
 }
 
 
