@@ -14,7 +14,7 @@ import pytest
 
 from configs import toy_cifar10
 from gattanet_jax import count_params
-from train import checkpoints, train
+from train import checkpoints, progress, train
 from train.errors import UserError
 
 COMMIT = r"[0-9a-f]{40}(\+changes)?"  # a checkout's commit, marked if its files differ
@@ -183,8 +183,11 @@ def test_early_stopping_stops_the_run(tmp_path, capsys):
     assert "early stop at" not in lines[2]  # it stops there
 
 
-def test_progress_lines_within_an_epoch_in_any_output(tmp_path, capsys):
+def test_progress_lines_within_an_epoch_in_any_output(tmp_path, capsys, monkeypatch):
     """Not a terminal (pytest captures stdout): lines every log_every_steps steps anyway."""
+    # Only the step count here: the 30-second line would also print after a step (the first,
+    # which compiles) that a loaded machine makes slower than that.
+    monkeypatch.setattr(progress.StepLog.__init__, "__defaults__", (float("inf"),))
     config = tiny_config(epochs=1, max_train_examples=640)
     config.log_every_steps = 4
     train.train_and_evaluate(config, str(tmp_path))
@@ -192,6 +195,23 @@ def test_progress_lines_within_an_epoch_in_any_output(tmp_path, capsys):
     # 576 training images, batch 32: 18 steps; lines at steps 4, 8, 12 and 16
     assert [x.split(" step ")[1].split()[0] for x in lines] == ["4/18", "8/18", "12/18", "16/18"]
     assert all("loss " in x and "steps/s" in x and "run ETA" in x for x in lines)
+
+
+def test_a_progress_line_after_seconds_without_one_between_the_step_counts(monkeypatch):
+    """A slow step (a compile, a loaded machine) gets a line once ``seconds`` have passed since
+    the last, whatever its index; never the epoch's last step, whose epoch line follows."""
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "time", lambda: now[0])
+    step_log = progress.StepLog("attention", 10, 1, writer=None, every=4, seconds=30.0)
+    step_log.start_epoch(0)
+    now[0] = 131.0
+    assert step_log.due(0)  # 31 s since the epoch began: a line at step 1 of an every-4 log
+    step_log.last = 131.0  # as report() sets it
+    now[0] = 140.0
+    assert not step_log.due(1)  # 9 s since, and step 2 is no multiple of 4
+    assert step_log.due(3)  # step 4
+    now[0] = 500.0
+    assert not step_log.due(9)  # long since, but the epoch's last step
 
 
 def test_epoch_rate_and_eta_count_the_steps_a_resumed_epoch_ran(monkeypatch):
