@@ -55,6 +55,14 @@ OTHER_ATTENTION = {  # the models trained on them, as the README lists them
         15,
         "0eb97f4ab8e1898b36332b8ce85e0792f74ef7b3a456b9f77c441dd6ccf9fabb",
     ),
+    "toy_cifar10_s2/shifted_q": (
+        45,
+        "4fcd4cbf324ed06a651cefd3b6cbfc39650d144f7e86fe15aa23eaf9959167a3",
+    ),
+    "toy_cifar10_s2/gala": (
+        15,
+        "aa3be6261e4655b61a1343d6742bdf78f452df59cc96a2b9e70ae0190e449729",
+    ),
 }
 
 
