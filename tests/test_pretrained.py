@@ -63,6 +63,14 @@ OTHER_ATTENTION = {  # the models trained on them, as the README lists them
         15,
         "aa3be6261e4655b61a1343d6742bdf78f452df59cc96a2b9e70ae0190e449729",
     ),
+    "toy_cifar10_s1/se": (
+        3,
+        "ef4d40aea1ac1c8fd30e50349463cac65e9ff8297f2acef59cc8eabdee6ea1a2",
+    ),
+    "toy_cifar10_s2/se": (
+        45,
+        "d31ae8036670f2c141e39f19f714e1f4feeee790cd90ac33f5037670032f1936",
+    ),
 }
 
 
