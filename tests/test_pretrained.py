@@ -71,6 +71,10 @@ OTHER_ATTENTION = {  # the models trained on them, as the README lists them
         45,
         "d31ae8036670f2c141e39f19f714e1f4feeee790cd90ac33f5037670032f1936",
     ),
+    "toy_cifar10_s1/gsa": (
+        9,
+        "0475b0f3e807c2cb2b61c18c2662b03c68c082f8e7f4e36e97368ade285bbbeb",
+    ),
 }
 
 
