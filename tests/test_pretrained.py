@@ -75,6 +75,10 @@ OTHER_ATTENTION = {  # the models trained on them, as the README lists them
         9,
         "0475b0f3e807c2cb2b61c18c2662b03c68c082f8e7f4e36e97368ade285bbbeb",
     ),
+    "toy_cifar10_s2/gsa": (
+        5,
+        "b102353c816c54ad92ce35479d28202f8f80bcbf912abe75101e37f2bdf79708",
+    ),
 }
 
 
