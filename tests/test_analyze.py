@@ -354,3 +354,48 @@ def test_noise_figure_of_the_clean_accuracy_alone_warns_of_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plots.close(plots.noise([0.0], np.array([[0.7]]), np.array([[0.8]]), "clean only"))
+
+
+def test_pooled_matches_models_across_seeds_and_pools_their_differences(tmp_path):
+    def write(name, against, pairs):
+        d = tmp_path / name
+        d.mkdir()
+        saved = {
+            "against_backbone": [
+                {"run": r, "difference": v, "difference_se": se} for r, v, se in against
+            ],
+            "pairs": [
+                {"a": a, "b": b, "difference": v, "difference_se": se} for a, b, v, se in pairs
+            ],
+        }
+        (d / "paired.json").write_text(json.dumps(saved))
+        return str(d)
+
+    s0 = write(
+        "s0",
+        [("pre/s0/gattanet", 0.02, 0.003), ("work/converged/gala/0", 0.01, 0.004)],
+        [("pre/s0/gattanet", "work/converged/gala/0", 0.01, 0.003)],
+    )
+    s1 = write(  # the same models in the other order, and one that seed 0 lacks
+        "s1",
+        [("pre/s1/gala", 0.03, 0.004), ("pre/s1/gattanet", 0.01, 0.004), ("x/se", 0.0, 0.001)],
+        [("pre/s1/gala", "pre/s1/gattanet", 0.02, 0.004)],
+    )
+    result = analyze.pooled(tmp_path / "out", [s0, s1])
+    rows = {(r["a"], r["b"]): r for r in result["rows"]}
+    assert list(rows) == [
+        ("gattanet", "its frozen backbone"),
+        ("gala", "its frozen backbone"),
+        ("gattanet", "gala"),
+    ]
+    pair = rows["gattanet", "gala"]
+    assert pair["differences"] == [0.01, -0.02]  # seed 1's gala - gattanet, turned round
+    assert pair["mean"] == pytest.approx(-0.005)
+    assert pair["se"] == pytest.approx(0.0025)  # sqrt(0.003^2 + 0.004^2) / 2
+    assert pair["sd_over_seeds"] == pytest.approx(0.03 / np.sqrt(2))
+    md = (tmp_path / "out" / "pooled.md").read_text()
+    assert "| gattanet | gala | +1.00 | -2.00 | -0.50 ± 0.25 | 2.12 |" in md
+    with pytest.raises(UserError, match="does not exist"):
+        analyze.pooled(tmp_path / "out", [s0, str(tmp_path / "nothing")])
+    with pytest.raises(UserError, match="two or more"):
+        analyze.pooled(tmp_path / "out", [s0])

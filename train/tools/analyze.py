@@ -9,6 +9,7 @@ r"""The paper's analyses of a trained GAttANet, one command each.
   python -m train.analyze table  --workdir OUT --runs DIR1,DIR2,...
   python -m train.analyze seeds  --workdir OUT --runs DIR1,DIR2,... [--sigmas ...] [--lesions ...]
   python -m train.analyze paired --workdir OUT --runs DIR1,DIR2,...
+  python -m train.analyze pooled --workdir OUT --runs PAIRED1,PAIRED2,...
 
 DIR is an attention-stage workdir (what ``--config.stage=attention`` wrote, or <dir>/attention of
 ``stage=both``): its config.json, best/ checkpoint and the frozen backbone it names are loaded,
@@ -19,7 +20,9 @@ attention workdirs (one per seed or backbone) and draws their mean and standard 
 OUT (noise.png, lesion.png, seeds.json, seeds.md). ``paired`` compares runs on the same test
 images, example by example: each against its frozen backbone and each pair with each other
 (McNemar's exact test on the examples one gets right and the other wrong; OUT/paired.json and
-paired.md; a run may also be a GALA, SE or GSA add-on of ``train.compare``). ``shifted`` tests a
+paired.md; a run may also be a GALA, SE or GSA add-on of ``train.compare``). ``pooled`` reads
+several ``paired`` outputs (one per seed, the same models on each) and pools each difference over
+them (OUT/pooled.json and pooled.md). ``shifted`` tests a
 trained GAttANet with each test image's global query taken from the previous test image (its
 agreement with another image's queries), without retraining.
 """
@@ -48,7 +51,18 @@ from train.errors import UserError
 from train.tools import plots
 from train.tools.trained import Trained, addon_logits, load, read_config
 
-ANALYSES = ("noise", "lesion", "umap", "maps", "cues", "table", "seeds", "paired", "shifted")
+ANALYSES = (
+    "noise",
+    "lesion",
+    "umap",
+    "maps",
+    "cues",
+    "table",
+    "seeds",
+    "paired",
+    "pooled",
+    "shifted",
+)
 DEFAULT_CUE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # 0, then a log grid up to 0.25 (images in [0, 1]), as in Figures 2a and 4a.
 DEFAULT_SIGMAS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.25)
@@ -553,14 +567,96 @@ def _write(m: Trained, name: str, result: dict, figure) -> None:
 # --- command line ---------------------------------------------------------------------------------
 
 
+def model_name(run: str) -> str:
+    """A run's model, as pooling matches it across seeds: its directory's name, or its parent's
+    where the name is a seed (``workdirs/converged/gala/1`` and ``pretrained/s1/gala``: gala)."""
+    parts = Path(run).parts
+    return parts[-2] if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def pooled(out: Path, paired_dirs: list[str]) -> dict:
+    """Each difference of several ``paired`` outputs (one per seed), pooled: its value on each,
+    their mean, the mean's standard error sqrt(sum se_i^2) / n (the seeds' differences taken as
+    independent; they share the test images, so a correlation between them would make it
+    larger) and the sd over seeds. Models are matched by ``model_name``; a difference enters
+    when every output has it."""
+    if len(paired_dirs) < 2:
+        raise UserError("pooled needs --runs with two or more output directories of paired")
+    tables = []
+    for d in paired_dirs:
+        path = Path(d) / "paired.json"
+        if not path.exists():
+            raise UserError(f"{path} does not exist: run `train.analyze paired` into {d} first")
+        try:
+            saved = json.loads(path.read_text())
+            diffs = {
+                (model_name(c["run"]), "its frozen backbone"): c for c in saved["against_backbone"]
+            }
+            diffs.update({(model_name(c["a"]), model_name(c["b"])): c for c in saved["pairs"]})
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{path} is not an output of `train.analyze paired` ({e})") from None
+        tables.append(diffs)
+
+    def lookup(diffs, a, b):  # (difference, se), with the sign of a - b
+        if (a, b) in diffs:
+            return diffs[a, b]["difference"], diffs[a, b]["difference_se"]
+        if (b, a) in diffs:
+            return -diffs[b, a]["difference"], diffs[b, a]["difference_se"]
+        return None
+
+    rows = []
+    for a, b in tables[0]:
+        found = [lookup(diffs, a, b) for diffs in tables]
+        if any(f is None for f in found):
+            continue
+        values = [v for v, _ in found]
+        n = len(values)
+        rows.append(
+            {
+                "a": a,
+                "b": b,
+                "differences": values,
+                "mean": float(np.mean(values)),
+                "se": math.sqrt(sum(se * se for _, se in found)) / n,
+                "sd_over_seeds": float(np.std(values, ddof=1)),
+            }
+        )
+    if not rows:
+        raise UserError(f"{', '.join(paired_dirs)} have no models in common")
+    result = {"paired": list(paired_dirs), "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pooled.json").write_text(json.dumps(result, indent=2))
+    heads = " | ".join(Path(d).name for d in paired_dirs)
+    lines = [
+        f"Differences a - b of {len(paired_dirs)} paired comparisons, in points; their mean ± its "
+        "standard error, and their sd.",
+        "",
+        f"| a | b | {heads} | mean ± se | sd |",
+        "|---|---|" + "---|" * len(paired_dirs) + "---|---|",
+        *(
+            f"| {r['a']} | {r['b']} | "
+            + " | ".join(f"{100 * v:+.2f}" for v in r["differences"])
+            + f" | {100 * r['mean']:+.2f} ± {100 * r['se']:.2f} | {100 * r['sd_over_seeds']:.2f} |"
+            for r in rows
+        ),
+    ]
+    text = "\n".join(lines) + "\n"
+    (out / "pooled.md").write_text(text)
+    print(text, end="")
+    print(f"wrote {out}/pooled.json and pooled.md")
+    return result
+
+
 def define_flags() -> dict:
     """The CLI's flags; defined only when run as a program, so importing this module (tests,
     notebooks) never clashes with other modules' absl flags."""
     return {
         "workdir": flags.DEFINE_string(
-            "workdir", None, "Attention workdir ('table', 'seeds', 'paired': output)."
+            "workdir", None, "Attention workdir ('table', 'seeds', 'paired', 'pooled': output)."
         ),
-        "runs": flags.DEFINE_list("runs", [], "table, seeds, paired: attention workdirs."),
+        "runs": flags.DEFINE_list(
+            "runs", [], "table, seeds, paired: attention workdirs; pooled: paired outputs."
+        ),
         "sigmas": flags.DEFINE_list("sigmas", [str(s) for s in DEFAULT_SIGMAS], "noise levels."),
         "lesions": flags.DEFINE_list("lesions", [], "lesion strings (default: single sites)."),
         "images": flags.DEFINE_list("images", ["0", "1", "2", "3"], "maps: test indices."),
@@ -584,6 +680,9 @@ def run(analysis: str, f: dict) -> None:
         sigmas = _parse(f["sigmas"], float, "--sigmas must be numbers")
         load_args = {"data_dir": f["data_dir"], "max_examples": f["max_examples"]}
         seeds(Path(f["workdir"]), f["runs"], sigmas, f["lesions"], **load_args)
+        return
+    if analysis == "pooled":
+        pooled(Path(f["workdir"]), f["runs"])
         return
     if analysis == "paired":
         load_args = {"data_dir": f["data_dir"], "max_examples": f["max_examples"]}
