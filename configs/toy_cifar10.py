@@ -42,6 +42,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dataset.image_shape = (32, 32, 3)
     # Fraction of the train split held out as validation for early stopping and best checkpoints.
     config.dataset.validation_fraction = 0.1
+    # What early stopping and the best checkpoint select on: 'held_out' (the fraction above of
+    # the train split) or 'test' (train on the whole train split and select on the test split,
+    # as Keras scripts with validation_data=(x_test, y_test) do; every result is then labelled
+    # as selected on the test set, and its test accuracy is not a held-out figure).
+    config.dataset.validation = "held_out"
     # Examples of each split to use (0 = all); for quick checks.
     config.dataset.max_train_examples = 0
     config.dataset.max_test_examples = 0
@@ -58,6 +63,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.hidden = 256
     # Dropout after each pooling of the toy model (backbone training only; frozen = off).
     config.model.dropout_rate = 0.2
+    # Kernel initialiser of the toy model's layers: 'flax' (LeCun normal, Flax's default) or
+    # 'keras' (Glorot uniform, Keras' default); biases start at zero either way.
+    config.model.kernel_init = "flax"
+    # The toy model sees images in [0, 1] times this: 1, or 255 (raw pixel values, as Keras'
+    # ImageDataGenerator feeds them without `rescale`).
+    config.model.pixel_scale = 1.0
     # Attention sites: module paths of the backbone, in lesion-notation order ('cccdd').
     config.model.sites = ("conv1", "conv2", "conv3", "dense1", "logits")
     # Computation dtype: 'float32' or 'bfloat16' (parameters stay float32).
@@ -106,6 +117,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.backbone_training.num_epochs = 500
     config.backbone_training.patience = 50  # epochs without a better validation accuracy
     config.backbone_training.augment = True  # rotation 0-20 deg, shifts 0-20 %, horizontal flip
+    # What early stopping watches: 'val_accuracy' (higher is better) or 'val_loss' (lower is
+    # better; Keras' EarlyStopping default).
+    config.backbone_training.monitor = "val_accuracy"
+    # Which weights are the stage's result (best/, evaluated on test): 'best' (the best epoch by
+    # the monitored value) or 'last' (the last epoch trained; Keras' EarlyStopping without
+    # restore_best_weights).
+    config.backbone_training.restore = "best"
 
     # Attention training recipe: Adam lr 1e-3, L2 1e-5, batch 128, patience 500, at most 1000
     # epochs. The backbone is frozen: the optimizer sees only the attention variables.
@@ -115,6 +133,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.attention_training.batch_size = 128
     config.attention_training.num_epochs = 1000
     config.attention_training.patience = 500
+    config.attention_training.monitor = "val_accuracy"  # as backbone_training's
+    config.attention_training.restore = "best"
     # Joint fine-tuning (beyond the paper): the backbone trains too, with its own Adam learning
     # rate; its BatchNorm statistics 'frozen' (stored, unchanged) or 'update' (batch statistics
     # and trained running averages; the backbone then runs in training mode, dropout included).

@@ -31,6 +31,8 @@ def build_backbone(config: ml_collections.ConfigDict):
             hidden=m.hidden,
             dropout_rate=m.dropout_rate,
             dtype=DTYPES[m.dtype],
+            kernel_init=m.kernel_init,
+            pixel_scale=float(m.pixel_scale),
         )
     if m.backbone in resnet.ARCHITECTURES:
         overrides = {"stage_sizes": tuple(m.stage_sizes)} if m.stage_sizes else {}

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from gattanet_jax import count_params, site_alphas
-from train import checkpoints, guards, models, parallel, progress, steps, validate
+from train import checkpoints, guards, models, parallel, progress, selection, steps, validate
 from train.addon_tasks import addon_task
 from train.data import input_pipeline
 from train.errors import UserError
@@ -74,9 +74,11 @@ class Run:
 
     def _log_sizes(self, trainable: int, frozen: int):
         data = self.data
+        on_test = self.config.dataset.validation == "test"
+        on_test = " (validation = the test split)" if on_test else ""
         progress.log(
             f"[{self.label}] trainable parameters: {trainable:,}; frozen: {frozen:,}; "
-            f"train/val/test: {len(data.train)}/{len(data.validation)}/{len(data.test)}"
+            f"train/val/test: {len(data.train)}/{len(data.validation)}/{len(data.test)}{on_test}"
         )
 
     # --- what differs between a run and a sweep ---------------------------------------------
@@ -307,19 +309,16 @@ class Run:
             else {"accuracy": means["accuracy"], "loss": means["loss"]}
         )  # fmt: skip
         meta["epoch"] += 1
-        improved = val["accuracy"] > meta["best_val"]
-        if improved:
-            meta["best_val"], meta["bad_epochs"] = val["accuracy"], 0
+        improved = selection.update(meta, val, self.recipe.monitor, self.recipe.patience)
+        if selection.keeps(self.recipe.restore, improved):
             checkpoints.save(self.bests[0], meta["epoch"], {"variables": steps.variables(state)})
-        else:
-            meta["bad_epochs"] += 1
-        meta["done"] = meta["done"] or meta["bad_epochs"] >= self.recipe.patience
         self.save_periodic()
         rate, eta = self.timing(t0)
         progress.log(
             f"[{self.label}] epoch {meta['epoch']}/{self.recipe.num_epochs} "
             f"loss {means['loss']:.4f} acc {means['accuracy']:.4f} val_acc {val['accuracy']:.4f}"
-            f"{' *' if improved else ''} | {rate:.1f} steps/s, ETA {eta} (at most)"
+            + (f" val_loss {val['loss']:.4f}" if self.recipe.monitor == "val_loss" else "")
+            + f"{' *' if improved else ''} | {rate:.1f} steps/s, ETA {eta} (at most)"
             + self._early_stop_eta()
             + (f" | skipped {int(skipped)} non-finite updates" if skipped else ""),
             flush=True,
@@ -364,7 +363,12 @@ class Run:
             "stage": config.stage,
             "test_accuracy": test["accuracy"],
             "test_loss": test["loss"],
-            "best_validation_accuracy": meta["best_val"],
+            **selection.results(
+                self.recipe.monitor,
+                self.recipe.restore,
+                meta["best_val"],
+                config.dataset.validation,
+            ),
             "best_epoch": best.latest_step(),
             "epochs": meta["epoch"],
             "steps": int(state["step"]),
@@ -379,6 +383,8 @@ class Run:
             results |= _baseline_results(config, task, variables, self.data.test)
         progress.write_text(self.path / "results.json", json.dumps(results, indent=2))
         line = f"[{config.stage}] test accuracy {results['test_accuracy']:.4f}"
+        if config.dataset.validation == "test":
+            line += " (selected on the test set: not a held-out figure)"
         if "backbone_test_accuracy" in results:
             line += f" (frozen backbone alone: {results['backbone_test_accuracy']:.4f})"
         progress.log(line + f"; results in {self.path / 'results.json'}", flush=True)

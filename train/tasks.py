@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -153,6 +155,7 @@ def load_backbone(config, backbone) -> tuple[dict, tuple[str, int | None, str]]:
         logging.info("frozen backbone from pretrained weights %s", path)
         return jax.tree.map(jnp.asarray, variables), (path, None, checkpoints.digest_file(path))
     directory, step = checkpoints.find_model_checkpoint(path)
+    _check_pixel_scale(config, directory)
     if (epoch := checkpoints.unfinished_training(path)) is not None:
         progress.log(
             f"note: the backbone in {path} has not finished training (no results.json; its last "
@@ -165,6 +168,24 @@ def load_backbone(config, backbone) -> tuple[dict, tuple[str, int | None, str]]:
     restored = checkpoints.restore(mngr, step, abstract, "backbone checkpoint")
     logging.info("frozen backbone from %s/%d", directory, step)
     return restored["variables"], (directory, step, sha)
+
+
+def _check_pixel_scale(config, checkpoint_dir) -> None:
+    """A toy backbone trained on images of another scale (model.pixel_scale) is refused: frozen,
+    it would see inputs it never saw in training."""
+    if config.model.backbone != "toy":
+        return
+    try:
+        trained = json.loads((Path(checkpoint_dir).parent / "config.json").read_text())
+        scale = float(trained["model"].get("pixel_scale", 1.0))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # no readable record of the backbone's config: nothing to compare
+    if scale != float(config.model.pixel_scale):
+        raise UserError(
+            f"the backbone in {config.backbone_checkpoint} was trained with model.pixel_scale="
+            f"{scale:g}; set --config.model.pixel_scale={scale:g} (this config has "
+            f"{float(config.model.pixel_scale):g})"
+        )
 
 
 def attention_task(config, backbone, rng) -> Task:

@@ -6,12 +6,14 @@ abc`` is refused while parsing); these checks also catch values written into a c
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from pathlib import Path
 
 from train.errors import UserError
 from train.models import ADDON_KINDS, BACKBONES, DTYPES
+from train.selection import MONITORS, RESTORES
 
 STAGES = ("backbone", "attention", "both", "addon")
 GATES = ("direct", "residual")
@@ -19,6 +21,8 @@ SQUASHES = ("tanh", "sigmoid")
 NONFINITE = ("stop", "skip")
 PIPELINES = ("memory", "imagenet")
 Q_AVG_SOURCES = ("own", "learned", "shifted")
+VALIDATIONS = ("held_out", "test")
+KERNEL_INITS = ("flax", "keras")
 
 
 def _fail(field: str, want: str, value) -> None:
@@ -35,6 +39,8 @@ def _number(config, field: str, low: float, high: float, high_open=False, low_op
     v = config[field]
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         _fail(field, "a number", v)
+    if not math.isfinite(v):
+        _fail(field, "a finite number", v)
     too_low = v <= low if low_open else v < low
     too_high = v >= high if high_open else v > high
     if too_low or too_high:
@@ -76,6 +82,7 @@ def check_config(config) -> None:
     ):
         _positive_int(c, field)
     _number(c, "dataset.validation_fraction", 0.0, 1.0, high_open=True)
+    _choice(c, "dataset.validation", VALIDATIONS)
     _number(c, "attention.dropout_rate", 0.0, 1.0, high_open=True)
     _number(c, "attention.alpha_init", -1e6, 1e6)
     _choice(c, "model.backbone", BACKBONES)
@@ -84,6 +91,8 @@ def check_config(config) -> None:
         _positive_int(c, "model.hidden")
         _number(c, "model.dropout_rate", 0.0, 1.0, high_open=True)
         _positive_ints(c, "model.features")
+        _choice(c, "model.kernel_init", KERNEL_INITS)
+        _number(c, "model.pixel_scale", 0.0, 1e6, low_open=True)
     else:
         _positive_int(c, "model.width")
         if c["model.stage_sizes"]:
@@ -112,6 +121,8 @@ def check_config(config) -> None:
         _number(c, f"{stage}.weight_decay", 0.0, float("inf"))
         if not isinstance(c[f"{stage}.augment"], bool):
             _fail(f"{stage}.augment", "True or False", c[f"{stage}.augment"])
+        _choice(c, f"{stage}.monitor", MONITORS)
+        _choice(c, f"{stage}.restore", RESTORES)
 
 
 def _check_attention(c, config) -> None:
@@ -182,4 +193,10 @@ def check_sweep(config) -> None:
         raise UserError(
             "config.sweep trains attention systems on a frozen backbone: set "
             "config.attention_training.finetune_backbone=False"
+        )
+    t = config.attention_training
+    if (t.monitor, t.restore) != ("val_accuracy", "best"):
+        raise UserError(
+            "config.sweep selects each member's best validation accuracy: set "
+            "config.attention_training.monitor='val_accuracy' and restore='best'"
         )

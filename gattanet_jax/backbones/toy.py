@@ -20,6 +20,11 @@ import jax.numpy as jnp
 from gattanet_jax import dropout
 from gattanet_jax.backbones.conv import fast_conv
 
+KERNEL_INITS = {
+    "flax": nn.initializers.lecun_normal(),  # Flax's default for nn.Conv and nn.Dense
+    "keras": nn.initializers.glorot_uniform(),  # Keras' default for Conv2D and Dense
+}
+
 
 class ConvReLU(nn.Conv):
     """A convolution followed by ReLU; its output is the post-activation map."""
@@ -72,6 +77,10 @@ class ToyCNN(nn.Module):
       dtype: computation dtype (parameters stay float32).
       fast_conv: convolutions through ``backbones.conv.fast_conv`` (the same values; faster
         on CPU for the RGB input layer); False: XLA's convolution everywhere.
+      kernel_init: 'flax' (Flax's default, LeCun normal) or 'keras' (Keras' default, Glorot
+        uniform); biases start at zero either way, as in both libraries.
+      pixel_scale: inputs are images in [0, 1] and the model sees them times this: 1, or 255 for
+        the raw pixel values that Keras' ImageDataGenerator feeds without ``rescale``.
     """
 
     num_classes: int = 10
@@ -80,10 +89,15 @@ class ToyCNN(nn.Module):
     dropout_rate: float = 0.2
     dtype: jnp.dtype = jnp.float32
     fast_conv: bool = True
+    kernel_init: str = "flax"
+    pixel_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        init = {"kernel_init": KERNEL_INITS[self.kernel_init]} if self.kernel_init != "flax" else {}
         x = x.astype(self.dtype)
+        if self.pixel_scale != 1.0:
+            x = x * jnp.asarray(self.pixel_scale, self.dtype)
         for i, f in enumerate(self.features):
             x = ConvReLU(
                 f,
@@ -92,12 +106,13 @@ class ToyCNN(nn.Module):
                 dtype=self.dtype,
                 conv_general_dilated=fast_conv if self.fast_conv else None,
                 name=f"conv{i + 1}",
+                **init,
             )(x)
             x = max_pool_2x2(x)
             x = HashDropout(self.dropout_rate, name=f"Dropout_{i}")(x, deterministic=not train)
         x = x.reshape(x.shape[0], -1)
-        x = DenseReLU(self.hidden, dtype=self.dtype, name="dense1")(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(x)
+        x = DenseReLU(self.hidden, dtype=self.dtype, name="dense1", **init)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="logits", **init)(x)
 
 
 TOY_SITES = ("conv1", "conv2", "conv3", "dense1", "logits")

@@ -293,8 +293,11 @@ def load_stream(config: ml_collections.ConfigDict, image_shape: tuple[int, ...])
 
     train = stream("train").take(ds.max_train_examples)
     test = stream(ds.test_split).take(ds.max_test_examples)
-    rest, val = validation_positions(len(train), ds.validation_fraction, seed=1234)
-    train, validation = train.subset(rest), train.subset(val)
+    if ds.validation == "test":
+        validation = test
+    else:
+        rest, val = validation_positions(len(train), ds.validation_fraction, seed=1234)
+        train, validation = train.subset(rest), train.subset(val)
     if len(train) == 0 or len(test) == 0:
         raise UserError(f"dataset {name!r} has an empty train or test split")
     return Data(train, validation, test, ds.num_classes, class_names(builder))
@@ -325,7 +328,10 @@ def load(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> Dat
             )
     train = splits["train"].take(config.dataset.max_train_examples)
     test = splits["test"].take(config.dataset.max_test_examples)
-    train, validation = carve_validation(train, config.dataset.validation_fraction, seed=1234)
+    if config.dataset.validation == "test":  # selects on the test split (labelled as such)
+        validation = test
+    else:
+        train, validation = carve_validation(train, config.dataset.validation_fraction, seed=1234)
     if len(train) == 0 or len(test) == 0:
         raise UserError(f"dataset {name!r} has an empty train or test split")
     return Data(train, validation, test, num_classes, tuple(names))
