@@ -51,7 +51,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     # imported late: JAX starts after the flags are parsed
-    from train import defaults, train
+    from train import compilation, defaults, train
     from train.tools import summary
 
     try:
@@ -61,6 +61,7 @@ def main(argv):
             return
         if not _WORKDIR.value:
             raise UserError("--workdir is required (or --dry_run to see what a run would do)")
+        compilation.enable_cache()
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

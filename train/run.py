@@ -17,7 +17,17 @@ import numpy as np
 import optax
 
 from gattanet_jax import count_params, site_alphas
-from train import checkpoints, guards, models, parallel, progress, selection, steps, validate
+from train import (
+    checkpoints,
+    compilation,
+    guards,
+    models,
+    parallel,
+    progress,
+    selection,
+    steps,
+    validate,
+)
 from train.addon_tasks import addon_task
 from train.data import input_pipeline
 from train.errors import UserError
@@ -34,8 +44,9 @@ class Run:
 
     label = None  # the progress lines' tag (default: the stage)
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, compiles: compilation.CompileLog | None = None):
         self.start_time = time.time()
+        self.compiles = compiles or compilation.CompileLog()  # (inactive: records nothing)
         self.config = config
         self.label = self.label or config.stage
         self.place = place = parallel.placement(config)
@@ -203,11 +214,26 @@ class Run:
             now = time.time() - self.start_time
             elapsed += now
             processes.append(
-                self.process | {"to_step": self.step_count(), "wall_time_s": round(now, 1)}
+                self.process
+                | {"to_step": self.step_count(), "wall_time_s": round(now, 1)}
+                | self.compile_record()
             )
         record = {"wall_time_s": round(elapsed, 1), "processes": processes}
         progress.write_text(self.path / ELAPSED, json.dumps(record, indent=1))
         return record
+
+    def compile_record(self) -> dict:
+        """This process's compilations (totals) and the seconds from its start to the end of
+        its first training step."""
+        first = getattr(self, "first_step_s", None)
+        return {"compile": self.compiles.summary()} | (
+            {"first_step_s": round(first, 2)} if first is not None else {}
+        )
+
+    def report_compiles(self):
+        """A line for each compilation since the last report (and the small ones together)."""
+        for line in self.compiles.new_lines():
+            progress.log(f"[{self.label}] {line}")
 
     def prepare(self):
         """The alpha-zero guard, config.json, the compiled step, the batches and the logs."""
@@ -226,6 +252,7 @@ class Run:
             config.log_every_steps,
         )  # fmt: skip
         self.epoch_times = []
+        self.first_step_s = None
 
     def train_epoch(self, stop: progress.Preemption) -> tuple[dict, np.ndarray]:
         """The epoch's steps (from where a resumed epoch stopped); returns the summed loss and
@@ -247,6 +274,13 @@ class Run:
                 stop.exit(config.stage, self.step_count())
             self.state, metrics = self.step_fn(self.state, self.task.frozen, *args)
             del args
+            if self.first_step_s is None:  # compiled and run: the time a user waits for it
+                jax.block_until_ready(metrics["loss"])
+                self.first_step_s = time.time() - self.start_time
+                self.report_compiles()
+                progress.log(
+                    f"[{self.label}] first step ended {self.first_step_s:.1f} s after start"
+                )
             sums = {k: sums[k] + metrics[k] for k in sums}
             finite.append(metrics["finite"])  # read back only at the checks: no sync per step
             at_mid = bool(every) and (i + 1) % every == 0 and i + 1 < self.steps_per_epoch

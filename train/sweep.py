@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from gattanet_jax import count_params, init_attention, site_alphas, sites, two_pass
-from train import checkpoints, guards, models, parallel, progress, steps, validate
+from train import checkpoints, compilation, guards, models, parallel, progress, steps, validate
 from train.data import input_pipeline
 from train.errors import UserError
 from train.run import Run
@@ -90,8 +90,9 @@ class SweepRun(Run):
 
     label = "sweep"
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, compiles: compilation.CompileLog | None = None):
         self.start_time = time.time()
+        self.compiles = compiles or compilation.CompileLog()
         self.config = config
         validate.check_sweep(config)
         self.members = members = member_configs(config)

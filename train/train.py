@@ -17,7 +17,7 @@ import time
 
 import ml_collections
 
-from train import defaults, parallel, progress, sweep, validate
+from train import compilation, defaults, parallel, precision, progress, sweep, validate
 from train.run import Run
 
 
@@ -25,8 +25,8 @@ def train_stage(config, workdir: str, run_type: type[Run] = Run) -> tuple[dict, 
     """Trains one stage (or a sweep) in ``workdir``, resuming from its latest checkpoint if there
     is one. SIGTERM and SIGINT save the run at the next step boundary and exit (128 + the
     signal)."""
-    with progress.Preemption() as stop:
-        return _train_stage(run_type(config, workdir), stop)
+    with progress.Preemption() as stop, compilation.timed() as compiles:
+        return _train_stage(run_type(config, workdir, compiles), stop)
 
 
 def _train_stage(run: Run, stop: progress.Preemption) -> tuple[dict, dict]:
@@ -36,6 +36,7 @@ def _train_stage(run: Run, stop: progress.Preemption) -> tuple[dict, dict]:
         t0 = time.time()
         sums, skipped = run.train_epoch(stop)
         run.end_epoch(sums, skipped, t0)
+        run.report_compiles()
     if run.stopped():
         progress.log(
             f"[{run.label}] early stopping: no better validation accuracy for "
@@ -46,10 +47,16 @@ def _train_stage(run: Run, stop: progress.Preemption) -> tuple[dict, dict]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
-    """Runs ``config.stage`` in ``workdir``; returns (final state, metrics)."""
+    """Runs ``config.stage`` in ``workdir`` under the config's precision policy
+    (``train.precision``); returns (final state, metrics)."""
     config = defaults.complete(config)
     validate.check_config(config)
     parallel.initialize(config)
+    with precision.scope(config):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     if sweep.size(config):
         return train_stage(config, workdir, sweep.SweepRun)
     if config.stage != "both":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from train.errors import UserError
 from train.models import ADDON_KINDS, BACKBONES, DTYPES
+from train.precision import PRECISIONS
 from train.selection import MONITORS, RESTORES
 
 STAGES = ("backbone", "attention", "both", "addon")
@@ -87,6 +88,7 @@ def check_config(config) -> None:
     _number(c, "attention.alpha_init", -1e6, 1e6)
     _choice(c, "model.backbone", BACKBONES)
     _choice(c, "model.dtype", tuple(DTYPES))
+    _choice(c, "model.precision", PRECISIONS)
     if c["model.backbone"] == "toy":
         _positive_int(c, "model.hidden")
         _number(c, "model.dropout_rate", 0.0, 1.0, high_open=True)

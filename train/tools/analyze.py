@@ -46,6 +46,7 @@ from absl import app, flags, logging
 from gattanet_jax import two_pass
 from gattanet_jax.attention import param_name
 from gattanet_jax.sites import lesion_mask, lesion_string
+from train import compilation, precision
 from train.data.augment import to_float
 from train.errors import UserError
 from train.tools import plots
@@ -689,6 +690,12 @@ def run(analysis: str, f: dict) -> None:
         paired(Path(f["workdir"]), f["runs"], **load_args)
         return
     m = load(f["workdir"], f["data_dir"], f["max_examples"])
+    with precision.scope(m.config):  # the precision the workdir trained at
+        _single(analysis, m, f)
+
+
+def _single(analysis: str, m, f: dict) -> None:
+    """An analysis of one attention workdir."""
     if analysis == "noise":
         noise(m, _parse(f["sigmas"], float, "--sigmas must be numbers"))
     elif analysis == "lesion":
@@ -717,7 +724,8 @@ def main(argv, defined: dict):
         sys.exit(2)
     logging.set_verbosity(logging.WARNING)
     try:
-        run(argv[1], {k: v.value for k, v in defined.items()})
+        with compilation.cache(), precision.scope_for("float32"):  # several runs: the default
+            run(argv[1], {k: v.value for k, v in defined.items()})
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -24,7 +24,7 @@ import sys
 import numpy as np
 from absl import app, flags, logging
 
-from train import defaults
+from train import compilation, defaults
 from train.errors import UserError
 
 LOCK = ".compare.lock"
@@ -196,6 +196,7 @@ def main(argv, defined: dict):
     f = {k: v.value for k, v in defined.items()}
     overrides = {k: f[k] for k in ("epochs", "patience", "data_dir", "dataset")}
     try:
+        compilation.enable_cache()
         out = compare(f["workdir"], f["backbones"], f["systems"], f["arg"], **overrides)
     except (UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

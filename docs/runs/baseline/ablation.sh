@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# What moves the toy baseline: each recipe switch alone on seeds 0 and 1, to convergence with the
+# paper's patience (50 epochs), two runs side by side (one lane per seed). Resumable: rerun the
+# same command (a finished run is only re-evaluated). Needs the CIFAR-10 JPEG copy prepared:
+#   python -m train.prepare_data --source path/to/cifar10-jpeg.tar.xz --name local_cifar10 \
+#       --data_dir data/tfds
+# Usage: bash docs/runs/baseline/ablation.sh [workdir root, default workdirs/baseline] [variant...]
+# The default recipe's runs are the shipped backbones (pretrained/toy_cifar10_s{0,1,2}/backbone).
+set -uo pipefail
+cd "$(dirname "$0")/../../.."
+root=${1:-workdirs/baseline}
+shift || true
+python=${PYTHON:-.venv/bin/python}
+
+declare -A FLAGS=(
+  [test_selected]="--config.dataset.validation=test"
+  [keras_init]="--config.model.kernel_init=keras"
+  [val_loss]="--config.backbone_training.monitor=val_loss"
+  [restore_last]="--config.backbone_training.restore=last"
+  [keras_stopping]="--config.backbone_training.monitor=val_loss --config.backbone_training.restore=last"
+  [pixels_255]="--config.model.pixel_scale=255"
+)
+variants=("$@")
+[ ${#variants[@]} -gt 0 ] || variants=(test_selected keras_init pixels_255 val_loss restore_last keras_stopping)
+
+lane() {  # the variants in order, on one seed
+  local seed=$1
+  for v in "${variants[@]}"; do
+    local w="$root/$v/$seed"
+    mkdir -p "$w"
+    echo "[ablation] $(date -u +%FT%TZ) $v seed $seed -> $w"
+    # shellcheck disable=SC2086
+    "$python" -m train.main --config configs/toy_cifar10.py --workdir "$w" \
+      --config.stage=backbone --config.dataset.data_dir=data/tfds --config.seed="$seed" \
+      ${FLAGS[$v]} >> "$w/train.log" 2>&1 || echo "[ablation] $v seed $seed failed: $w/train.log"
+  done
+}
+
+lane 0 &
+lane 1 &
+wait
+echo "[ablation] $(date -u +%FT%TZ) done"
