@@ -39,6 +39,22 @@ def build(batch: int, dtype: str, d: int, backbone_name: str = "toy", image_size
     return backbone, backbone_vars, attention, attention_vars, images, labels
 
 
+def aot(jitted, *args) -> tuple:
+    """Compiles ``jitted`` for ``args`` once, ahead of time: (the executable, which serves both the
+    timing and the cost analysis, and its stats: compile_s, XLA's FLOPs and temporary bytes)."""
+    t = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    seconds = time.perf_counter() - t
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    mem = compiled.memory_analysis()
+    return compiled, {
+        "compile_s": seconds,
+        "flops": float(cost.get("flops", float("nan"))) if cost else float("nan"),
+        "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0)) if mem else None,
+    }
+
+
 def report(results: dict, as_json: bool) -> None:
     """Prints a benchmark's results: one JSON object, or one 'key value' line per entry."""
     if as_json:

@@ -1,11 +1,12 @@
 r"""Times GAttANet's steps against the backbone's own, on the default device.
 
   python -m benchmarks.step --backbone toy --batch 128 [--dtype float32|bfloat16] \
-      [--peer torch] [--json]
+      [--precision float32|tensorfloat32] [--peer torch] [--json]
   python -m benchmarks.step --backbone resnet50 --batch 256 --dtype bfloat16 [--image_size 224]
 
-Every time is a median over ``--repeats`` runs after ``--warmup`` runs (compilation excluded),
-of the same compiled functions the training loop uses. Keys: benchmarks/README.md.
+Every time is a median over ``--repeats`` runs after ``--warmup`` runs of the same compiled
+functions the training loop uses, each compiled once ahead of time (its ``compile_s`` apart).
+float32 runs at ``--precision`` (train/precision.py). Keys: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import optax
 from absl import app, flags
 
 import gattanet_jax as gj
-from benchmarks.common import build, median_seconds, report
-from train import steps
+from benchmarks.common import aot, build, median_seconds, report
+from train import compilation, precision, steps
 from train.tasks import attention_loss_fn, backbone_loss_fn
 
 if __name__ == "__main__":  # flags only when run as a program (the suite imports this)
@@ -35,6 +36,9 @@ if __name__ == "__main__":  # flags only when run as a program (the suite import
     )
     _BATCH = flags.DEFINE_integer("batch", 128, "Batch size.")
     _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
+    _PRECISION = flags.DEFINE_enum(
+        "precision", "float32", list(precision.PRECISIONS), "float32 dots and convolutions."
+    )
     _D = flags.DEFINE_integer("d", 16, "Attention dimension.")
     _KQ_DROPOUT = flags.DEFINE_float(
         "kq_dropout", None, "Key/query dropout rate of the attention step (default: the paper's)."
@@ -61,17 +65,6 @@ def time_step(step_fn, state, data, repeats, warmup):
         jax.block_until_ready(call(i))
         times.append(time.perf_counter() - t)
     return float(np.median(times))
-
-
-def compiled_stats(jitted, *args) -> dict:
-    compiled = jitted.lower(*args).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    mem = compiled.memory_analysis()
-    return {
-        "flops": float(cost.get("flops", float("nan"))) if cost else float("nan"),
-        "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0)) if mem else None,
-    }
 
 
 def train_steps(
@@ -111,15 +104,18 @@ def train_steps(
     # in training mode, its statistics updated).
     bb_step, bb_state = step_and_state(backbone_loss_fn(backbone, 0.0), jax.tree.map(jnp.copy, bv))
     bb_data = ({}, *data)
-    results["backbone_train_step"] = compiled_stats(bb_step, bb_state, *bb_data, jnp.int32(0))
+    bb_step, results["backbone_train_step"] = aot(bb_step, bb_state, *bb_data, jnp.int32(0))
     results["backbone_train_step_s"] = time_step(bb_step, bb_state, bb_data, repeats, warmup)
 
     at_step, at_state = step_and_state(
         attention_loss_fn(backbone, attention, 1e-5), jax.tree.map(jnp.copy, av)
     )
     at_data = ({"backbone": bv}, *data)
-    results["attention_step"] = compiled_stats(at_step, at_state, *at_data, jnp.int32(0))
+    at_step, results["attention_step"] = aot(at_step, at_state, *at_data, jnp.int32(0))
     results["attention_step_s"] = time_step(at_step, at_state, at_data, repeats, warmup)
+    results["compile_s"] = (
+        results["backbone_train_step"]["compile_s"] + results["attention_step"]["compile_s"]
+    )
     return results, (backbone, bv, attention, av, images)
 
 
@@ -141,9 +137,13 @@ def run(
     )
     x = images.astype(jnp.float32) / 255.0
     eval_fn = jax.jit(lambda av, bv, x: gj.two_pass(backbone, attention, av, bv, x).logits)
+    eval_fn, results["eval_forward"] = aot(eval_fn, av, bv, x)
     results["eval_forward_s"] = median_seconds(eval_fn, av, bv, x, repeats=repeats, warmup=warmup)
-    fwd = jax.jit(lambda bv, x: backbone.apply(bv, x))
+    fwd, results["backbone_forward"] = aot(jax.jit(lambda bv, x: backbone.apply(bv, x)), bv, x)
     results["backbone_forward_s"] = median_seconds(fwd, bv, x, repeats=repeats, warmup=warmup)
+    results["compile_s"] += (
+        results["eval_forward"]["compile_s"] + results["backbone_forward"]["compile_s"]
+    )
 
     results["attention_images_per_s"] = batch / results["attention_step_s"]
     results["eval_images_per_s"] = batch / results["eval_forward_s"]
@@ -198,17 +198,20 @@ def run(
 
 def main(argv):
     del argv
-    results = run(
-        _BATCH.value,
-        _DTYPE.value,
-        _D.value,
-        _REPEATS.value,
-        _WARMUP.value,
-        _PEER.value,
-        _BACKBONE.value,
-        _IMAGE_SIZE.value,
-        _KQ_DROPOUT.value,
-    )
+    compilation.enable_cache()
+    with precision.scope_for(_DTYPE.value, _PRECISION.value):
+        results = run(
+            _BATCH.value,
+            _DTYPE.value,
+            _D.value,
+            _REPEATS.value,
+            _WARMUP.value,
+            _PEER.value,
+            _BACKBONE.value,
+            _IMAGE_SIZE.value,
+            _KQ_DROPOUT.value,
+        )
+    results["config"]["precision"] = precision.policy(_DTYPE.value, _PRECISION.value) or "default"
     report(results, _JSON.value)
 
 

@@ -25,3 +25,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="gattanet-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _reference_precision(request):
+    """Tests marked ``reference`` (float64 references) run at the project's default precision
+    policy (train/precision.py), so that they hold on a GPU or TPU as on a CPU:
+    ``JAX_PLATFORMS= python -m pytest -m reference -n 0`` runs them on whatever device JAX has."""
+    if request.node.get_closest_marker("reference") is None:
+        yield
+        return
+    from train import precision
+
+    with precision.scope_for("float32", precision.DEFAULT):
+        yield

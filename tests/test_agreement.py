@@ -6,6 +6,8 @@ import pytest
 from gattanet_jax import agreement as agr
 from tests import reference as ref
 
+pytestmark = pytest.mark.reference
+
 
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

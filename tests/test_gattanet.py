@@ -67,6 +67,7 @@ def images(batch, size=32, seed=3):
     return jax.random.uniform(jax.random.key(seed), (batch, size, size, 3))
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize(("batch", "d"), [(2, 16), (3, 5)])
 def test_two_pass_matches_numpy_step_by_step(batch, d):
     backbone, bv, attention, av = make(d=d)
@@ -92,6 +93,7 @@ def test_inference_without_internals_takes_the_shortcut_and_agrees():
     assert fast.attention is None and set(full.attention.keys) == set(gj.TOY_SITES)
 
 
+@pytest.mark.reference
 def test_lesions_match_numpy():
     backbone, bv, attention, av = make()
     x = images(2)
@@ -149,6 +151,7 @@ def tiny(seed=0, d=3, dtype=jnp.float32):
     return make(d=d, features=(2, 3, 2), hidden=4, num_classes=3, size=8, seed=seed, dtype=dtype)
 
 
+@pytest.mark.reference
 def test_gradients_reach_every_attention_parameter_and_match_finite_differences():
     with jax.enable_x64(True):
         backbone, bv, attention, av = tiny(dtype=jnp.float64)
@@ -326,6 +329,7 @@ def test_bad_lesion_strings(lesion, match):
         gj.two_pass(backbone, attention, av, bv, images(1, size=8), lesion=lesion)
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize(("iterations", "bounded"), [(2, False), (3, True)])
 def test_several_iterations_match_numpy(iterations, bounded):
     backbone, bv, attention, av = make(d=5, features=(4, 8, 8), hidden=16, size=16)
@@ -360,6 +364,7 @@ def test_one_iteration_and_no_cue_are_the_papers_model_exactly():
     np.testing.assert_array_equal(cued(av, bv, x, cue, jnp.zeros(3)).logits, paper)
 
 
+@pytest.mark.reference
 def test_a_cue_mixes_into_the_global_query_as_numpy_does():
     backbone, bv, attention, av = make(d=5, features=(4, 8, 8), hidden=16, size=16)
     x = images(3, size=16)
@@ -436,6 +441,7 @@ def multi_head_numpy(bparams, att, x, sites, heads, d):
     return ref.toy_forward(bparams, x, mod), np.stack(q_avg, axis=1)
 
 
+@pytest.mark.reference
 def test_multi_head_agreement_matches_a_loop_over_heads():
     backbone, bv, attention, _ = make(d=3, features=(4, 8, 8), hidden=16, size=16)
     attention = attention.clone(heads=2)

@@ -114,3 +114,8 @@ def test_comparison_systems_steps_are_float32(tmp_path, system):
     config.eval_batch_size = reference.eval_batch_size
     for text in step_modules(config, tmp_path):
         assert_all(text, "HIGHEST")
+
+
+@pytest.mark.reference
+def test_reference_tests_run_at_the_default_policy():
+    assert jax_config.default_matmul_precision.value == precision.DEFAULT == "float32"

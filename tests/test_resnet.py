@@ -85,6 +85,7 @@ VARIANTS = {
 }
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_converted_weights_give_the_torch_logits(variant):
     torch_resnet = pytest.importorskip("tests.torch_resnet")

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import gattanet_jax as gj
 from tests import reference as ref
@@ -30,6 +31,7 @@ def tiny_attention(dropout_rate=0.25):
     return backbone, bv, attention, params
 
 
+@pytest.mark.reference
 def test_attention_step_compiles_once_donates_state_and_leaves_the_backbone_alone():
     """No dropout and no augmentation, so the first step's loss can be checked against the
     NumPy reference: cross-entropy of the two-pass logits plus 1e-5 x sum of K^2 and Q^2."""

@@ -145,6 +145,7 @@ def test_positional_attention_against_a_loop_with_explicit_offsets():
         gsa.positional_attention(q, v, r_col[:-1], r_row)
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
 def test_gsa_module_is_the_papers_equations(train):
     """The whole module against the loops: 1x1 projections, content + positional branches,
@@ -191,6 +192,7 @@ def test_gsa_module_is_the_papers_equations(train):
         GSA(features=10, heads=4).init(jax.random.key(0), x)
 
 
+@pytest.mark.reference
 def test_gala_add_on_on_the_toy_cnn_equals_the_reference_forward_with_gala_by_hand():
     import gattanet_jax as gj
     from gattanet_jax import addon

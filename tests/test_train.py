@@ -273,6 +273,8 @@ def test_the_recorded_commit_says_when_tracked_files_differ_from_it(tmp_path):
     assert progress.git_commit(tmp_path) == clean
     (tmp_path / "code.py").write_text("a = 2\n")
     assert progress.git_commit(tmp_path) == clean + "+changes"
+    (tmp_path / "export").mkdir()  # a copy of the code inside another repository
+    assert progress.git_commit(tmp_path / "export") is None
 
 
 def test_attention_stage_trains_only_the_attention_tree(backbone_run, tmp_path):

@@ -48,14 +48,18 @@ def environment() -> dict:
 
 def git_commit(root: Path | None = None) -> str | None:
     """The commit of the checkout (this code's, by default), with ``+changes`` when tracked
-    files differ from it (None outside a git checkout)."""
-    root = root or Path(__file__).resolve().parent.parent
+    files differ from it (None outside a git checkout, and where ``root`` is not the top of one:
+    a copy of the code inside another repository is not that repository's commit)."""
+    root = (root or Path(__file__).resolve().parent.parent).resolve()
 
     def git(*args):
         done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
         return done.stdout.strip() if done.returncode == 0 else ""
 
     try:
+        top = git("rev-parse", "--show-toplevel")
+        if not top or Path(top).resolve() != root:
+            return None
         commit = git("rev-parse", "HEAD")
         changed = commit and git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
