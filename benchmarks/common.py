@@ -66,7 +66,10 @@ def report(results: dict, as_json: bool) -> None:
 
 def median_seconds(fn, *args, repeats: int, warmup: int) -> float:
     """Median wall time of ``fn(*args)`` with the result waited for; ``fn`` returns new args
-    for the next call when it is a step (state threading), else its outputs are dropped."""
+    for the next call when it is a step (state threading), else its outputs are dropped. NaN
+    for no repeats."""
+    if not repeats:
+        return float("nan")
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []

@@ -37,20 +37,28 @@ if __name__ == "__main__":  # flags only when run as a program (the suite import
     _BATCH = flags.DEFINE_integer("batch", 128, "Batch size.")
     _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
     _PRECISION = flags.DEFINE_enum(
-        "precision", "float32", list(precision.PRECISIONS), "float32 dots and convolutions."
+        "precision",
+        "float32",
+        [*precision.PRECISIONS, "default"],
+        "float32 dots and convolutions: a policy of train/precision.py, or 'default' (XLA's).",
     )
     _D = flags.DEFINE_integer("d", 16, "Attention dimension.")
     _KQ_DROPOUT = flags.DEFINE_float(
         "kq_dropout", None, "Key/query dropout rate of the attention step (default: the paper's)."
     )
     _PEER = flags.DEFINE_enum("peer", None, ["torch"], "Also time a peer implementation.")
-    _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed runs per measurement.")
+    _REPEATS = flags.DEFINE_integer(
+        "repeats", 20, "Timed runs per measurement (0: compile only, times are NaN)."
+    )
     _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed runs before timing.")
     _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 
 
 def time_step(step_fn, state, data, repeats, warmup):
-    """Times a donated-state train step, threading the state through the calls."""
+    """Times a donated-state train step, threading the state through the calls (NaN for no
+    repeats: compile only)."""
+    if not repeats:
+        return float("nan")
     holder = {"state": state}
 
     def call(i):

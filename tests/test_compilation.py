@@ -73,3 +73,15 @@ def test_cache_directory_override_and_off_switch(monkeypatch, tmp_path):
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert compilation.default_dir() == tmp_path / "xdg" / "gattanet-jax" / "xla"
+
+
+def test_the_step_benchmark_compiles_each_step_once():
+    from benchmarks import step as step_bench
+
+    with compilation.timed() as log:
+        results, _ = step_bench.train_steps(4, "float32", 4, repeats=2, warmup=1)
+    steps = [r for r in log.records if r["name"] == "jit(train_step)"]
+    assert len(steps) == 2, log.records  # the backbone's step and the attention step, once each
+    for name in ("backbone_train_step", "attention_step"):
+        assert results[name]["compile_s"] > 0 and results[name]["flops"] > 0
+        assert results[f"{name}_s"] > 0
