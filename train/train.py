@@ -17,15 +17,15 @@ import time
 
 import ml_collections
 
-from train import compilation, defaults, parallel, precision, progress, sweep, validate
+from train import compilation, defaults, lock, parallel, precision, progress, sweep, validate
 from train.run import Run
 
 
 def train_stage(config, workdir: str, run_type: type[Run] = Run) -> tuple[dict, dict]:
     """Trains one stage (or a sweep) in ``workdir``, resuming from its latest checkpoint if there
-    is one. SIGTERM and SIGINT save the run at the next step boundary and exit (128 + the
-    signal)."""
-    with progress.Preemption() as stop, compilation.timed() as compiles:
+    is one, holding the workdir's lock (``train.lock``). SIGTERM and SIGINT save the run at the
+    next step boundary and exit (128 + the signal)."""
+    with lock.hold(workdir), progress.Preemption() as stop, compilation.timed() as compiles:
         return _train_stage(run_type(config, workdir, compiles), stop)
 
 
@@ -50,7 +50,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     """Runs ``config.stage`` in ``workdir`` under the config's precision policy
     (``train.precision``); returns (final state, metrics)."""
     config = defaults.complete(config)
-    validate.check_config(config)
+    validate.check_before_work(config)
     parallel.initialize(config)
     with precision.scope(config):
         return _train_and_evaluate(config, workdir)

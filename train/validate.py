@@ -11,6 +11,7 @@ import numbers
 import os
 from pathlib import Path
 
+from train import models
 from train.errors import UserError
 from train.models import ADDON_KINDS, BACKBONES, DTYPES
 from train.precision import PRECISIONS
@@ -24,6 +25,7 @@ PIPELINES = ("memory", "imagenet")
 Q_AVG_SOURCES = ("own", "learned", "shifted")
 VALIDATIONS = ("held_out", "test")
 KERNEL_INITS = ("flax", "keras")
+PARALLEL_MODES = ("none", "jit", "pmap")
 
 
 def _fail(field: str, want: str, value) -> None:
@@ -67,10 +69,24 @@ class _Flat:
         return node
 
 
+def _finite_everywhere(tree, prefix: str = "") -> None:
+    """Every number of the config is finite (a NaN passes every range check)."""
+    for key, value in tree.items():
+        field = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _finite_everywhere(value, f"{field}.")
+        values = value if isinstance(value, list | tuple) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                _fail(field, "finite", value)
+
+
 def check_config(config) -> None:
     """Raises UserError naming the first field with a bad type or value."""
+    _finite_everywhere(config.to_dict() if hasattr(config, "to_dict") else dict(config))
     c = _Flat(config)
     _choice(c, "stage", STAGES)
+    _choice(c, "parallel", PARALLEL_MODES)
     _choice(c, "on_nonfinite", NONFINITE)
     _positive_int(c, "seed", least=0)
     for field in (
@@ -125,6 +141,23 @@ def check_config(config) -> None:
             _fail(f"{stage}.augment", "True or False", c[f"{stage}.augment"])
         _choice(c, f"{stage}.monitor", MONITORS)
         _choice(c, f"{stage}.restore", RESTORES)
+
+
+def check_before_work(config) -> None:
+    """Every check a run makes, made before it reads data or compiles: the config's values, and
+    where an attention system will be trained (stage 'attention', and the second stage of
+    'both'), its sites, d and lesion against the backbone's shapes."""
+    from gattanet_jax import sites as sites_lib
+
+    check_config(config)
+    if config.stage not in ("attention", "both"):
+        return
+    try:
+        backbone = models.build_backbone(config)
+        attention = models.attention_from_shapes(config, backbone)
+        sites_lib.lesion_mask(config.attention.lesion or None, attention.sites)
+    except ValueError as e:
+        raise UserError(f"config.attention.lesion: {e}") from None
 
 
 def _check_attention(c, config) -> None:

@@ -105,8 +105,16 @@ def compare(workdir: str, backbones, systems, arg: str = "", configure=None, **o
     Several processes may run the same comparison in one workdir (two side by side train
     faster than one on a CPU whose cores one run does not fill): each run is claimed by one
     process; the others train the rest and then wait for it and read it back."""
-    from train import train
+    from train import train, validate
 
+    backbones = list(backbones or ())
+    if not backbones or any(not b.strip() for b in backbones):
+        raise UserError(
+            f"--backbones must name one or more backbone workdirs, comma-separated, got "
+            f"{','.join(backbones)!r}"
+        )
+    if not systems or any(not s.strip() for s in systems):
+        raise UserError(f"--systems must name one or more systems, got {','.join(systems)!r}")
     for backbone in backbones:
         _check_finished(backbone)
     runs = {}
@@ -115,6 +123,7 @@ def compare(workdir: str, backbones, systems, arg: str = "", configure=None, **o
             config = run_config(system, backbone, i, arg, **overrides)
             if configure is not None:
                 configure(config)
+            validate.check_before_work(defaults.complete(config))  # every run, before any trains
             runs[system, i] = (config, os.path.join(workdir, system, str(i)), backbone)
 
     done = sum(_finished(run_dir, config) is not None for config, run_dir, _ in runs.values())

@@ -125,6 +125,7 @@ def dry_run(config) -> dict:
     from train.data import input_pipeline
 
     config = defaults.complete(config)
+    validate.check_before_work(config)
     s = summarize(config)
     data = input_pipeline.load(config, models.image_shape(config))
     sizes = {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)}
