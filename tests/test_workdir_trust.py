@@ -3,12 +3,13 @@ checkpoints, parts of a workdir lost."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from train import lock, train
+from train import checkpoints, lock, train
 from train.errors import UserError
 
 from .test_train import tiny_config
@@ -84,3 +85,90 @@ def test_compare_refuses_empty_backbone_names_before_training(tmp_path, backbone
     with pytest.raises(UserError, match="--backbones must name"):
         compare.compare(str(tmp_path), backbones, ["gattanet"], "smoke")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished two-epoch backbone run (periodic checkpoints of epochs 1 and 2, best/)."""
+    workdir = tmp_path_factory.mktemp("trained") / "w"
+    _, results = train.train_and_evaluate(tiny_config(), str(workdir))
+    return workdir, results
+
+
+def _copy(trained, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(trained[0], workdir)
+    (workdir / lock.LOCK).unlink(missing_ok=True)
+    return workdir
+
+
+def _damage(step_dir, truncate=False):
+    """XORs 64 bytes in the middle of the step's largest data file (or cuts it in half)."""
+    files = [p for p in step_dir.rglob("*") if p.is_file() and "digest" not in p.name]
+    target = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    if truncate:
+        data = data[: len(data) // 2]
+    else:
+        mid = len(data) // 2
+        data[mid : mid + 64] = bytes(b ^ 0x5A for b in data[mid : mid + 64])
+    target.write_bytes(bytes(data))
+
+
+def test_every_saved_checkpoint_records_its_digest(trained):
+    workdir, _ = trained
+    for manager in ("checkpoints", "best"):
+        for step_dir in (p for p in (workdir / manager).iterdir() if p.name.isdigit()):
+            recorded = (step_dir / checkpoints.DIGEST_FILE).read_text().strip()
+            assert recorded == checkpoints.digest(workdir / manager, int(step_dir.name))
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_a_damaged_best_checkpoint_is_one_clear_error(trained, tmp_path, truncate):
+    workdir = _copy(trained, tmp_path)
+    _damage(workdir / "best" / str(trained[1]["best_epoch"]), truncate)
+    with pytest.raises(UserError, match=r"best checkpoint at .*/best/\d is damaged.*new workdir"):
+        train.train_and_evaluate(tiny_config(), str(workdir))
+    second = tiny_config(stage="attention")
+    second.backbone_checkpoint = str(workdir)
+    with pytest.raises(UserError, match=r"backbone checkpoint at .* is damaged"):
+        train.train_and_evaluate(second, str(tmp_path / "a"))
+
+
+def test_a_damaged_periodic_checkpoint_is_set_aside_and_the_run_resumes_before_it(
+    trained, tmp_path, capsys
+):
+    workdir = _copy(trained, tmp_path)
+    _damage(workdir / "checkpoints" / "2")
+    _, results = train.train_and_evaluate(tiny_config(epochs=3), str(workdir))
+    out = capsys.readouterr().out
+    assert "checkpoints/2 is damaged" in out and "set aside as" in out
+    assert "resumed from epoch 1" in out
+    assert results["epochs"] == 3 and (workdir / "checkpoints" / "2.damaged").is_dir()
+
+
+def test_a_checkpoint_without_digest_that_cannot_be_read_is_one_line(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    step = workdir / "best" / str(trained[1]["best_epoch"])
+    (step / checkpoints.DIGEST_FILE).unlink()  # as saved before digests existed
+    _damage(step, truncate=True)
+    with pytest.raises(UserError, match=r"cannot read the best checkpoint at .*: \S"):
+        train.train_and_evaluate(tiny_config(), str(workdir))
+
+
+def test_losing_checkpoints_keeps_best_and_results(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    shutil.rmtree(workdir / "checkpoints")
+    results_before = (workdir / "results.json").read_text()
+    best_before = sorted(p.name for p in (workdir / "best").iterdir())
+    with pytest.raises(UserError, match=r"holds no usable checkpoint.*Kept as they are: .*best"):
+        train.train_and_evaluate(tiny_config(epochs=3), str(workdir))
+    assert (workdir / "results.json").read_text() == results_before
+    assert sorted(p.name for p in (workdir / "best").iterdir()) == best_before
+
+
+def test_losing_best_says_how_to_rebuild_it(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    shutil.rmtree(workdir / "best")
+    with pytest.raises(UserError, match=r"best is missing or empty.*new workdir"):
+        train.train_and_evaluate(tiny_config(), str(workdir))

@@ -6,7 +6,10 @@ A workdir holds two managers:
   best/         the model variables with the best validation accuracy so far (one kept): what
                 the final evaluation uses and what the attention stage loads as its backbone.
 Orbax writes each step to a temporary directory and renames it when complete, so a crash during
-a save leaves the previous step as the latest.
+a save leaves the previous step as the latest. Each saved step then gets ``DIGEST_FILE``, the
+sha256 of its files (written to a temporary name and renamed), and every restore checks it: a
+damaged or truncated file is a ``DamagedCheckpoint``, one line, never a TensorStore traceback.
+Steps saved before digests existed (the shipped models) restore unchecked.
 """
 
 from __future__ import annotations
@@ -63,8 +66,60 @@ def mismatches(expected, found) -> list[str]:
     return lines
 
 
+DIGEST_FILE = "digest.sha256"
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint step whose files do not match the digest written with it."""
+
+
+def write_digest(directory: str | os.PathLike, step: int) -> None:
+    """Records the sha256 of a saved step inside it, atomically (a temporary name, renamed)."""
+    root = Path(directory) / str(step)
+    tmp = root / f".{DIGEST_FILE}.tmp"
+    tmp.write_text(digest(directory, step) + "\n")
+    os.replace(tmp, root / DIGEST_FILE)
+
+
+def verify(directory: str | os.PathLike, step: int, what: str) -> None:
+    """Raises DamagedCheckpoint if the step's files do not match its recorded digest (a step
+    without one, saved before digests existed, passes unchecked)."""
+    recorded = Path(directory) / str(step) / DIGEST_FILE
+    try:
+        expected = recorded.read_text().strip()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise DamagedCheckpoint(f"cannot read the {what}'s digest {recorded}: {e}") from None
+    try:
+        found = digest(directory, step)
+    except OSError as e:
+        raise DamagedCheckpoint(f"cannot read the {what} at {directory}/{step}: {e}") from None
+    if found != expected:
+        raise DamagedCheckpoint(
+            f"the {what} at {directory}/{step} is damaged: its files do not match the digest "
+            "written with it (restore it from a copy, or train it again: the same command in a "
+            "new workdir rebuilds it exactly)"
+        )
+
+
+def set_aside(mngr, step: int) -> Path:
+    """Renames a damaged step out of the manager's sight (``<step>.damaged``), for a look later."""
+    src = Path(mngr.directory) / str(step)
+    dst = src.with_name(f"{step}.damaged")
+    n = 1
+    while dst.exists():
+        n += 1
+        dst = src.with_name(f"{step}.damaged{n}")
+    src.rename(dst)
+    mngr.reload()
+    return dst
+
+
 def restore(mngr, step: int, abstract, what: str):
-    """Restores ``step`` into the structure of ``abstract``; a clear error if they differ."""
+    """Restores ``step`` into the structure of ``abstract``, after checking its digest; a clear
+    error if it is damaged or does not fit."""
+    verify(mngr.directory, step, what)
     try:
         found = mngr.item_metadata(step)
     except Exception as e:
@@ -78,23 +133,48 @@ def restore(mngr, step: int, abstract, what: str):
             + (f"; and {len(diff) - 12} more" if len(diff) > 12 else "")
         )
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
-    return mngr.restore(step, args=ocp.args.StandardRestore(target))
+    try:
+        return mngr.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as e:  # TensorStore/orbax on missing or truncated files
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise DamagedCheckpoint(
+            f"cannot read the {what} at {mngr.directory}/{step}: {first}"
+        ) from None
 
 
 def save(mngr, step: int, tree) -> None:
-    """Saves ``step``; a failed write (a full disk, a lost mount) is one clear line naming the
-    complete checkpoint that is still there."""
+    """Saves ``step`` and its digest; a failed write (a full disk, a lost mount: an OSError, or
+    TensorStore's RESOURCE_EXHAUSTED) is one clear line naming the complete checkpoint that is
+    still there."""
     try:
         mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
         mngr.wait_until_finished()
-    except OSError as e:
-        mngr.reload()
-        kept = mngr.latest_step()
+        write_digest(mngr.directory, step)
+    except (OSError, ValueError) as e:
+        if isinstance(e, ValueError) and not _out_of_space(e):
+            raise
+        try:
+            mngr.reload()
+            kept = mngr.latest_step()
+        except Exception:  # the directory itself may be unreadable now
+            kept = None
         where = f"{mngr.directory}/{kept}" if kept is not None else "none"
         raise UserError(
-            f"could not write checkpoint {step} to {mngr.directory}: {e.strerror or e}; the last "
+            f"could not write checkpoint {step} to {mngr.directory}: {write_error(e)}; the last "
             f"complete checkpoint is {where}; free space and rerun the same command to resume"
         ) from None
+
+
+def _out_of_space(e: Exception) -> bool:
+    text = str(e)
+    return "RESOURCE_EXHAUSTED" in text or "No space left" in text or "ENOSPC" in text
+
+
+def write_error(e: Exception) -> str:
+    """A write failure in a few words: the OS's reason, or 'no space left on the device'."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return "no space left on the device" if _out_of_space(e) else str(e).splitlines()[0][:200]
 
 
 def find_model_checkpoint(path: str) -> tuple[str, int]:
@@ -129,7 +209,8 @@ def digest(directory: str | os.PathLike, step: int) -> str:
     """sha256 over the names and bytes of every file of a checkpoint step."""
     root = Path(directory) / str(step)
     h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    files = (p for p in root.rglob("*") if p.is_file() and DIGEST_FILE not in p.name)
+    for f in sorted(files):
         h.update(str(f.relative_to(root)).encode() + b"\0")
         h.update(f.read_bytes())
     return h.hexdigest()

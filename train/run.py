@@ -152,8 +152,7 @@ class Run:
         config, path = self.config, self.path
         self.ckpt = checkpoints.manager(path / "checkpoints", keep=config.keep_checkpoints)
         self.bests = self.best_managers()
-        if self.ckpt.latest_step() is not None:
-            self._restore(self.ckpt, "checkpoint in this workdir")
+        if self._restore_newest_good(self.ckpt, "checkpoint in this workdir"):
             progress.log(
                 f"[{self.label}] resumed from epoch {self.meta['epoch']} (step {self.step_count()})"
             )
@@ -164,14 +163,18 @@ class Run:
         self.mid = checkpoints.manager(path / "checkpoints_mid", keep=1) if has_mid else None
         self.epoch_start = {"sums": self.fresh_sums(), "skipped": self.skipped_count()}
         self.resume_at = 0
-        if self.mid is not None and (self.mid.latest_step() or -1) > self.step_count():
-            restored = self._restore(self.mid, "within-epoch checkpoint in this workdir", True)
+        mid_ahead = self.mid is not None and (self.mid.latest_step() or -1) > self.step_count()
+        restored = mid_ahead and self._restore_newest_good(
+            self.mid, "within-epoch checkpoint in this workdir", within_epoch=True
+        )
+        if restored:
             self.epoch_start = {"sums": restored["sums"], "skipped": restored["skipped"]}
             self.resume_at = self.step_count() - self.meta["epoch"] * self.steps_per_epoch
             progress.log(
                 f"[{self.label}] resumed within epoch {self.meta['epoch'] + 1} at its step "
                 f"{self.resume_at} (step {self.step_count()})"
             )
+        self._check_parts()
         # A crash between a best/ save and the periodic save of the same epoch leaves best/
         # ahead of the state resumed from (or started afresh); the deterministic replay writes
         # it again.
@@ -190,6 +193,42 @@ class Run:
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.start_time)),
             "from_step": self.step_count(),
         }
+
+    def _restore_newest_good(self, manager, what: str, within_epoch: bool = False):
+        """Restores the newest undamaged step of ``manager`` (a damaged one is said in one line
+        and set aside as ``<step>.damaged``); returns what was restored, or None if none is
+        left."""
+        while manager.latest_step() is not None:
+            step = manager.latest_step()
+            try:
+                return self._restore(manager, what, within_epoch)
+            except checkpoints.DamagedCheckpoint as e:
+                aside = checkpoints.set_aside(manager, step)
+                progress.log(f"[{self.label}] {e}; set aside as {aside}; trying the one before")
+        return None
+
+    def _check_parts(self):
+        """A workdir that lost its periodic checkpoints (after a run that saved some) or its
+        best checkpoint is refused with what to do; nothing of it is deleted."""
+        path, epoch = self.path, self.meta["epoch"]
+        recorded = (path / ELAPSED).is_file() or (path / "results.json").is_file()
+        if self.step_count() == 0 and recorded:
+            kept = [str(b.directory) for b in self.bests if b.latest_step() is not None]
+            kept += [str(path / "results.json")] if (path / "results.json").is_file() else []
+            raise UserError(
+                f"{path / 'checkpoints'} holds no usable checkpoint, but this run saved some: "
+                f"training cannot resume. Kept as they are: {', '.join(kept) or 'nothing else'} "
+                f"(the analyses and the attention stage read best/ as it is). To train again, "
+                f"use a new workdir with the same command"
+            )
+        missing = [str(b.directory) for b in self.bests if b.latest_step() is None]
+        if epoch > 0 and missing:
+            raise UserError(
+                f"{missing[0]} is missing or empty, but this run has trained {epoch} epochs: the "
+                "best checkpoint cannot be rebuilt from the periodic ones (it holds an earlier "
+                "epoch's weights). Rebuild it by training again in a new workdir with the same "
+                "command (same seed and data: the same best checkpoint)"
+            )
 
     def _restore(self, manager, what: str, within_epoch: bool = False) -> dict:
         target = {"state": self.state, "meta": self.meta_arrays(self.meta)}
