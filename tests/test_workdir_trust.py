@@ -172,3 +172,51 @@ def test_losing_best_says_how_to_rebuild_it(trained, tmp_path):
     shutil.rmtree(workdir / "best")
     with pytest.raises(UserError, match=r"best is missing or empty.*new workdir"):
         train.train_and_evaluate(tiny_config(), str(workdir))
+
+
+FULL_DISK = r"""
+set -u
+mount -t tmpfs -o size=3m tmpfs "$MNT" || exit 77
+py=$1; shift
+"$py" -m train.main "$@" > /dev/null 2>&1 || exit 3
+dd if=/dev/zero of="$MNT/fill" bs=4k 2>/dev/null; truncate -s -200K "$MNT/fill"
+"$py" -m train.main "$@" --config.backbone_training.num_epochs=3 > "$MNT/../full.out" 2>&1
+echo "rc=$?" >> "$MNT/../full.out"
+ls "$MNT/w/checkpoints" >> "$MNT/../full.out"
+rm "$MNT/fill"
+"$py" -m train.main "$@" --config.backbone_training.num_epochs=3 > "$MNT/../freed.out" 2>&1
+echo "rc=$?" >> "$MNT/../freed.out"
+"""
+
+
+def test_a_real_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    """A 3 MB tmpfs in a private mount namespace, filled between two runs: the checkpoint write
+    fails in TensorStore (RESOURCE_EXHAUSTED), the run says so in one line, and once space is
+    freed the same command resumes from the last complete checkpoint."""
+    if not shutil.which("unshare"):
+        pytest.skip("needs unshare(1) to make a small filesystem")
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    (tmp_path / "run.sh").write_text(FULL_DISK.replace("$MNT", str(mount)))
+    args = [
+        "--config", "configs/toy_cifar10.py:smoke", "--config.stage=backbone",
+        "--config.dataset.name=embedded", "--config.dataset.max_train_examples=64",
+        "--config.dataset.max_test_examples=32", "--config.model.features=(8,16,32)",
+        "--config.model.hidden=64", "--config.eval_batch_size=32", "--config.seed=3",
+        "--config.backbone_training.patience=5", f"--workdir={mount}/w",
+    ]  # fmt: skip
+    r = subprocess.run(
+        ["unshare", "-m", "sh", str(tmp_path / "run.sh"), sys.executable, *args],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if r.returncode == 77 or "unshare failed" in r.stderr or "Operation not permitted" in r.stderr:
+        pytest.skip(f"cannot mount a small filesystem here: {r.stderr.strip()[:200]}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    full = (tmp_path / "full.out").read_text()
+    errors = [line for line in full.splitlines() if not line.startswith("[backbone]")]
+    assert errors[0].startswith("error: could not write checkpoint 2 to ") and (
+        "no space left on the device; the last complete checkpoint is " in errors[0]
+    ), full
+    assert errors[1:3] == ["rc=1", "1"] and "Traceback" not in full  # checkpoints/1 is kept
+    freed = (tmp_path / "freed.out").read_text()
+    assert "resumed from epoch 1" in freed and freed.rstrip().endswith("rc=0"), freed

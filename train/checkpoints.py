@@ -14,13 +14,16 @@ Steps saved before digests existed (the shipped models) restore unchecked.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from train.errors import UserError
 
@@ -147,8 +150,9 @@ def save(mngr, step: int, tree) -> None:
     TensorStore's RESOURCE_EXHAUSTED) is one clear line naming the complete checkpoint that is
     still there."""
     try:
-        mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
-        mngr.wait_until_finished()
+        with _quiet_failed_writes():
+            mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
+            mngr.wait_until_finished()
         write_digest(mngr.directory, step)
     except (OSError, ValueError) as e:
         if isinstance(e, ValueError) and not _out_of_space(e):
@@ -163,6 +167,34 @@ def save(mngr, step: int, tree) -> None:
             f"could not write checkpoint {step} to {mngr.directory}: {write_error(e)}; the last "
             f"complete checkpoint is {where}; free space and rerun the same command to resume"
         ) from None
+
+
+@contextlib.contextmanager
+def _quiet_failed_writes():
+    """While orbax writes: a failed write (a full disk) is reported once, as this module's one
+    line, not also as the tracebacks orbax's writer threads log and TensorStore's callbacks
+    print into a closed event loop."""
+    verbosity, excepthook, unraisable = (
+        absl_logging.get_verbosity(),
+        sys.excepthook,
+        sys.unraisablehook,
+    )
+
+    def closed_loop(hook):
+        def quiet(*args):
+            value = args[1] if len(args) > 1 else getattr(args[0], "exc_value", None)
+            if not (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)):
+                hook(*args)
+
+        return quiet
+
+    absl_logging.set_verbosity(absl_logging.FATAL)
+    sys.excepthook, sys.unraisablehook = closed_loop(excepthook), closed_loop(unraisable)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
+        sys.excepthook, sys.unraisablehook = excepthook, unraisable
 
 
 def _out_of_space(e: Exception) -> bool:

@@ -32,7 +32,7 @@ def hold(workdir: str | os.PathLike):
     path = Path(workdir).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        f = open(path / LOCK, "a+")  # noqa: SIM115  (held open for the whole block)
+        f = open(path / LOCK, "a+b", buffering=0)  # noqa: SIM115  (held for the whole block)
     except OSError as e:
         raise UserError(f"workdir {path} is not writable: {e.strerror or e}") from None
     with f:
@@ -61,18 +61,21 @@ def hold(workdir: str | os.PathLike):
 def _read(f) -> dict:
     f.seek(0)
     try:
-        record = json.loads(f.read() or "{}")
+        record = json.loads(f.read() or b"{}")
     except ValueError:
         return {}
     return record if isinstance(record, dict) else {}
 
 
 def _write(f, record: dict | None) -> None:
-    f.seek(0)
-    f.truncate()
-    if record:
-        f.write(json.dumps(record))
-    f.flush()
+    """The holder's name in the file (unbuffered); on a full disk the lock holds without it."""
+    try:
+        f.seek(0)
+        f.truncate()
+        if record:
+            f.write(json.dumps(record).encode())
+    except OSError:
+        pass
 
 
 def _holder(f) -> str:

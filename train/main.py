@@ -66,6 +66,14 @@ def main(argv):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except OSError as e:  # a full disk, a lost mount, a file made unwritable under the run
+        where = f" {e.filename}" if e.filename else ""
+        print(
+            f"error: could not write{where}: {e.strerror or e}; the last complete checkpoint is "
+            "kept: free space and rerun the same command to resume",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":
