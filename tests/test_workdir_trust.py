@@ -220,3 +220,53 @@ def test_a_real_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
     assert errors[1:3] == ["rc=1", "1"] and "Traceback" not in full  # checkpoints/1 is kept
     freed = (tmp_path / "freed.out").read_text()
     assert "resumed from epoch 1" in freed and freed.rstrip().endswith("rc=0"), freed
+
+
+def test_a_resume_that_changes_what_is_trained_is_refused_naming_each_field(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    pinned = (workdir / "config.json").read_text()
+    config = tiny_config()
+    config.seed = 5
+    config.backbone_training.learning_rate = 0.01
+    config.dataset.max_train_examples = 100
+    with pytest.raises(UserError) as e:
+        train.train_and_evaluate(config, str(workdir))
+    message = str(e.value)
+    assert "\n" not in message and "Use a new workdir" in message
+    for field in ("seed: 0 -> 5", "backbone_training.learning_rate: 0.001 -> 0.01",
+                  "dataset.max_train_examples: 160 -> 100"):  # fmt: skip
+        assert field in message
+    assert (workdir / "config.json").read_text() == pinned  # the record keeps the first config
+
+
+def test_safe_changes_are_accepted_and_recorded_per_process(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    pinned = (workdir / "config.json").read_text()
+    config = tiny_config(epochs=3)
+    config.log_every_steps = 2
+    _, results = train.train_and_evaluate(config, str(workdir))
+    assert results["epochs"] == 3 and (workdir / "config.json").read_text() == pinned
+    changes = results["processes"][-1]["config_changes"]
+    assert changes == {
+        "backbone_training.num_epochs": [2, 3],
+        "attention_training.num_epochs": [2, 3],  # tiny_config sets both stages' epochs
+        "log_every_steps": [5, 2],
+    }
+    assert "config_changes" not in results["processes"][0]
+
+
+def test_an_attention_run_refuses_another_backbone_and_analyses_check_the_digest(trained, tmp_path):
+    from train.tools import trained as trained_tools
+
+    backbone = _copy(trained, tmp_path)
+    config = tiny_config(stage="attention", epochs=1)
+    config.backbone_checkpoint = str(backbone)
+    train.train_and_evaluate(config, str(tmp_path / "a"))
+    _damage(backbone / "best" / str(trained[1]["best_epoch"]))  # the backbone changes under it
+    (backbone / "best" / str(trained[1]["best_epoch"]) / checkpoints.DIGEST_FILE).unlink()
+    with pytest.raises(UserError, match=r"backbone of .* has changed since it trained"):
+        trained_tools.load(str(tmp_path / "a"))
+    more = tiny_config(stage="attention", epochs=2)
+    more.backbone_checkpoint = str(backbone)
+    with pytest.raises(UserError, match="the backbone this run trains on has changed"):
+        train.train_and_evaluate(more, str(tmp_path / "a"))

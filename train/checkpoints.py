@@ -255,3 +255,24 @@ def digest_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def source_digest(path: str) -> str:
+    """The sha256 a run records for its frozen backbone: of a weights file, or of the best
+    checkpoint of a workdir (as ``find_model_checkpoint`` picks it)."""
+    if Path(path).is_file():
+        return digest_file(path)
+    directory, step = find_model_checkpoint(path)
+    return digest(directory, step)
+
+
+def check_recorded_backbone(results: dict, sha: str, where: str) -> None:
+    """Refuses a run whose frozen backbone has changed since it trained (the sha256 its
+    results.json records against the backbone's now)."""
+    recorded = results.get("backbone_checkpoint_sha256")
+    if recorded and recorded != sha:
+        raise UserError(
+            f"the backbone of {where} has changed since it trained: results.json records sha256 "
+            f"{recorded[:12]}..., {results.get('backbone_checkpoint')} is {sha[:12]}... now; "
+            "restore the original backbone, or train this run again"
+        )

@@ -23,6 +23,7 @@ from train import (
     guards,
     models,
     parallel,
+    pin,
     progress,
     selection,
     steps,
@@ -52,6 +53,7 @@ class Run:
         self.place = place = parallel.placement(config)
         parallel.check_batch_sizes(config, place)
         self.path = validate.prepare_workdir(workdir)
+        self.config_changes = pin.check(config, self.path)  # a refusal before any work
         backbone = models.build_backbone(config)
         if config.stage == "attention":  # site names and d are checked before any data is read
             models.attention_from_shapes(config, backbone)
@@ -59,6 +61,7 @@ class Run:
         make_task = {"backbone": backbone_task, "attention": attention_task, "addon": addon_task}
         # reads the backbone's weights (if any) before the data: a wrong file fails fast
         task = make_task[config.stage](config, backbone, jax.random.fold_in(self.seed_key, 0))
+        pin.check_backbone(self.path, task.backbone_source and task.backbone_source[2])
         self._set_data(task, input_pipeline.load(config, models.image_shape(config)))
         self.tx = task.tx or optax.adam(self.recipe.learning_rate, eps=1e-7)  # Keras' defaults
         self.task = dataclasses.replace(task, frozen=place.replicate(task.frozen), place=place)
@@ -192,7 +195,7 @@ class Run:
             "git_commit": progress.git_commit(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.start_time)),
             "from_step": self.step_count(),
-        }
+        } | ({"config_changes": self.config_changes} if self.config_changes else {})
 
     def _restore_newest_good(self, manager, what: str, within_epoch: bool = False):
         """Restores the newest undamaged step of ``manager`` (a damaged one is said in one line
@@ -280,8 +283,10 @@ class Run:
         if self.step_count() == 0:
             probe = data.validation if len(data.validation) else data.test
             self.check_alpha_zero(probe.head(config.eval_batch_size))  # uint8, model-sized
-        # Written only once the workdir's checkpoints are known to fit this config.
-        progress.write_text(self.path / "config.json", config.to_json_best_effort(indent=2))
+        # The run's config: written by the process that starts it (pinned once it has saved a
+        # checkpoint); a later process's safe changes go to its own record.
+        if not pin.started(self.path):
+            progress.write_text(self.path / "config.json", config.to_json_best_effort(indent=2))
         self.skip = config.on_nonfinite == "skip"
         self.step_fn = self.compile_step()
         self.batch_args = self.batches()

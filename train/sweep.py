@@ -35,7 +35,17 @@ import numpy as np
 import optax
 
 from gattanet_jax import count_params, init_attention, site_alphas, sites, two_pass
-from train import checkpoints, compilation, guards, models, parallel, progress, steps, validate
+from train import (
+    checkpoints,
+    compilation,
+    guards,
+    models,
+    parallel,
+    pin,
+    progress,
+    steps,
+    validate,
+)
 from train.data import input_pipeline
 from train.errors import UserError
 from train.run import Run
@@ -101,9 +111,11 @@ class SweepRun(Run):
         self.n = n = len(members)
         self.place = parallel.placement(config)
         self.path = validate.prepare_workdir(workdir)
+        self.config_changes = pin.check(config, self.path)
         self.backbone = backbone = models.build_backbone(config)
         models.attention_from_shapes(config, backbone)
         task = attention_task(config, backbone, jax.random.key(config.seed))
+        pin.check_backbone(self.path, task.backbone_source[2])
         self.attention = attention = models.build_attention(
             config, backbone, task.frozen["backbone"]
         )

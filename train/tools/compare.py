@@ -71,14 +71,21 @@ def _as_json(config) -> dict:
 
 
 def _finished(run_dir: str, config) -> dict | None:
-    """A finished run's results.json (its own wall time kept), if it ran this very config."""
+    """A finished run's results.json (its own wall time kept), if it ran this very config on the
+    backbone that is there now."""
+    from train import checkpoints
+
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
             same = _as_json(json.load(f)) == _as_json(config)
         with open(os.path.join(run_dir, "results.json")) as f:
-            return json.load(f) if same else None
+            results = json.load(f) if same else None
     except FileNotFoundError:
         return None
+    if results and config.backbone_checkpoint:
+        sha = checkpoints.source_digest(config.backbone_checkpoint)
+        checkpoints.check_recorded_backbone(results, sha, run_dir)
+    return results
 
 
 @contextlib.contextmanager

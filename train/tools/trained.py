@@ -67,6 +67,12 @@ def _best_variables(path: Path, task, what: str) -> dict:
     return checkpoints.restore(mngr, step, {"variables": abstract}, what)["variables"]
 
 
+def _results(path: Path) -> dict:
+    """The workdir's results.json ({} before the run has finished)."""
+    record = path / "results.json"
+    return json.loads(record.read_text()) if record.is_file() else {}
+
+
 def load(workdir: str, data_dir: str = "", max_examples: int = 0) -> Trained:
     from train.tasks import attention_task, split_finetuned  # the same loading as training
 
@@ -79,6 +85,7 @@ def load(workdir: str, data_dir: str = "", max_examples: int = 0) -> Trained:
         )
     backbone = models.build_backbone(config)
     task = attention_task(config, backbone, jax.random.key(0))
+    checkpoints.check_recorded_backbone(_results(path), task.backbone_source[2], str(path))
     variables = _best_variables(path, task, "attention checkpoint")
     baseline_vars = backbone_vars = task.frozen["backbone"]
     if config.attention_training.finetune_backbone:
@@ -90,8 +97,7 @@ def load(workdir: str, data_dir: str = "", max_examples: int = 0) -> Trained:
             f"datasets (config.dataset.pipeline={config.dataset.pipeline!r}) yet"
         )
     data = input_pipeline.load(config, models.image_shape(config))
-    results_path = path / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results = _results(path)
     return Trained(
         path,
         config,
@@ -121,6 +127,8 @@ def addon_logits(workdir: str, data_dir: str = "", max_examples: int = 0, batch:
         )
     backbone = models.build_backbone(config)
     task = addon_task(config, backbone, jax.random.key(0))
+    if task.backbone_source:
+        checkpoints.check_recorded_backbone(_results(path), task.backbone_source[2], str(path))
     variables = _best_variables(path, task, "add-on checkpoint")
     test = input_pipeline.load(config, models.image_shape(config)).test
 
