@@ -323,7 +323,7 @@ class Run:
                 self.first_step_s = time.time() - self.start_time
                 self.report_compiles()
                 progress.log(
-                    f"[{self.label}] first step ended {self.first_step_s:.1f} s after start"
+                    f"[{self.label}] time to the first training step: {self.first_step_s:.1f} s"
                 )
             sums = {k: sums[k] + metrics[k] for k in sums}
             finite.append(metrics["finite"])  # read back only at the checks: no sync per step
