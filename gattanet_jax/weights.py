@@ -71,7 +71,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except WeightsError:
         raise
     except Exception as e:  # a corrupt or truncated file, a pickle with code in it, ...
-        raise WeightsError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
+        first = (str(e).strip().splitlines() or [""])[0]  # torch's reasons run to many lines
+        raise WeightsError(
+            f"cannot read weights file {path}: {type(e).__name__}: {first}"
+        ) from None
     return {
         k: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v)
         for k, v in arrays.items()

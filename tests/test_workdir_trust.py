@@ -270,3 +270,63 @@ def test_an_attention_run_refuses_another_backbone_and_analyses_check_the_digest
     more.backbone_checkpoint = str(backbone)
     with pytest.raises(UserError, match="the backbone this run trains on has changed"):
         train.train_and_evaluate(more, str(tmp_path / "a"))
+
+
+def _leaves(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+# Values a field may hold that the fuzzing below tries: a path or a name is any string, any
+# finite alpha is an alpha, '' is no lesion, [1, 2] is a valid list of sizes, seeds or rates.
+ACCEPTED = {
+    ("attention.alpha_init", "-1"), ("attention.lesion", "None"),
+    ("attention.lesion", "'x'"),  # checked against the sites by check_before_work
+    ("backbone_checkpoint", "'x'"), ("dataset.data_dir", "'x'"), ("dataset.name", "'x'"),
+    ("distributed.coordinator_address", "'x'"), ("model.features", "[1, 2]"),
+    ("sweep.alpha_inits", "[1, 2]"), ("sweep.learning_rates", "[1, 2]"), ("sweep.seeds", "[1, 2]"),
+}  # fmt: skip
+
+
+def test_fuzzed_config_values_are_each_one_clear_error():
+    """Every field of the toy config set to a wrong type, an empty string, NaN, None, a list or
+    -1: one UserError naming the field (the lesion against the sites: check_before_work)."""
+    from configs import toy_cifar10
+    from train import defaults, validate
+
+    accepted = set()
+    for field, value in _leaves(toy_cifar10.get_config().to_dict()):
+        for bad in ("x", "", float("nan"), None, [1, 2], -1):
+            if type(bad) is type(value) and bad == value:
+                continue
+            tree = toy_cifar10.get_config().to_dict()
+            *parents, name = field.split(".")
+            node = tree
+            for p in parents:
+                node = node[p]
+            node[name] = bad
+            try:
+                validate.check_config(defaults.complete(tree))
+                accepted.add((field, repr(bad)))
+            except UserError as e:
+                assert field in str(e) and "\n" not in str(e), (field, bad, e)
+    assert accepted == ACCEPTED
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [("a.npz", b"hello"), ("b.safetensors", b""), ("c.pth", bytes(range(256)) * 4),
+     ("d.npz", b"{}"), ("e.safetensors", b"\xff" * 64)],
+)  # fmt: skip
+def test_weights_files_of_the_wrong_format_are_one_line(tmp_path, name, content):
+    from gattanet_jax import weights
+
+    if name.endswith(".pth"):
+        pytest.importorskip("torch")
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(weights.WeightsError, match="cannot read weights file") as e:
+        weights.read_state_dict(str(tmp_path / name))
+    assert "\n" not in str(e.value)

@@ -120,8 +120,8 @@ def check_config(config) -> None:
             _fail(field, "True or False", c[field])
     _check_attention(c, config)
     _positive_int(c, "checkpoint_every_steps", least=0)
-    if c["stage"] == "addon":
-        _check_addon(c)
+    _check_addon(c)  # every stage: a wrong value is a mistake even where it is not used
+    _check_types(c)
     _choice(c, "dataset.pipeline", PIPELINES)
     if c["dataset.pipeline"] == "imagenet":
         _positive_int(c, "dataset.workers")
@@ -130,7 +130,11 @@ def check_config(config) -> None:
             _fail("dataset.image_shape", "(size, size, 3) for the imagenet pipeline", shape)
         _positive_int(c, "dataset.resize", least=shape[0])
     sites = c["model.sites"]
-    if not sites or not all(isinstance(s, str) and s for s in sites):
+    if (
+        not isinstance(sites, list | tuple)
+        or not sites
+        or not all(isinstance(s, str) and s for s in sites)
+    ):
         _fail("model.sites", "a non-empty tuple of module paths", sites)
     for stage in ("backbone_training", "attention_training"):
         for field in ("batch_size", "num_epochs", "patience"):
@@ -189,12 +193,52 @@ def _check_addon(c) -> None:
     _positive_int(c, "addon.heads")
     if not isinstance(c["addon.from_scratch"], bool):
         _fail("addon.from_scratch", "True or False", c["addon.from_scratch"])
-    if not c["addon.sites"] or not all(isinstance(s, str) and s for s in c["addon.sites"]):
+    sites = c["addon.sites"]
+    if (
+        not isinstance(sites, list | tuple)
+        or not sites
+        or not all(isinstance(s, str) and s for s in sites)
+    ):
         _fail("addon.sites", "a non-empty tuple of module paths", c["addon.sites"])
+
+
+def _check_types(c) -> None:
+    """The fields no range check above covers: strings, flags, sizes and the sweep's lists."""
+    for field in ("backbone_checkpoint", "dataset.data_dir", "distributed.coordinator_address"):
+        if not isinstance(c[field], str):
+            _fail(field, "a string (a path; '' for none)", c[field])
+    if not isinstance(c["dataset.name"], str) or not c["dataset.name"]:
+        _fail("dataset.name", "a dataset name", c["dataset.name"])
+    for field in ("smoke", "distributed.auto"):
+        if not isinstance(c[field], bool):
+            _fail(field, "True or False", c[field])
+    for field in ("dataset.max_train_examples", "dataset.max_test_examples"):
+        _positive_int(c, field, least=0)
+    _positive_ints(c, "dataset.image_shape", length=3)
+    _positive_int(c, "distributed.num_processes")
+    _positive_int(c, "distributed.process_id", least=0)
+    if not isinstance(c["attention.lesion"], str | None):
+        _fail("attention.lesion", "a lesion string ('' for none)", c["attention.lesion"])
+    sweeps = {
+        "sweep.seeds": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "sweep.learning_rates": lambda v: _is_number(v) and 0 < v < float("inf"),
+        "sweep.alpha_inits": lambda v: _is_number(v) and math.isfinite(v),
+        "sweep.lesions": lambda v: isinstance(v, str),
+    }
+    for field, good in sweeps.items():
+        v = c[field]
+        if not isinstance(v, list | tuple) or not all(good(x) for x in v):
+            _fail(field, "a list of per-member values (empty: none)", v)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _positive_ints(config, field: str, length: int | None = None) -> None:
     v = config[field]
+    if not isinstance(v, list | tuple):
+        _fail(field, "a tuple of positive integers", v)
     ok = v and all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in v)
     if not ok or (length is not None and len(v) != length):
         count = f"{length} " if length else ""
