@@ -52,6 +52,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     config = defaults.complete(config)
     validate.check_before_work(config)
     parallel.initialize(config)
+    parallel.check_batch_sizes(config, parallel.placement(config))  # before the workdir is made
     with precision.scope(config):
         return _train_and_evaluate(config, workdir)
 
