@@ -114,7 +114,8 @@ def set_aside(mngr, step: int) -> Path:
     while dst.exists():
         n += 1
         dst = src.with_name(f"{step}.damaged{n}")
-    src.rename(dst)
+    if jax.process_index() == 0:  # one renamer where several hosts share the workdir
+        src.rename(dst)
     mngr.reload()
     return dst
 
@@ -153,7 +154,8 @@ def save(mngr, step: int, tree) -> None:
         with _quiet_failed_writes():
             mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
             mngr.wait_until_finished()
-        write_digest(mngr.directory, step)
+        if jax.process_index() == 0:  # the process that finalized the step (several hosts)
+            write_digest(mngr.directory, step)
     except (OSError, ValueError) as e:
         if isinstance(e, ValueError) and not _out_of_space(e):
             raise

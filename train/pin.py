@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from train import defaults
+from train import defaults, progress
 from train.errors import UserError
 
 SAFE = (
@@ -97,4 +97,4 @@ def check_backbone(path: Path, sha: str | None) -> None:
                 "workdir"
             )
         return
-    record.write_text(json.dumps({"backbone_checkpoint_sha256": sha}, indent=1))
+    progress.write_text(record, json.dumps({"backbone_checkpoint_sha256": sha}, indent=1))

@@ -201,10 +201,9 @@ class Run:
         """Restores the newest undamaged step of ``manager`` (a damaged one is said in one line
         and set aside as ``<step>.damaged``); returns what was restored, or None if none is
         left."""
-        while manager.latest_step() is not None:
-            step = manager.latest_step()
+        for step in sorted(manager.all_steps(), reverse=True):
             try:
-                return self._restore(manager, what, within_epoch)
+                return self._restore(manager, what, within_epoch, step)
             except checkpoints.DamagedCheckpoint as e:
                 aside = checkpoints.set_aside(manager, step)
                 progress.log(f"[{self.label}] {e}; set aside as {aside}; trying the one before")
@@ -233,11 +232,12 @@ class Run:
                 "command (same seed and data: the same best checkpoint)"
             )
 
-    def _restore(self, manager, what: str, within_epoch: bool = False) -> dict:
+    def _restore(self, manager, what: str, within_epoch: bool = False, step=None) -> dict:
         target = {"state": self.state, "meta": self.meta_arrays(self.meta)}
         if within_epoch:
             target |= _epoch_arrays(self.epoch_start)
-        restored = checkpoints.restore(manager, manager.latest_step(), target, what)
+        step = manager.latest_step() if step is None else step
+        restored = checkpoints.restore(manager, step, target, what)
         self.state, self.meta = restored["state"], self.meta_values(restored["meta"])
         return restored
 

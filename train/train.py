@@ -51,6 +51,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     (``train.precision``); returns (final state, metrics)."""
     config = defaults.complete(config)
     validate.check_before_work(config)
+    if sweep.size(config):
+        validate.check_sweep(config)
     parallel.initialize(config)
     parallel.check_batch_sizes(config, parallel.placement(config))  # before the workdir is made
     with precision.scope(config):
