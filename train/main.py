@@ -56,8 +56,9 @@ def main(argv):
 
     try:
         if _DRY_RUN.value:
+            planned = summary.dry_run(_CONFIG.value)  # every check first: an error is one line
             print(defaults.complete(_CONFIG.value))
-            print(json.dumps(summary.dry_run(_CONFIG.value), indent=1))
+            print(json.dumps(planned, indent=1))
             return
         if not _WORKDIR.value:
             raise UserError("--workdir is required (or --dry_run to see what a run would do)")
