@@ -28,7 +28,7 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image
 
-from train.data import input_pipeline
+from train.data.batching import pad_batch
 from train.errors import UserError
 
 SCALE = (0.08, 1.0)
@@ -179,7 +179,7 @@ class Stream:
         of its last image labelled -1 (counted for nothing by the eval step)."""
 
         def pad(batch):
-            return input_pipeline.pad_batch(*batch, batch_size)
+            return pad_batch(*batch, batch_size)
 
         def read(e):
             return self._example(int(self.indices[e]), None)

@@ -14,6 +14,7 @@ import os
 import ml_collections
 import numpy as np
 
+from train.data.batching import pad_batch
 from train.errors import UserError
 
 
@@ -62,16 +63,6 @@ class OnDevice:
 def on_device(split: Split, batch_size: int, put) -> OnDevice:
     """``split`` in evaluation batches placed by ``put`` (a Placement's replicate)."""
     return OnDevice(split, batch_size, tuple(put(b) for b in split.eval_batches(batch_size)))
-
-
-def pad_batch(images: np.ndarray, labels: np.ndarray, batch_size: int):
-    """A last batch padded to ``batch_size`` with copies of its last image labelled -1 (counted
-    for nothing by the evaluation step)."""
-    missing = batch_size - len(labels)
-    if missing:
-        images = np.concatenate([images, np.repeat(images[-1:], missing, axis=0)])
-        labels = np.concatenate([labels, np.full((missing,), -1, np.int32)])
-    return images, labels
 
 
 @dataclasses.dataclass(frozen=True)
