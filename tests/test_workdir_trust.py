@@ -214,10 +214,11 @@ def test_a_real_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     full = (tmp_path / "full.out").read_text()
     errors = [line for line in full.splitlines() if not line.startswith("[backbone]")]
-    assert errors[0].startswith("error: could not write checkpoint 2 to ") and (
-        "no space left on the device; the last complete checkpoint is " in errors[0]
+    # the checkpoint's write (TensorStore) or, when its timer comes first, another writer's
+    assert errors[0].startswith("error: could not write ") and (
+        "no space left on" in errors[0].lower() and "rerun the same command" in errors[0]
     ), full
-    assert errors[1:3] == ["rc=1", "1"] and "Traceback" not in full  # checkpoints/1 is kept
+    assert errors[1:3] == ["rc=1", "1"] and "Traceback" not in full, full  # checkpoints/1 kept
     freed = (tmp_path / "freed.out").read_text()
     assert "resumed from epoch 1" in freed and freed.rstrip().endswith("rc=0"), freed
 
