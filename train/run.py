@@ -294,7 +294,8 @@ class Run(WorkdirParts):
         if meta["done"] or stop_at >= self.recipe.num_epochs:
             return ""
         eta = progress.duration((stop_at - meta["epoch"]) * self.epoch_seconds)
-        return f", early stop at epoch {stop_at} ({eta}) unless val_acc improves"
+        watched = "val_loss" if self.recipe.monitor == "val_loss" else "val_acc"
+        return f", early stop at epoch {stop_at} ({eta}) unless {watched} improves"
 
     def finish(self) -> tuple[dict, dict]:
         """Evaluates the best variables on the test split and writes results.json."""

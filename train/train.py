@@ -38,8 +38,9 @@ def _train_stage(run: Run, stop: progress.Preemption) -> tuple[dict, dict]:
         run.end_epoch(sums, skipped, t0)
         run.report_compiles()
     if run.stopped():
+        watched = "loss" if run.recipe.monitor == "val_loss" else "accuracy"
         progress.log(
-            f"[{run.label}] early stopping: no better validation accuracy for "
+            f"[{run.label}] early stopping: no better validation {watched} for "
             f"{run.recipe.patience} epochs"
         )
     run.writer.close()
