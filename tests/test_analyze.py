@@ -11,6 +11,8 @@ from tests.test_train import tiny_config
 from train import train
 from train.errors import UserError
 from train.tools import analyze
+from train.tools.analyses import paired as paired_analysis
+from train.tools.analyses import seeds as seeds_analysis
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +214,8 @@ def test_seeds_mean_and_sample_sd_over_runs(trained, cued, tmp_path, monkeypatch
         rows = [{"lesion": "cccdd", "accuracy": att}, {"lesion": ".cccd", "accuracy": lesioned}]
         return {"baseline_accuracy": base, "rows": rows}
 
-    monkeypatch.setattr(analyze, "noise", fake_noise)
-    monkeypatch.setattr(analyze, "lesion", fake_lesion)
+    monkeypatch.setattr(seeds_analysis, "noise", fake_noise)
+    monkeypatch.setattr(seeds_analysis, "lesion", fake_lesion)
     result = analyze.seeds(tmp_path, runs, sigmas=[0.0, 0.1])
     gain = result["noise"][0]["gain"]  # 10 and 16 points
     assert gain["mean"] == pytest.approx(13.0) and gain["sd"] == pytest.approx(
@@ -297,7 +299,7 @@ def test_paired_counts_from_known_predictions(trained, cued, tmp_path, monkeypat
         att, base = right[str(m.workdir)]
         return logits(att), logits(base), None
 
-    monkeypatch.setattr(analyze, "outputs", fake_outputs)
+    monkeypatch.setattr(paired_analysis, "outputs", fake_outputs)
     result = analyze.paired(tmp_path, runs)
     first, second = result["against_backbone"]
     assert (first["only_a"], first["only_b"], first["both_right"]) == (10, 0, 50)

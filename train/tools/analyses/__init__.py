@@ -1,0 +1,2 @@
+"""The analyses of ``python -m train.analyze``, one module each (``train.tools.analyze`` is the
+command line)."""
