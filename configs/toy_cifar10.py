@@ -169,13 +169,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.addon.gate = "residual"
     config.addon.heads = 8  # GSA heads (one where they do not divide the channels)
 
-    # vmap meta-experiments (train/sweep.py): per-member values, trained at once in one compiled
-    # step on the frozen backbone; empty lists keep the value above. Attention stage only.
+    # Sweeps (train/sweep.py): N members trained at once in one compiled step, one value per
+    # member in each non-empty list (empty lists keep the value above). Any stage: backbones of
+    # several seeds, or attention systems / add-ons on one frozen backbone or on one each.
     config.sweep = ml_collections.ConfigDict()
     config.sweep.seeds = ()
-    config.sweep.learning_rates = ()
-    config.sweep.alpha_inits = ()
-    config.sweep.lesions = ()
+    config.sweep.learning_rates = ()  # the stage's own recipe's learning rate
+    config.sweep.alpha_inits = ()  # attention stage
+    config.sweep.lesions = ()  # attention stage
+    config.sweep.backbones = ()  # attention, add-on: member i's frozen backbone (a workdir)
+    # How the members share the program: 'vmap' (batched) or 'loop' (one after the other inside
+    # the compiled step, each with the plain run's kernels).
+    config.sweep.layout = "vmap"
 
     # Devices: 'none' (one device) or 'jit' (data parallel over all local devices; batch sizes
     # are global and must divide by the number of devices).

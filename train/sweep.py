@@ -1,30 +1,34 @@
-"""vmap meta-experiments: N attention systems trained at once on one frozen backbone.
+"""Sweeps: N members of one stage trained at once, in one compiled step.
 
 The config's ``sweep`` section lists per-member values; every non-empty list gives one value per
 member (or a single value for all), empty lists keep the config's own value:
 
-  sweep.seeds           config.seed per member: attention initialisation, data order,
-                        augmentation and key/query dropout
-  sweep.learning_rates  attention_training.learning_rate per member
-  sweep.alpha_inits     attention.alpha_init per member
-  sweep.lesions         attention.lesion per member ('' = every site modulated)
+  sweep.seeds           config.seed per member: initialisation, data order, augmentation and
+                        dropout streams
+  sweep.learning_rates  the stage recipe's learning_rate per member
+  sweep.alpha_inits     attention.alpha_init per member (attention stage)
+  sweep.lesions         attention.lesion per member ('' = every site modulated; attention stage)
+  sweep.backbones       backbone_checkpoint per member: member i trains on frozen backbone i
+                        (attention stage, add-ons to a frozen backbone)
 
-d and the schedule are shared. One compiled step runs ``train_step`` for every member under
-``jax.vmap`` (each member with its own state, data order, random streams, learning rate and
-lesion mask), so member i follows exactly the run of the plain attention stage with member i's
-values (tests/test_sweep.py). Each member keeps its own early stopping: once a member has not
-improved for ``patience`` epochs its best checkpoint is final; the sweep stops when every member
-has stopped.
+Any stage sweeps: backbones of several seeds (stage 'backbone'), GAttANet and its controls
+(stage 'attention'), GALA, SE or GSA (stage 'addon'). d, the architecture and the schedule are
+shared. One compiled step runs ``steps.train_step`` for every member (``train.members``: vmapped,
+or looped inside the program with ``sweep.layout='loop'``), so member i follows exactly the run of
+the plain stage with member i's values (tests/test_sweep.py, tests/test_seeds.py). Each member
+keeps its own validation, best checkpoint and early stopping: once a member has not improved for
+``patience`` epochs its state stops changing and its best checkpoint is final; the sweep stops
+when every member has stopped.
 
 The workdir holds the stacked state in ``checkpoints/`` (resumable like any stage),
-``members/<i>/best`` (each member's best variables), ``results.json`` (per-member results) and
-``sweep.md`` (a results table).
+``results.json`` and ``sweep.md`` (every member), and ``members/<i>/``: each member as a plain
+workdir of its stage (config.json, best/, results.json), which ``--config.backbone_checkpoint``,
+``train.compare --backbones`` and ``train.analyze`` take.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 
@@ -34,29 +38,23 @@ import ml_collections
 import numpy as np
 import optax
 
-from gattanet_jax import count_params, init_attention, site_alphas, sites, two_pass
-from train import (
-    checkpoints,
-    compilation,
-    guards,
-    models,
-    parallel,
-    pin,
-    progress,
-    steps,
-    validate,
-)
+from gattanet_jax import count_params, site_alphas, sites, two_pass
+from train import checkpoints, compilation, guards, models, parallel, pin, progress, steps, validate
+from train.addon_tasks import addon_task
 from train.data import input_pipeline
 from train.errors import UserError
+from train.members import MemberBatches, MemberEval, members_step, results_table
 from train.run import Run
-from train.tasks import attention_loss_fn, attention_task
+from train.tasks import attention_loss_fn, attention_task, backbone_task
 
 FIELDS = {  # sweep list -> the config field it replaces per member
     "seeds": "seed",
-    "learning_rates": "attention_training.learning_rate",
+    "learning_rates": "<recipe>.learning_rate",
     "alpha_inits": "attention.alpha_init",
     "lesions": "attention.lesion",
+    "backbones": "backbone_checkpoint",
 }
+MAKE_TASK = {"backbone": backbone_task, "attention": attention_task, "addon": addon_task}
 
 
 def size(config) -> int:
@@ -77,7 +75,7 @@ def size(config) -> int:
 
 
 def member_configs(config) -> list[ml_collections.ConfigDict]:
-    """The plain attention-stage config of each member."""
+    """The plain config of each member (its stage's, without a sweep)."""
     n = size(config)
     members = []
     for i in range(n):
@@ -85,18 +83,20 @@ def member_configs(config) -> list[ml_collections.ConfigDict]:
         for key, field in FIELDS.items():
             values = config.sweep.get(key) or ()
             if values:
+                field = field.replace("<recipe>", validate.recipe_name(config))
                 section, _, name = field.rpartition(".")
                 target = member[section] if section else member
                 target[name] = values[i if len(values) > 1 else 0]
         for key in FIELDS:
             member.sweep[key] = ()
+        member.sweep.layout = "vmap"
         members.append(member)
     return members
 
 
 class SweepRun(Run):
     """The loop's parts (``train.run.Run``) for N members trained at once: a stacked state, one
-    vmapped step, per-member data orders, validation, best checkpoints and early stopping."""
+    step for all, per-member data orders, validation, best checkpoints and early stopping."""
 
     label = "sweep"
 
@@ -109,32 +109,55 @@ class SweepRun(Run):
         for member in members:
             validate.check_config(member)
         self.n = n = len(members)
+        self.stage = stage = config.stage
         self.place = parallel.placement(config)
         self.path = validate.prepare_workdir(workdir)
         self.config_changes = pin.check(config, self.path)
         self.backbone = backbone = models.build_backbone(config)
-        models.attention_from_shapes(config, backbone)
-        task = attention_task(config, backbone, jax.random.key(config.seed))
-        pin.check_backbone(self.path, task.backbone_source[2])
-        self.attention = attention = models.build_attention(
-            config, backbone, task.frozen["backbone"]
-        )
-        try:
-            lesions = [m.attention.lesion or None for m in members]
-            masks = [sites.lesion_mask(lesion, attention.sites) for lesion in lesions]
-        except ValueError as e:
-            raise UserError(f"config.sweep.lesions: {e}") from None
-        self.masks = jnp.asarray(np.stack([sites.as_mask_array(m) for m in masks]))
+        masks = np.ones((n, 1), np.float32)
+        if stage == "attention":  # lesions are checked before any backbone or data is read
+            shaped = models.attention_from_shapes(config, backbone)
+            try:
+                lesions = [m.attention.lesion or None for m in members]
+                masks = [sites.lesion_mask(lesion, shaped.sites) for lesion in lesions]
+            except ValueError as e:
+                raise UserError(f"config.sweep.lesions: {e}") from None
+            masks = np.stack([sites.as_mask_array(m) for m in masks])
+        self.masks = jnp.asarray(masks)
+        self.own_backbones = bool(config.sweep.get("backbones"))
+        self.tasks = tasks = []
+        for member in members:  # each reads its frozen backbone (if any) before the data
+            task = MAKE_TASK[stage](member, backbone, jax.random.fold_in(key(member.seed), 0))
+            if tasks and not self.own_backbones and task.frozen:
+                task = dataclasses.replace(task, frozen=tasks[0].frozen)  # one copy, shared
+            tasks.append(task)
+        shas = [t.backbone_source[2] for t in tasks if t.backbone_source]
+        pin.check_backbone(self.path, ",".join(dict.fromkeys(shas)) if shas else None)
+        self.frozen_axis = 0 if self.own_backbones else None
+        frozen = tasks[0].frozen
+        if self.own_backbones:
+            frozen = jax.tree.map(lambda *xs: jnp.stack(xs), *(t.frozen for t in tasks))
+        self.attention = None
+        if stage == "attention":
+            self.attention = models.build_attention(config, backbone, tasks[0].frozen["backbone"])
         data = input_pipeline.load(config, models.image_shape(config))
         if not isinstance(data.train, input_pipeline.Split):
             raise UserError(
                 "config.sweep needs an in-memory dataset (config.dataset.pipeline='memory')"
             )
-        self._set_data(task, data)
-        self.task = dataclasses.replace(task, frozen=self.place.replicate(task.frozen))
-        self.seed_keys = jnp.stack([jax.random.key_data(jax.random.key(m.seed)) for m in members])
-        self.lrs = jnp.asarray([m.attention_training.learning_rate for m in members], jnp.float32)
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *map(self._init_member, members))
+        self._set_data(tasks[0], data)
+        self.task = dataclasses.replace(tasks[0], frozen=self.place.replicate(frozen))
+        self.seed_keys = jnp.stack([jax.random.key_data(key(m.seed)) for m in members])
+        recipe = validate.recipe_name(config)
+        lrs = [m[recipe].learning_rate for m in members]
+        self.lrs = jnp.asarray(lrs, jnp.float32)
+        stacked = jax.tree.map(
+            lambda *xs: jnp.stack(xs),
+            *(
+                steps.init_state(t.params, optax.adam(lr, eps=1e-7), t.extra)
+                for t, lr in zip(tasks, lrs, strict=True)
+            ),
+        )
         self.state = self.place.replicate(stacked)  # committed, as its step's outputs are
         self.meta = {
             "epoch": 0,
@@ -143,21 +166,47 @@ class SweepRun(Run):
             "bad_epochs": np.zeros((n,), np.int32),
             "done": np.zeros((n,), bool),
         }
-        self.member_eval = _MemberEval(backbone, attention)
+        baseline = tasks[0].baseline_logits_fn
+        self.member_eval = MemberEval(self._logits_for, baseline, self.frozen_axis)
         per_member = count_params(self.state["params"]) // n
-        progress.log(f"[sweep] {n} members x {per_member:,} trainable parameters")
-        self._log_sizes(per_member * n, count_params(task.frozen))
+        progress.log(f"[sweep] {n} {stage} members x {per_member:,} trainable parameters")
+        self._log_sizes(per_member * n, count_params(tasks[0].frozen))
 
-    def _init_member(self, member):
-        key = jax.random.fold_in(jax.random.key(member.seed), 0)
-        attention = self.attention.clone(alpha_init=member.attention.alpha_init)
-        variables = dict(init_attention(attention, key))
-        params = variables.pop("params")
-        tx = optax.adam(member.attention_training.learning_rate, eps=1e-7)
-        return steps.init_state(params, tx, variables)
+    # --- one member's loss and logits, by its lesion mask ------------------------------------
+
+    def _loss_for(self, mask):
+        if self.stage != "attention":
+            return self.tasks[0].loss_fn
+        a, t = self.config.attention, self.config.attention_training
+        return attention_loss_fn(
+            self.backbone, self.attention, t.weight_decay, lesion=mask,
+            cue_fraction=a.cue_fraction if a.cue_classes else 0.0, cue_weight=a.cue_weight,
+        )  # fmt: skip
+
+    def _logits_for(self, mask):
+        if self.stage != "attention":
+            return self.tasks[0].logits_fn
+        backbone, attention = self.backbone, self.attention
+
+        def logits(variables, frozen, x):
+            out = two_pass(backbone, attention, variables, frozen["backbone"], x, lesion=mask)
+            return out.logits
+
+        return logits
 
     def member(self, tree, m: int):
         return jax.tree.map(lambda x: x[m], tree)
+
+    def member_frozen(self, m: int):
+        """Member m's frozen variables (its own backbone, or the shared one)."""
+        return self.member(self.task.frozen, m) if self.own_backbones else self.task.frozen
+
+    def member_task(self, m: int):
+        return dataclasses.replace(
+            self.task, frozen=self.member_frozen(m), backbone_source=self.tasks[m].backbone_source
+        )
+
+    # --- the parts the loop calls -------------------------------------------------------------
 
     def meta_arrays(self, meta: dict) -> dict:
         return {
@@ -185,25 +234,32 @@ class SweepRun(Run):
         variables = steps.variables(self.state)
         for m in range(self.n):  # members whose alphas start at 0
             guards.check_alpha_zero_is_backbone(
-                self.task, self.member(variables, m), images, self.config.model.dtype
+                self.member_task(m), self.member(variables, m), images, self.config.model.dtype
             )
 
+    def prepare(self):
+        super().prepare()
+        for m, member in enumerate(self.members):  # each member a plain workdir of its stage
+            record = self.path / "members" / str(m) / "config.json"
+            if not record.is_file():
+                progress.write_text(record, member.to_json_best_effort(indent=2))
+
     def compile_step(self):
-        a, recipe = self.config.attention, self.recipe
+        recipe = self.recipe
         compiled = members_step(
-            self.backbone, self.attention, recipe.weight_decay, recipe.augment, recipe.batch_size,
-            cues=(a.cue_fraction if a.cue_classes else 0.0, a.cue_weight),
-            skip_nonfinite=self.skip,
+            self._loss_for, recipe.augment, recipe.batch_size, skip_nonfinite=self.skip,
+            frozen_axis=self.frozen_axis, layout=self.config.sweep.get("layout", "vmap"),
         )  # fmt: skip
 
         def step(state, frozen, images, labels, perms, index):
-            return compiled(state, self.seed_keys, self.lrs, self.masks, frozen, images, labels,
-                            perms, index)  # fmt: skip
+            active = jnp.asarray(~self.meta["done"])  # a stopped member keeps its state
+            return compiled(state, self.seed_keys, self.lrs, self.masks, active, frozen, images,
+                            labels, perms, index)  # fmt: skip
 
         return step
 
     def batches(self):
-        return _MemberBatches(self.data.train, self.seed_keys, self.recipe.batch_size)
+        return MemberBatches(self.data.train, self.seed_keys, self.recipe.batch_size)
 
     def end_epoch(self, sums: dict, skipped, t0: float):
         """Each member's validation, best checkpoint and early stopping; the periodic
@@ -243,163 +299,77 @@ class SweepRun(Run):
         )
 
     def finish(self) -> tuple[dict, dict]:
-        """Each member's best variables on the test split, the frozen backbone's accuracy,
-        results.json and sweep.md."""
-        config, meta, state, frozen = self.config, self.meta, self.state, self.task.frozen
-        guards.check_backbone_unchanged(self.task)
+        """Each member's best variables on the test split, the frozen backbones' accuracy,
+        results.json and sweep.md, and each member's own results.json."""
+        config, meta, state = self.config, self.meta, self.state
         test_split, batch = self.data.test, config.eval_batch_size
+        base = None
+        if self.task.baseline_logits_fn is not None:
+            base = self.member_eval.backbones(self.task.frozen, test_split, batch, self.n)
         rows = []
-        for m, member in enumerate(self.members):
-            abstract = self.member(steps.variables(state), m)
-            best = self.bests[m]
-            best_vars = checkpoints.restore(
-                best, best.latest_step(), {"variables": abstract}, "member best checkpoint"
-            )["variables"]
-            test = self.member_eval.one(best_vars, self.masks[m], frozen, test_split, batch)
-            rows.append(
-                {
-                    "member": m,
-                    "seed": member.seed,
-                    "learning_rate": member.attention_training.learning_rate,
-                    "alpha_init": member.attention.alpha_init,
-                    "lesion": member.attention.lesion,
-                    "test_accuracy": test,
-                    "best_validation_accuracy": float(meta["best_val"][m]),
-                    "best_epoch": int(meta["best_epoch"][m]),
-                    "early_stopped": bool(meta["done"][m]),
-                    "skipped_updates": int(state["skipped"][m]),
-                    "alpha": {
-                        k: np.asarray(v).tolist()
-                        for k, v in site_alphas(best_vars["params"]).items()
-                    },
-                }
-            )
-        where, step, sha = self.task.backbone_source
+        for m in range(self.n):
+            guards.check_backbone_unchanged(self.tasks[m])
+            rows.append(self._member_result(m, None if base is None else float(base[m])))
         results = {
             "stage": "sweep",
+            "members_stage": self.stage,
             "members": rows,
-            "backbone_test_accuracy": self.member_eval.backbone(frozen, test_split, batch),
             "epochs": meta["epoch"],
             "steps_per_member": self.step_count(),
-            "backbone_checkpoint": where if step is None else f"{where}/{step}",
-            "backbone_checkpoint_sha256": sha,
             **self.wall_time(),
             "environment": progress.environment(),
         }
+        if base is not None and not self.own_backbones:
+            results["backbone_test_accuracy"] = float(base[0])
+            results["backbone_checkpoint"] = rows[0]["backbone_checkpoint"]
+            results["backbone_checkpoint_sha256"] = rows[0]["backbone_checkpoint_sha256"]
         progress.write_text(self.path / "results.json", json.dumps(results, indent=2))
         table = results_table(results)
         progress.write_text(self.path / "sweep.md", table)
         progress.log(table, flush=True)
         return {"state": state}, results
 
-
-def members_step(
-    backbone, attention, weight_decay: float, augment: bool, batch_size: int,
-    cues=(0.0, 0.0), skip_nonfinite: bool = False,
-):  # fmt: skip
-    """The sweep's compiled step: ``steps.train_step`` of the attention stage for every member
-    under ``jax.vmap``, ``(states, seed key data, learning rates, lesion masks, frozen, images,
-    labels, permutations, index) -> (states, metrics)``; per member (leading axis): the state,
-    seed, learning rate, lesion mask and data order."""
-
-    def member_step(state, seed_data, lr, mask, frozen, images, labels, perm, index):
-        loss_fn = attention_loss_fn(
-            backbone, attention, weight_decay, lesion=mask, cue_fraction=cues[0],
-            cue_weight=cues[1],
+    def _member_result(self, m: int, base: float | None) -> dict:
+        """Member m's row of results.json, also written as its own workdir's results.json."""
+        meta, member, best = self.meta, self.members[m], self.bests[m]
+        abstract = self.member(steps.variables(self.state), m)
+        best_vars = checkpoints.restore(
+            best, best.latest_step(), {"variables": abstract}, "member best checkpoint"
+        )["variables"]
+        test = self.member_eval.one(
+            best_vars, self.masks[m], self.member_frozen(m), self.data.test,
+            self.config.eval_batch_size,
         )  # fmt: skip
-        return steps.train_step(
-            loss_fn, optax.adam(lr, eps=1e-7), augment, batch_size,
-            jax.random.wrap_key_data(seed_data), state, frozen, images, labels, perm, index,
-            skip_nonfinite=skip_nonfinite,
-        )  # fmt: skip
-
-    vmapped = jax.vmap(member_step, in_axes=(0, 0, 0, 0, None, None, None, 0, None))
-    return jax.jit(vmapped, donate_argnums=(0,))
-
-
-class _MemberBatches:
-    """The sweep's step arguments (images, labels, one permutation per member, index): each
-    member its own data order, that of the plain run with its seed."""
-
-    def __init__(self, split, seed_keys, batch: int):
-        self.n, self.batch = len(split), batch
-        self.arrays = jax.device_put((split.images, split.labels), parallel.one_device())
-        self.seed_keys = seed_keys
-
-        def member_perm(seed_data, epoch):
-            key = jax.random.fold_in(jax.random.wrap_key_data(seed_data), 2)
-            return steps.epoch_permutation(key, epoch, self.n)
-
-        self.perm_fn = jax.jit(jax.vmap(member_perm, in_axes=(0, None)))
-
-    def epoch(self, epoch: int, start: int = 0):
-        perms = self.perm_fn(self.seed_keys, jnp.int32(epoch))
-        for i in range(start, self.n // self.batch):
-            yield (*self.arrays, perms, jnp.int32(i))
-
-
-class _MemberEval:
-    """Accuracy of every member (vmapped), of one member, and of the frozen backbone."""
-
-    def __init__(self, backbone, attention):
-        self.backbone_module = backbone
-
-        def batch_fn(batch_size, variables, mask, frozen, images, labels, start):
-            def logits(v, f, x):
-                return two_pass(backbone, attention, v, f["backbone"], x, lesion=mask).logits
-
-            return steps.eval_batch(logits, batch_size, variables, frozen, images, labels, start)
-
-        self._batch_fn = batch_fn
-
-    @functools.lru_cache(maxsize=8)  # noqa: B019  (one per batch size; lives with the sweep)
-    def _compiled(self, batch_size: int, vmapped: bool):
-        fn = functools.partial(self._batch_fn, batch_size)
-        if vmapped:
-            fn = jax.vmap(fn, in_axes=(0, 0, None, None, None, None))
-        return jax.jit(fn)
-
-    def _accuracy(self, fn, variables, mask, frozen, split, batch_size):
-        correct = 0
-        for images, labels in split.eval_batches(batch_size):  # on the device, padded
-            _, c = fn(variables, mask, frozen, images, labels, jnp.int32(0))
-            correct = correct + c
-        return np.asarray(correct) / len(split)
-
-    def all(self, variables, masks, frozen, split, batch_size) -> np.ndarray:
-        fn = self._compiled(batch_size, True)
-        return self._accuracy(fn, variables, masks, frozen, split, batch_size)
-
-    def one(self, variables, mask, frozen, split, batch_size) -> float:
-        fn = self._compiled(batch_size, False)
-        return float(self._accuracy(fn, variables, mask, frozen, split, batch_size))
-
-    def backbone(self, frozen, split, batch_size) -> float:
-        def logits(v, f, x):
-            del v
-            return self.backbone_module.apply(f["backbone"], x, train=False)
-
-        fn = jax.jit(functools.partial(steps.eval_batch, logits, batch_size))
-        correct = 0
-        for images, labels in split.eval_batches(batch_size):
-            correct += fn({}, frozen, images, labels, jnp.int32(0))[1]
-        return float(correct) / len(split)
+        done = bool(meta["done"][m])
+        row = {
+            "member": m,
+            "seed": member.seed,
+            "learning_rate": float(self.lrs[m]),
+            "test_accuracy": test,
+            "best_validation_accuracy": float(meta["best_val"][m]),
+            "best_epoch": int(meta["best_epoch"][m]),
+            "epochs": int(meta["best_epoch"][m]) + self.recipe.patience if done else meta["epoch"],
+            "early_stopped": done,
+            "skipped_updates": int(self.state["skipped"][m]),
+            "trainable_params": count_params(best_vars["params"]),
+        }
+        if self.stage == "attention":
+            row["alpha_init"] = member.attention.alpha_init
+            row["lesion"] = member.attention.lesion
+            alphas = site_alphas(best_vars["params"]).items()
+            row["alpha"] = {k: np.asarray(v).tolist() for k, v in alphas}
+        if base is not None:
+            where, step, sha = self.tasks[m].backbone_source
+            row["backbone_test_accuracy"] = base
+            row["backbone_checkpoint"] = where if step is None else f"{where}/{step}"
+            row["backbone_checkpoint_sha256"] = sha
+        own = dict(row, stage=self.stage, sweep=str(self.path), selected_on="held-out validation")
+        if self.config.dataset.validation == "test":
+            own["selected_on"] = "test"
+        own_path = self.path / "members" / str(m) / "results.json"
+        progress.write_text(own_path, json.dumps(own, indent=2))
+        return row
 
 
-def results_table(results: dict) -> str:
-    lines = [
-        f"frozen backbone test accuracy: {100 * results['backbone_test_accuracy']:.2f} %",
-        "",
-        "| member | seed | learning rate | alpha init | lesion | best epoch | val acc. | test acc. "
-        "| gain |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    base = results["backbone_test_accuracy"]
-    for r in results["members"]:
-        lines.append(
-            f"| {r['member']} | {r['seed']} | {r['learning_rate']:g} | {r['alpha_init']:g} | "
-            f"{r['lesion'] or 'full'} | {r['best_epoch']} | "
-            f"{100 * r['best_validation_accuracy']:.2f} | {100 * r['test_accuracy']:.2f} | "
-            f"{100 * (r['test_accuracy'] - base):+.2f} |"
-        )
-    return "\n".join(lines) + "\n"
+def key(seed: int) -> jax.Array:
+    return jax.random.key(seed)

@@ -260,22 +260,42 @@ def prepare_workdir(workdir: str) -> Path:
     return path
 
 
+def recipe_name(config) -> str:
+    """The config section of the stage's training recipe."""
+    scratch = config.stage == "addon" and config.addon.from_scratch
+    return "backbone_training" if config.stage == "backbone" or scratch else "attention_training"
+
+
 def check_sweep(config) -> None:
     """What a sweep (config.sweep) needs of the rest of the config."""
-    if config.stage != "attention":
+    s, stage = config.sweep, config.stage
+    if stage not in ("backbone", "attention", "addon"):
         raise UserError(
-            f"config.sweep trains attention systems: needs stage 'attention', got {config.stage!r}"
+            "config.sweep trains one stage: needs stage 'backbone', 'attention' or 'addon', got "
+            f"{stage!r} (run the backbone sweep, then the attention sweep on its members)"
         )
     if config.parallel != "none":
         raise UserError("config.sweep runs on one device: set config.parallel='none'")
-    if config.attention_training.finetune_backbone:
+    if s.get("layout", "vmap") not in ("vmap", "loop"):
+        raise UserError(f"config.sweep.layout must be 'vmap' or 'loop', got {s.layout!r}")
+    for key in ("alpha_inits", "lesions"):
+        if s.get(key) and stage != "attention":
+            raise UserError(f"config.sweep.{key} is for the attention stage, not {stage!r}")
+    frozen = stage == "attention" or (stage == "addon" and not config.addon.from_scratch)
+    if s.get("backbones") and not frozen:
+        raise UserError(
+            "config.sweep.backbones gives each member a frozen backbone: for the attention "
+            f"stage or an add-on to a frozen backbone, not {stage!r}"
+        )
+    if stage == "attention" and config.attention_training.finetune_backbone:
         raise UserError(
             "config.sweep trains attention systems on a frozen backbone: set "
             "config.attention_training.finetune_backbone=False"
         )
-    t = config.attention_training
+    name = recipe_name(config)
+    t = config[name]
     if (t.monitor, t.restore) != ("val_accuracy", "best"):
         raise UserError(
             "config.sweep selects each member's best validation accuracy: set "
-            "config.attention_training.monitor='val_accuracy' and restore='best'"
+            f"config.{name}.monitor='val_accuracy' and restore='best'"
         )

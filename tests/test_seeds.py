@@ -1,0 +1,154 @@
+"""Seeds as a batch dimension: a backbone sweep over seeds equals the plain backbone runs of its
+seeds, its members are plain backbone workdirs, and attention systems or add-ons train on N
+frozen backbones at once, each equal to its own plain run."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from tests.test_train import tiny_config
+from train import members, sweep, train
+from train.errors import UserError
+
+SEEDS = (0, 1, 2)
+
+
+def seeds_config(epochs=3, layout="vmap"):
+    config = tiny_config("backbone", epochs=epochs, max_train_examples=480)
+    config.backbone_training.learning_rate = 3e-3
+    config.backbone_training.patience = 1  # members stop at different epochs
+    config.sweep.seeds = SEEDS
+    config.sweep.layout = layout
+    return config
+
+
+def member_params(state, m):
+    return jax.tree.map(lambda x: np.asarray(x[m]), state["state"]["params"])
+
+
+def assert_close(single, stacked, atol=1e-6):
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(stacked), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+    """A backbone sweep of three seeds: (workdir, final state, results)."""
+    path = tmp_path_factory.mktemp("seeds") / "backbones"
+    state, results = train.train_and_evaluate(seeds_config(), str(path))
+    return path, state, results
+
+
+@pytest.mark.parametrize("layout", ["vmap", "loop"])
+def test_backbone_seeds_equal_plain_backbone_runs(backbones, tmp_path, layout):
+    path, state, results = backbones
+    if layout == "loop":
+        path = tmp_path / "loop"
+        state, results = train.train_and_evaluate(seeds_config(layout=layout), str(path))
+    rows = results["members"]
+    assert results["members_stage"] == "backbone" and [r["seed"] for r in rows] == list(SEEDS)
+    assert len({r["test_accuracy"] for r in rows}) > 1  # the seeds differ
+    for m in (0, 2):
+        plain = sweep.member_configs(seeds_config())[m]
+        single_state, single = train.train_and_evaluate(plain, str(tmp_path / str(m)))
+        assert rows[m]["best_epoch"] == single["best_epoch"]
+        assert rows[m]["early_stopped"] == single["early_stopped"]
+        assert rows[m]["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=1e-9)
+        # vmapped, a convolution or dense layer whose weights differ per member is one batched
+        # operation that sums in another order: Adam turns the last-bit differences of a
+        # near-zero gradient into ~1e-6 of a weight over the run. Looped, the kernels are the
+        # plain run's own. A stopped member's state is its state when it stopped.
+        atol = 1e-5 if layout == "vmap" else 1e-6
+        assert_close(single_state["state"]["params"], member_params(state, m), atol)
+        own = json.loads((path / "members" / str(m) / "results.json").read_text())
+        assert own["test_accuracy"] == rows[m]["test_accuracy"] and own["stage"] == "backbone"
+        assert own["epochs"] == single["epochs"]
+
+
+def test_a_stopped_member_keeps_its_state():
+    import jax.numpy as jnp
+    import optax
+
+    from train import steps
+
+    def loss_fn(params, extra, frozen, x, y, rngs):
+        del extra, frozen, rngs
+        logits = x.reshape(len(x), -1)[:, :10] * params["w"]
+        return jnp.mean(steps.cross_entropy(logits, y)), (logits, {})
+
+    step = members.members_step(lambda mask: loss_fn, False, 4)
+    one = steps.init_state({"w": jnp.ones(())}, optax.adam(0.1))
+    state = jax.tree.map(lambda x: jnp.stack([x, x]), one)
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 4, 4, 3)), jnp.uint8)
+    labels = jnp.arange(8) % 10
+    new, _ = step(
+        state, jnp.stack([jax.random.key_data(jax.random.key(s)) for s in (0, 1)]),
+        jnp.full((2,), 0.1), jnp.ones((2, 1)), jnp.asarray([True, False]), {}, images, labels,
+        jnp.stack([jnp.arange(8)] * 2), jnp.int32(0),
+    )  # fmt: skip
+    assert float(new["params"]["w"][0]) != 1.0  # the active member trained
+    assert float(new["params"]["w"][1]) == 1.0 and int(new["step"][1]) == 0  # the stopped one not
+
+
+@pytest.mark.parametrize("layout", ["vmap", "loop"])
+def test_attention_on_each_members_backbone_equals_plain_runs(backbones, tmp_path, layout):
+    path = backbones[0]
+    dirs = [str(path / "members" / str(m)) for m in range(len(SEEDS))]
+    config = tiny_config("attention", epochs=2, max_train_examples=480)
+    config.attention.d = 4
+    config.sweep.seeds = SEEDS
+    config.sweep.backbones = tuple(dirs)
+    config.sweep.layout = layout
+    state, results = train.train_and_evaluate(config, str(tmp_path / "attention"))
+    rows = results["members"]
+    assert len({r["backbone_test_accuracy"] for r in rows}) > 1  # three different backbones
+    m = 1
+    plain = tiny_config("attention", epochs=2, max_train_examples=480)
+    plain.attention.d = 4
+    plain.seed, plain.backbone_checkpoint = SEEDS[m], dirs[m]  # a member is a backbone workdir
+    single_state, single = train.train_and_evaluate(plain, str(tmp_path / "plain"))
+    assert rows[m]["backbone_test_accuracy"] == pytest.approx(single["backbone_test_accuracy"])
+    assert rows[m]["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=1e-9)
+    assert rows[m]["alpha"] == pytest.approx(single["alpha"], rel=1e-6, abs=1e-7)
+    assert_close(single_state["state"]["params"], member_params(state, m))
+    assert "| backbone | gain |" in (tmp_path / "attention" / "sweep.md").read_text()
+
+
+def test_an_addon_on_each_members_backbone_equals_plain_runs(backbones, tmp_path):
+    from configs import compare_toy_cifar10
+
+    path = backbones[0]
+    dirs = [str(path / "members" / str(m)) for m in range(2)]
+
+    def gala():
+        config = compare_toy_cifar10.get_config("gala,smoke")
+        small = tiny_config("addon", epochs=2, max_train_examples=480)
+        for section in ("dataset", "model", "attention_training"):
+            config[section] = small[section]
+        config.eval_batch_size = small.eval_batch_size
+        config.addon.reduction = 2
+        # the papers' gate Y = s X: with the residual gate (gamma from 0) the module's first
+        # gradients are near 0, and Adam scales their last-bit noise up to a learning rate's step
+        config.addon.gate = "direct"
+        return config
+
+    config = gala()
+    config.sweep.seeds = (0, 1)
+    config.sweep.backbones = tuple(dirs)
+    state, results = train.train_and_evaluate(config, str(tmp_path / "gala"))
+    plain = gala()
+    plain.seed, plain.backbone_checkpoint = 1, dirs[1]
+    single_state, single = train.train_and_evaluate(plain, str(tmp_path / "plain"))
+    row = results["members"][1]
+    assert row["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=1e-9)
+    assert row["backbone_test_accuracy"] == pytest.approx(single["backbone_test_accuracy"])
+    assert_close(single_state["state"]["params"], member_params(state, 1))
+
+
+def test_backbones_for_a_backbone_sweep_are_refused(tmp_path):
+    config = seeds_config()
+    config.sweep.backbones = ("a", "b", "c")
+    with pytest.raises(UserError, match=r"config.sweep.backbones gives each member a frozen"):
+        train.train_and_evaluate(config, str(tmp_path))

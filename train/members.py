@@ -1,0 +1,158 @@
+"""The compiled parts of a sweep (``train.sweep``): N members' training step in one program,
+their data orders, and their evaluation.
+
+Every per-member argument has a leading member axis: the state, the seed's key data, the
+learning rate, the lesion mask, whether the member still trains, and its epoch's permutation;
+the frozen backbone is either shared (no axis) or one per member (``frozen_axis=0``).
+
+Two layouts of the members inside the one program (``config.sweep.layout``):
+
+  'vmap'  ``jax.vmap`` over the members: one batched program (a convolution whose weights differ
+          per member becomes a grouped convolution);
+  'loop'  ``jax.lax.map`` over the members: one member after the other inside the compiled step,
+          each with the plain run's own kernels.
+
+Both give each member the run of the plain stage with its values (tests/test_sweep.py,
+tests/test_seeds.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from train import parallel, steps
+
+
+def members_step(
+    loss_for, augment: bool, batch_size: int, skip_nonfinite: bool = False,
+    frozen_axis: int | None = None, layout: str = "vmap",
+):  # fmt: skip
+    """``(states, seed key data, learning rates, masks, active, frozen, images, labels, perms,
+    index) -> (states, metrics)``: ``steps.train_step`` for every member, with the loss
+    ``loss_for(mask)``. A member whose ``active`` is False keeps its state (it has stopped)."""
+
+    def member_step(state, seed_data, lr, mask, active, frozen, images, labels, perm, index):
+        new, metrics = steps.train_step(
+            loss_for(mask), optax.adam(lr, eps=1e-7), augment, batch_size,
+            jax.random.wrap_key_data(seed_data), state, frozen, images, labels, perm, index,
+            skip_nonfinite=skip_nonfinite,
+        )  # fmt: skip
+        new = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, state)
+        return new, metrics
+
+    axes = (0, 0, 0, 0, 0, frozen_axis, None, None, 0, None)
+    if layout == "vmap":
+        return jax.jit(jax.vmap(member_step, in_axes=axes), donate_argnums=(0,))
+
+    def looped(*args):
+        per_member = tuple(a for a, axis in zip(args, axes, strict=True) if axis == 0)
+        shared = [a if axis is None else None for a, axis in zip(args, axes, strict=True)]
+
+        def one(xs):
+            it = iter(xs)
+            full = [next(it) if axis == 0 else s for s, axis in zip(shared, axes, strict=True)]
+            return member_step(*full)
+
+        return jax.lax.map(one, per_member)
+
+    looped.__name__ = "member_step"  # the name the compile log shows, as for 'vmap'
+    return jax.jit(looped, donate_argnums=(0,))
+
+
+class MemberBatches:
+    """The sweep's step arguments (images, labels, one permutation per member, index): each
+    member its own data order, that of the plain run with its seed."""
+
+    def __init__(self, split, seed_keys, batch: int):
+        self.n, self.batch = len(split), batch
+        self.arrays = jax.device_put((split.images, split.labels), parallel.one_device())
+        self.seed_keys = seed_keys
+
+        def member_perm(seed_data, epoch):
+            key = jax.random.fold_in(jax.random.wrap_key_data(seed_data), 2)
+            return steps.epoch_permutation(key, epoch, self.n)
+
+        self.perm_fn = jax.jit(jax.vmap(member_perm, in_axes=(0, None)))
+
+    def epoch(self, epoch: int, start: int = 0):
+        perms = self.perm_fn(self.seed_keys, jnp.int32(epoch))
+        for i in range(start, self.n // self.batch):
+            yield (*self.arrays, perms, jnp.int32(i))
+
+
+class MemberEval:
+    """Accuracy of every member (vmapped), of one member, and of the frozen backbone(s):
+    ``logits_for(mask)`` is a member's ``(variables, frozen, x) -> logits``; ``baseline`` the
+    frozen backbone's (None: the stage has none)."""
+
+    def __init__(self, logits_for, baseline=None, frozen_axis: int | None = None):
+        self.logits_for, self.baseline, self.frozen_axis = logits_for, baseline, frozen_axis
+
+    def _batch_fn(self, batch_size, variables, mask, frozen, images, labels, start):
+        logits = self.logits_for(mask)
+        return steps.eval_batch(logits, batch_size, variables, frozen, images, labels, start)
+
+    @functools.lru_cache(maxsize=8)  # noqa: B019  (one per batch size; lives with the sweep)
+    def _compiled(self, batch_size: int, vmapped: bool):
+        fn = functools.partial(self._batch_fn, batch_size)
+        if vmapped:
+            fn = jax.vmap(fn, in_axes=(0, 0, self.frozen_axis, None, None, None))
+        return jax.jit(fn)
+
+    def _accuracy(self, fn, variables, mask, frozen, split, batch_size):
+        correct = 0
+        for images, labels in split.eval_batches(batch_size):  # on the device, padded
+            _, c = fn(variables, mask, frozen, images, labels, jnp.int32(0))
+            correct = correct + c
+        return np.asarray(correct) / len(split)
+
+    def all(self, variables, masks, frozen, split, batch_size) -> np.ndarray:
+        fn = self._compiled(batch_size, True)
+        return self._accuracy(fn, variables, masks, frozen, split, batch_size)
+
+    def one(self, variables, mask, frozen, split, batch_size) -> float:
+        """Member accuracy; ``frozen`` is that member's own."""
+        fn = self._compiled(batch_size, False)
+        return float(self._accuracy(fn, variables, mask, frozen, split, batch_size))
+
+    def backbones(self, frozen, split, batch_size, n: int) -> np.ndarray:
+        """The frozen backbone's test accuracy, per member (one per backbone, or one shared)."""
+        fn = jax.jit(functools.partial(steps.eval_batch, self.baseline, batch_size))
+        if self.frozen_axis == 0:
+            fn = jax.jit(jax.vmap(fn, in_axes=(None, 0, None, None, None)))
+        correct = 0
+        for images, labels in split.eval_batches(batch_size):
+            correct = correct + fn({}, frozen, images, labels, jnp.int32(0))[1]
+        return np.broadcast_to(np.asarray(correct) / len(split), (n,)).astype(float)
+
+
+def results_table(results: dict) -> str:
+    """sweep.md: one row per member (with its frozen backbone's accuracy and the gain over it,
+    where the stage has a frozen backbone)."""
+    rows = results["members"]
+    base = [r.get("backbone_test_accuracy") for r in rows]
+    with_base = None not in base
+    shared = with_base and len(set(base)) == 1
+    lines = [f"frozen backbone test accuracy: {100 * base[0]:.2f} %", ""] if shared else []
+    lines += [
+        "| member | seed | learning rate | alpha init | lesion | best epoch | val acc. | test acc. "
+        + ("| backbone | gain |" if with_base else "|"),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if with_base else ""),
+    ]
+    for r, b in zip(rows, base, strict=True):
+        alpha = "" if r.get("alpha_init") is None else f"{r['alpha_init']:g}"
+        lesion = "" if r.get("lesion") is None else (r["lesion"] or "full")
+        line = (
+            f"| {r['member']} | {r['seed']} | {r['learning_rate']:g} | {alpha} | {lesion} | "
+            f"{r['best_epoch']} | {100 * r['best_validation_accuracy']:.2f} | "
+            f"{100 * r['test_accuracy']:.2f} |"
+        )
+        if with_base:
+            line += f" {100 * b:.2f} | {100 * (r['test_accuracy'] - b):+.2f} |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
