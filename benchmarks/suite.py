@@ -17,6 +17,10 @@ budget; a part past its cap is stopped and keeps the rows it finished):
                 (float32, tensorfloat32, XLA's default): relative error of the logits
                 (norm of the difference over norm of the float64 logits);
   toy_bfloat16  the toy steps in bfloat16 (as toy_float32);
+  seeds         N seeds in one program against N single runs (the seeds protocol's stages):
+                the backbone stage at N = 1 and 5, the attention stage on a frozen backbone
+                per member at N = 1 and 16, each in both layouts (vmap, loop): step seconds,
+                the cost ratio step / (N x the plain run's step), compile seconds;
   sweep         a vmap sweep of 1, 16 and 64 attention systems on one frozen toy backbone.
 The machine (device, driver, versions, the package's own commit or 'unknown') comes first.
 
@@ -56,12 +60,13 @@ if __name__ == "__main__":  # flags only when run as a program (tests import thi
 
 # The parts in priority order, each with its share of the budget: its time cap.
 PARTS = (
-    ("toy_float32", 0.18),
-    ("protocol", 0.20),
-    ("resnet50", 0.22),
-    ("precision", 0.06),
-    ("toy_bfloat16", 0.12),
-    ("sweep", 0.14),
+    ("toy_float32", 0.16),
+    ("protocol", 0.18),
+    ("resnet50", 0.20),
+    ("seeds", 0.20),
+    ("precision", 0.05),
+    ("toy_bfloat16", 0.10),
+    ("sweep", 0.11),
 )
 MIN_PART_S = 10.0  # a part is not started with less time than this left
 RESERVE_S = 3.0  # kept back from every cap for writing the results
@@ -76,6 +81,7 @@ PEAK_FLOPS = {
 FULL = {
     "toy_batches": (128, 1024, 8192),
     "members": (1, 16, 64),
+    "seeds": {"backbone": (1, 5), "attention": (1, 16)},
     "member_batch": 128,
     "resnet": {"batch": 256, "image_size": 224, "arch": {}},
     "repeats": 20,
@@ -85,6 +91,7 @@ FULL = {
 QUICK = {
     "toy_batches": (8,),
     "members": (1, 2),
+    "seeds": {"backbone": (1, 2), "attention": (1, 2)},
     "member_batch": 8,
     "resnet": {"batch": 2, "image_size": 32, "arch": {"stage_sizes": (1, 1, 1, 1), "width": 8}},
     "repeats": 2,
@@ -140,6 +147,33 @@ def sweep(sizes: dict, emit) -> None:
                 "compile_s": compile_s,
             }
         )
+
+
+def seeds(sizes: dict, emit) -> None:
+    from benchmarks import sweep as sweep_bench
+    from train import precision
+
+    batch, repeats = sizes["member_batch"], sizes["repeats"]
+    with precision.scope_for("float32"):
+        for stage, counts in sizes["seeds"].items():
+            single, _ = sweep_bench.time_single(batch, "float32", repeats, 1, stage)
+            for layout in ("vmap", "loop"):
+                for n in counts:
+                    seconds, compile_s = sweep_bench.time_members(
+                        n, batch, "float32", repeats, 1, stage, layout, own_backbones=True
+                    )
+                    emit(
+                        {
+                            "stage": stage,
+                            "layout": layout,
+                            "members": n,
+                            "batch_per_member": batch,
+                            "step_s": seconds,
+                            "single_step_s": single,
+                            "cost_ratio": seconds / (n * single),
+                            "compile_s": compile_s,
+                        }
+                    )
 
 
 def resnet50(sizes: dict, emit) -> None:
@@ -256,6 +290,7 @@ def run_part(name: str, rows_path: str, quick: bool, data_dir: str) -> None:
         "toy_float32": lambda: toy(sizes, emit, "float32"),
         "toy_bfloat16": lambda: toy(sizes, emit, "bfloat16"),
         "sweep": lambda: sweep(sizes, emit),
+        "seeds": lambda: seeds(sizes, emit),
         "resnet50": lambda: resnet50(sizes, emit),
         "protocol": lambda: protocol(sizes, emit, quick, data_dir),
         "precision": lambda: precision_check(sizes, emit),
@@ -433,6 +468,21 @@ def markdown(r: dict) -> str:
                   "| policy | relative error |", "|---|---|"]  # fmt: skip
         for p in r["precision"]:
             lines.append(f"| {p['policy']} | {p['relative_error']:.2e} |")
+    if r.get("seeds"):
+        lines += [
+            "",
+            "## Seeds in one program (a frozen backbone per member)",
+            "",
+            "| stage | layout | members | batch each | step | per member | cost ratio "
+            "| compile s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for s in r["seeds"]:
+            lines.append(
+                f"| {s['stage']} | {s['layout']} | {s['members']} | {s['batch_per_member']} | "
+                f"{s['step_s']:.4f} s | {s['step_s'] / s['members']:.4f} s | "
+                f"{s['cost_ratio']:.2f} | {s['compile_s']:.1f} |"
+            )
     if r.get("sweep"):
         lines += [
             "",

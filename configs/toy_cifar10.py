@@ -178,9 +178,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sweep.alpha_inits = ()  # attention stage
     config.sweep.lesions = ()  # attention stage
     config.sweep.backbones = ()  # attention, add-on: member i's frozen backbone (a workdir)
-    # How the members share the program: 'vmap' (batched) or 'loop' (one after the other inside
-    # the compiled step, each with the plain run's kernels).
-    config.sweep.layout = "vmap"
+    # How the members share the program: 'vmap' (batched), 'loop' (one after the other inside
+    # the compiled step, each with the plain run's kernels) or 'auto' ('loop' on a CPU where
+    # the members' convolution weights differ, else 'vmap'; train/sweep.py).
+    config.sweep.layout = "auto"
 
     # Devices: 'none' (one device) or 'jit' (data parallel over all local devices; batch sizes
     # are global and must divide by the number of devices).

@@ -22,6 +22,11 @@ def test_quick_suite_measures_every_part_and_writes_json_and_markdown(tmp_path):
         assert row["attention_images_per_s"] > 0 and row["backbone_train_images_per_s"] > 0
         assert row["attention_compile_s"] > 0 and row["backbone_train_compile_s"] > 0
     assert [s["members"] for s in saved["sweep"]] == [1, 2]
+    assert [(s["stage"], s["layout"], s["members"]) for s in saved["seeds"]][:4] == [
+        ("backbone", "vmap", 1), ("backbone", "vmap", 2), ("backbone", "loop", 1),
+        ("backbone", "loop", 2),
+    ]  # fmt: skip
+    assert len(saved["seeds"]) == 8 and all(s["cost_ratio"] > 0 for s in saved["seeds"])
     assert all(s["step_s"] > 0 and s["compile_s"] > 0 for s in saved["sweep"])
     (rn,) = saved["resnet50"]
     for name in ("attention_step", "backbone_train_step"):
@@ -40,7 +45,8 @@ def test_quick_suite_measures_every_part_and_writes_json_and_markdown(tmp_path):
     assert saved["machine"]["jax"] and saved["machine"]["device_kind"]
     assert saved["machine"]["commit"]  # the package's own, or 'unknown'
     md = (tmp_path / "out" / "suite.md").read_text()
-    for heading in ("## Toy model", "## vmap sweep", "## ResNet50", "## Toy protocol", "float64"):
+    headings = ("## Toy model", "## vmap sweep", "## Seeds in", "## ResNet50", "## Toy protocol")
+    for heading in (*headings, "float64"):
         assert heading in md
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "suite.json", "suite.log", "suite.md"

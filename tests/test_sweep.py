@@ -144,7 +144,7 @@ def test_the_alpha_zero_guard_checks_every_sweep_member(backbone_dir, tmp_path, 
     [
         ("stage", "both", r"config.sweep trains one stage: needs stage 'backbone', 'attention'"),
         ("stage", "backbone", r"config.sweep.alpha_inits is for the attention stage, not"),
-        ("sweep.layout", "grouped", r"config.sweep.layout must be 'vmap' or 'loop'"),
+        ("sweep.layout", "grouped", r"config.sweep.layout must be 'auto', 'vmap' or 'loop'"),
         ("parallel", "jit", r"config.sweep runs on one device"),
         ("attention_training.finetune_backbone", True, r"on a frozen backbone: set"),
     ],

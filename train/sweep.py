@@ -89,7 +89,7 @@ def member_configs(config) -> list[ml_collections.ConfigDict]:
                 target[name] = values[i if len(values) > 1 else 0]
         for key in FIELDS:
             member.sweep[key] = ()
-        member.sweep.layout = "vmap"
+        member.sweep.layout = "auto"
         members.append(member)
     return members
 
@@ -248,7 +248,7 @@ class SweepRun(Run):
         recipe = self.recipe
         compiled = members_step(
             self._loss_for, recipe.augment, recipe.batch_size, skip_nonfinite=self.skip,
-            frozen_axis=self.frozen_axis, layout=self.config.sweep.get("layout", "vmap"),
+            frozen_axis=self.frozen_axis, layout=self.layout(),
         )  # fmt: skip
 
         def step(state, frozen, images, labels, perms, index):
@@ -257,6 +257,17 @@ class SweepRun(Run):
                             labels, perms, index)  # fmt: skip
 
         return step
+
+    def layout(self) -> str:
+        """config.sweep.layout; 'auto': 'loop' on a CPU where the members' convolution weights
+        differ (a vmapped one is a grouped convolution, 2 to 3 times slower there:
+        benchmarks/RESULTS.md), else 'vmap'."""
+        layout = self.config.sweep.get("layout", "auto")
+        if layout != "auto":
+            return layout
+        scratch = self.stage == "addon" and self.config.addon.from_scratch
+        own_weights = self.stage == "backbone" or scratch or self.own_backbones
+        return "loop" if own_weights and jax.default_backend() == "cpu" else "vmap"
 
     def batches(self):
         return MemberBatches(self.data.train, self.seed_keys, self.recipe.batch_size)

@@ -276,8 +276,8 @@ def check_sweep(config) -> None:
         )
     if config.parallel != "none":
         raise UserError("config.sweep runs on one device: set config.parallel='none'")
-    if s.get("layout", "vmap") not in ("vmap", "loop"):
-        raise UserError(f"config.sweep.layout must be 'vmap' or 'loop', got {s.layout!r}")
+    if s.get("layout", "auto") not in ("auto", "vmap", "loop"):
+        raise UserError(f"config.sweep.layout must be 'auto', 'vmap' or 'loop', got {s.layout!r}")
     for key in ("alpha_inits", "lesions"):
         if s.get(key) and stage != "attention":
             raise UserError(f"config.sweep.{key} is for the attention stage, not {stage!r}")
