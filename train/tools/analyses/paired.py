@@ -103,8 +103,11 @@ def paired(out: Path, runs: list[str], **load_args) -> dict:
 
 def model_name(run: str) -> str:
     """A run's model, as pooling matches it across seeds: its directory's name, or its parent's
-    where the name is a seed (``workdirs/converged/gala/1`` and ``pretrained/s1/gala``: gala)."""
+    where the name is a seed (``workdirs/converged/gala/1`` and ``pretrained/s1/gala``: gala), or
+    the sweep's where it is a sweep member (``W/gala/members/1``: gala)."""
     parts = Path(run).parts
+    if len(parts) > 2 and parts[-1].isdigit() and parts[-2] == "members":
+        return parts[-3]
     return parts[-2] if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
