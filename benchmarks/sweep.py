@@ -107,8 +107,7 @@ def time_members(
     seeds = jnp.stack([jax.random.key_data(jax.random.key(m)) for m in range(n)])
     lrs = jnp.full((n,), 1e-3, jnp.float32)
     masks = jnp.ones((n, 5), jnp.float32)  # every site modulated (unused by the backbone)
-    active = jnp.ones((n,), bool)
-    args = (seeds, lrs, masks, active, frozen, images, labels, perms, jnp.int32(0))
+    args = (seeds, lrs, masks, frozen, images, labels, perms, jnp.int32(0))
     step, stats = aot(step, state, *args)
     holder = {"state": state}
 

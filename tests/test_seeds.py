@@ -83,11 +83,12 @@ def test_a_stopped_member_keeps_its_state():
     state = jax.tree.map(lambda x: jnp.stack([x, x]), one)
     images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 4, 4, 3)), jnp.uint8)
     labels = jnp.arange(8) % 10
-    new, _ = step(
+    new, metrics = step(
         state, jnp.stack([jax.random.key_data(jax.random.key(s)) for s in (0, 1)]),
-        jnp.full((2,), 0.1), jnp.ones((2, 1)), jnp.asarray([True, False]), {}, images, labels,
-        jnp.stack([jnp.arange(8)] * 2), jnp.int32(0),
+        jnp.full((2,), 0.1), jnp.ones((2, 1)), {}, images, labels,
+        jnp.stack([jnp.arange(8)] * 2), jnp.int32(0), members=(0,),
     )  # fmt: skip
+    assert metrics["finite"].tolist() == [True, True] and float(metrics["loss"][1]) == 0.0
     assert float(new["params"]["w"][0]) != 1.0  # the active member trained
     assert float(new["params"]["w"][1]) == 1.0 and int(new["step"][1]) == 0  # the stopped one not
 

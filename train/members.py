@@ -2,7 +2,7 @@
 their data orders, and their evaluation.
 
 Every per-member argument has a leading member axis: the state, the seed's key data, the
-learning rate, the lesion mask, whether the member still trains, and its epoch's permutation;
+learning rate, the lesion mask and its epoch's permutation;
 the frozen backbone is either shared (no axis) or one per member (``frozen_axis=0``).
 
 Two layouts of the members inside the one program (``config.sweep.layout``):
@@ -10,8 +10,9 @@ Two layouts of the members inside the one program (``config.sweep.layout``):
   'vmap'  ``jax.vmap`` over the members: one batched program (a convolution whose weights differ
           per member becomes a grouped convolution);
   'loop'  the members' steps one after the other in the compiled step (unrolled: each with the
-          plain run's own kernels; compile time grows with N). A ``lax.map`` loop was measured
-          35 times slower on a CPU: XLA's while-loop body does not get the fast convolutions.
+          plain run's own kernels; compile time grows with N). A ``lax.map`` loop, or a
+          ``lax.cond`` around a member's step, was measured 35 times slower on a CPU: XLA's
+          CPU backend does not give a loop or branch body its fast convolutions.
 
 Both give each member the run of the plain stage with its values (tests/test_sweep.py,
 tests/test_seeds.py).
@@ -33,34 +34,50 @@ def members_step(
     loss_for, augment: bool, batch_size: int, skip_nonfinite: bool = False,
     frozen_axis: int | None = None, layout: str = "vmap",
 ):  # fmt: skip
-    """``(states, seed key data, learning rates, masks, active, frozen, images, labels, perms,
-    index) -> (states, metrics)``: ``steps.train_step`` for every member, with the loss
-    ``loss_for(mask)``. A member whose ``active`` is False keeps its state (it has stopped)."""
+    """``(states, seed key data, learning rates, masks, frozen, images, labels, perms, index,
+    *, members=None) -> (states, metrics)``: ``steps.train_step`` for every member, with the
+    loss ``loss_for(mask)``. ``members`` (static): the members that still train, the others
+    (stopped) keep their state and cost nothing but their copy; one compilation per set of
+    members that train (at most N + 1 over a run). Metrics of a stopped member: 0, finite."""
 
-    def member_step(state, seed_data, lr, mask, active, frozen, images, labels, perm, index):
-        new, metrics = steps.train_step(
+    def member_step(state, seed_data, lr, mask, frozen, images, labels, perm, index):
+        return steps.train_step(
             loss_for(mask), optax.adam(lr, eps=1e-7), augment, batch_size,
             jax.random.wrap_key_data(seed_data), state, frozen, images, labels, perm, index,
             skip_nonfinite=skip_nonfinite,
         )  # fmt: skip
-        new = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, state)
-        return new, metrics
 
-    axes = (0, 0, 0, 0, 0, frozen_axis, None, None, 0, None)
+    axes = (0, 0, 0, 0, frozen_axis, None, None, 0, None)
     if layout == "vmap":
-        return jax.jit(jax.vmap(member_step, in_axes=axes), donate_argnums=(0,))
+        inner = jax.vmap(member_step, in_axes=axes)
+    else:
 
-    def looped(*args):
-        n = args[1].shape[0]  # the seeds' key data: one row per member
-        outs = []
-        for m in range(n):  # unrolled: member m's own step, the plain run's kernels
-            full = [a if axis is None else jax.tree.map(lambda x, m=m: x[m], a)
-                    for a, axis in zip(args, axes, strict=True)]  # fmt: skip
-            outs.append(member_step(*full))
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+        def inner(*args):
+            outs = []
+            for m in range(args[1].shape[0]):  # unrolled: the plain run's kernels per member
+                outs.append(member_step(*_take(args, axes, m)))
+            return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
-    looped.__name__ = "member_step"  # the name the compile log shows, as for 'vmap'
-    return jax.jit(looped, donate_argnums=(0,))
+    def member_step_all(*args, members=None):
+        n = args[1].shape[0]
+        if members is None or len(members) == n:
+            return inner(*args)
+        idx = np.asarray(members, np.int32)
+        new, metrics = inner(*_take(args, axes, idx))
+        state = jax.tree.map(lambda full, part: full.at[idx].set(part), args[0], new)
+        stopped = {"loss": 0.0, "accuracy": 0.0, "finite": True}
+        return state, {
+            k: jnp.full((n,), stopped[k], v.dtype).at[idx].set(v) for k, v in metrics.items()
+        }
+
+    member_step_all.__name__ = "member_step"  # the name the compile log shows
+    return jax.jit(member_step_all, donate_argnums=(0,), static_argnames=("members",))
+
+
+def _take(args, axes, index):
+    """The arguments of the members at ``index`` (an int: one member's, no member axis)."""
+    return [a if axis is None else jax.tree.map(lambda x: x[index], a)
+            for a, axis in zip(args, axes, strict=True)]  # fmt: skip
 
 
 class MemberBatches:

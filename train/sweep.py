@@ -252,9 +252,9 @@ class SweepRun(Run):
         )  # fmt: skip
 
         def step(state, frozen, images, labels, perms, index):
-            active = jnp.asarray(~self.meta["done"])  # a stopped member keeps its state
-            return compiled(state, self.seed_keys, self.lrs, self.masks, active, frozen, images,
-                            labels, perms, index)  # fmt: skip
+            training = tuple(int(m) for m in np.flatnonzero(~self.meta["done"]))
+            return compiled(state, self.seed_keys, self.lrs, self.masks, frozen, images, labels,
+                            perms, index, members=training)  # fmt: skip
 
         return step
 
