@@ -83,3 +83,11 @@ def test_the_command_line_says_one_line(tmp_path):
     )  # fmt: skip
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: unknown system 'galla'")
+
+
+def test_a_two_stage_base_config_gives_each_system_its_stage():
+    from configs import demo
+
+    base = demo.get_config()  # stage 'both'
+    assert protocol.system_config(base, "gattanet").stage == "attention"
+    assert protocol.system_config(base, "se").stage == "addon"

@@ -149,26 +149,27 @@ class MemberEval:
 
 def results_table(results: dict) -> str:
     """sweep.md: one row per member (with its frozen backbone's accuracy and the gain over it,
-    where the stage has a frozen backbone)."""
+    where the stage has a frozen backbone; alpha init and lesion for attention members)."""
     rows = results["members"]
     base = [r.get("backbone_test_accuracy") for r in rows]
     with_base = None not in base
+    attention = all("alpha_init" in r for r in rows)
     shared = with_base and len(set(base)) == 1
     lines = [f"frozen backbone test accuracy: {100 * base[0]:.2f} %", ""] if shared else []
-    lines += [
-        "| member | seed | learning rate | alpha init | lesion | best epoch | val acc. | test acc. "
-        + ("| backbone | gain |" if with_base else "|"),
-        "|---|---|---|---|---|---|---|---|" + ("---|---|" if with_base else ""),
-    ]
+    heads = ["member", "seed", "learning rate"]
+    heads += ["alpha init", "lesion"] if attention else []
+    heads += ["best epoch", "val acc.", "test acc."] + (["backbone", "gain"] if with_base else [])
+    lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r, b in zip(rows, base, strict=True):
-        alpha = "" if r.get("alpha_init") is None else f"{r['alpha_init']:g}"
-        lesion = "" if r.get("lesion") is None else (r["lesion"] or "full")
-        line = (
-            f"| {r['member']} | {r['seed']} | {r['learning_rate']:g} | {alpha} | {lesion} | "
-            f"{r['best_epoch']} | {100 * r['best_validation_accuracy']:.2f} | "
-            f"{100 * r['test_accuracy']:.2f} |"
-        )
+        cells = [str(r["member"]), str(r["seed"]), f"{r['learning_rate']:g}"]
+        if attention:
+            cells += [f"{r['alpha_init']:g}", r["lesion"] or "full"]
+        cells += [
+            str(r["best_epoch"]),
+            f"{100 * r['best_validation_accuracy']:.2f}",
+            f"{100 * r['test_accuracy']:.2f}",
+        ]
         if with_base:
-            line += f" {100 * b:.2f} | {100 * (r['test_accuracy'] - b):+.2f} |"
-        lines.append(line)
+            cells += [f"{100 * b:.2f}", f"{100 * (r['test_accuracy'] - b):+.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

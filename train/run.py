@@ -1,5 +1,5 @@
 """The parts of a training run that the loop (``train.train``) calls, each short: ``Run`` for one
-stage in one workdir; ``train.sweep.SweepRun`` gives the same parts for N vmapped members.
+stage in one workdir; ``train.sweep.SweepRun`` gives the same parts for N members in one step.
 
 A run's counters and running sums are scalars, a sweep's one value per member; the parts below
 treat both alike (numpy arrays of shape () or (N,)).

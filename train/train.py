@@ -4,7 +4,8 @@ stage='backbone'   trains the backbone from scratch (all its parameters).
 stage='attention'  loads a frozen backbone and trains only GAttANet's attention tree; the
                    optimizer never sees the backbone's variables.
 stage='both'       the first into <workdir>/backbone, then the second into <workdir>/attention.
-config.sweep       N attention systems at once, vmapped (``train.sweep``), on the same loop.
+config.sweep       N members of a stage at once, in one compiled step (``train.sweep``), on the
+                   same loop.
 
 The loop is ``_train_stage``; its parts are ``train.run.Run`` (one run) and
 ``train.sweep.SweepRun`` (a sweep).

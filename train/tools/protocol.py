@@ -83,7 +83,7 @@ def system_config(base: ml_collections.ConfigDict, system: str) -> ml_collection
     variant = _flat(compare_toy_cifar10.get_config(system).to_dict())
     config = ml_collections.ConfigDict(base.to_dict())
     for field, value in variant.items():
-        if plain.get(field) != value:
+        if plain.get(field) != value or field == "stage":
             section, _, name = field.rpartition(".")
             target = config
             for part in section.split(".") if section else ():
