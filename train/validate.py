@@ -224,11 +224,14 @@ def _check_types(c) -> None:
         "sweep.learning_rates": lambda v: _is_number(v) and 0 < v < float("inf"),
         "sweep.alpha_inits": lambda v: _is_number(v) and math.isfinite(v),
         "sweep.lesions": lambda v: isinstance(v, str),
+        "sweep.backbones": lambda v: isinstance(v, str) and v,
     }
     for field, good in sweeps.items():
         v = c[field]
         if not isinstance(v, list | tuple) or not all(good(x) for x in v):
             _fail(field, "a list of per-member values (empty: none)", v)
+    if c["sweep.layout"] not in ("auto", "vmap", "loop"):
+        _fail("sweep.layout", "'auto', 'vmap' or 'loop'", c["sweep.layout"])
 
 
 def _is_number(v) -> bool:
