@@ -91,7 +91,7 @@ FULL = {
 QUICK = {
     "toy_batches": (8,),
     "members": (1, 2),
-    "seeds": {"backbone": (1, 2), "attention": (1, 2)},
+    "seeds": {"backbone": (2,), "attention": (2,)},
     "member_batch": 8,
     "resnet": {"batch": 2, "image_size": 32, "arch": {"stage_sizes": (1, 1, 1, 1), "width": 8}},
     "repeats": 2,

@@ -22,11 +22,11 @@ def test_quick_suite_measures_every_part_and_writes_json_and_markdown(tmp_path):
         assert row["attention_images_per_s"] > 0 and row["backbone_train_images_per_s"] > 0
         assert row["attention_compile_s"] > 0 and row["backbone_train_compile_s"] > 0
     assert [s["members"] for s in saved["sweep"]] == [1, 2]
-    assert [(s["stage"], s["layout"], s["members"]) for s in saved["seeds"]][:4] == [
-        ("backbone", "vmap", 1), ("backbone", "vmap", 2), ("backbone", "loop", 1),
-        ("backbone", "loop", 2),
+    assert [(s["stage"], s["layout"], s["members"]) for s in saved["seeds"]] == [
+        ("backbone", "vmap", 2), ("backbone", "loop", 2), ("attention", "vmap", 2),
+        ("attention", "loop", 2),
     ]  # fmt: skip
-    assert len(saved["seeds"]) == 8 and all(s["cost_ratio"] > 0 for s in saved["seeds"])
+    assert all(s["cost_ratio"] > 0 and s["single_step_s"] > 0 for s in saved["seeds"])
     assert all(s["step_s"] > 0 and s["compile_s"] > 0 for s in saved["sweep"])
     (rn,) = saved["resnet50"]
     for name in ("attention_step", "backbone_train_step"):
