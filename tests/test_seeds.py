@@ -158,6 +158,7 @@ def test_backbones_for_a_backbone_sweep_are_refused(tmp_path):
 def test_a_backbone_sweep_crashed_after_a_member_stopped_resumes_as_an_uninterrupted_one(
     backbones, tmp_path, monkeypatch
 ):
+    from tests.test_sweep import crash_after
     from tests.test_train import assert_trees_equal
 
     _, straight_state, straight = backbones
@@ -165,20 +166,7 @@ def test_a_backbone_sweep_crashed_after_a_member_stopped_resumes_as_an_uninterru
     assert stopped and straight["epochs"] == 3  # a member stopped before the last epoch
     config = seeds_config()
     config.checkpoint_every_steps = 4  # 13 steps per epoch: saves within each epoch
-    compile_step = sweep.SweepRun.compile_step
-
-    def crash_in_the_last_epoch(self):
-        step, calls = compile_step(self), []
-
-        def counted(*args):
-            calls.append(1)
-            if len(calls) > 30:  # epoch 3, its step 5
-                raise KeyboardInterrupt("simulated crash")
-            return step(*args)
-
-        return counted
-
-    monkeypatch.setattr(sweep.SweepRun, "compile_step", crash_in_the_last_epoch)
+    crash_after(monkeypatch, 30)  # epoch 3, its step 5
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(config, str(tmp_path / "crashed"))
     monkeypatch.undo()

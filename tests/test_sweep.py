@@ -88,26 +88,31 @@ def test_a_bad_lesion_in_a_sweep_is_one_clear_error(backbone_dir, tmp_path):
         train.train_and_evaluate(config, str(tmp_path))
 
 
+def crash_after(monkeypatch, steps: int):
+    """The sweep's compiled step raises KeyboardInterrupt at its call ``steps`` + 1 (a crash)."""
+    compile_step = sweep.SweepRun.compile_step
+
+    def crashing(self):
+        step, calls = compile_step(self), []
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) > steps:
+                raise KeyboardInterrupt("simulated crash")
+            return step(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(sweep.SweepRun, "compile_step", crashing)
+
+
 def test_a_sweep_crashed_within_an_epoch_resumes_there_and_ends_as_an_uninterrupted_one(
     backbone_dir, tmp_path, monkeypatch
 ):
     config = sweep_config(backbone_dir)
     config.checkpoint_every_steps = 2  # 4 steps per epoch: saves after steps 2 and 6
     straight_state, straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
-    compile_step = sweep.SweepRun.compile_step
-
-    def crash_after_seven(self):
-        step, calls = compile_step(self), []
-
-        def counted(*args):
-            calls.append(1)
-            if len(calls) > 7:  # epoch 2, its step 4
-                raise KeyboardInterrupt("simulated crash")
-            return step(*args)
-
-        return counted
-
-    monkeypatch.setattr(sweep.SweepRun, "compile_step", crash_after_seven)
+    crash_after(monkeypatch, 7)  # epoch 2, its step 4
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(config, str(tmp_path / "crashed"))
     monkeypatch.undo()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -194,9 +195,33 @@ def _quiet_failed_writes():
     sys.excepthook, sys.unraisablehook = closed_loop(excepthook), closed_loop(unraisable)
     try:
         yield
+    except BaseException:
+        # orbax's writers may log the same failure a moment later, after this context has
+        # ended: from now on those records are dropped (installed before the verbosity is back)
+        _drop_writer_errors()
+        raise
     finally:
         absl_logging.set_verbosity(verbosity)
         sys.excepthook, sys.unraisablehook = excepthook, unraisable
+
+
+def _drop_writer_errors() -> None:
+    """Filters for what orbax's writers leave behind a failed write: their threads'
+    '<thread>.run() raised an exception' (absl) and the never-retrieved exceptions of their
+    asyncio tasks, logged when those are collected (asyncio)."""
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _WriterErrors) for f in logger.filters):
+            logger.addFilter(_WriterErrors())
+
+
+class _WriterErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "orbax" in record.pathname and "raised an exception" in message:
+            return False
+        never_retrieved = "exception was never retrieved" in message
+        return not (never_retrieved and ("orbax" in message or "RESOURCE_EXHAUSTED" in message))
 
 
 def _out_of_space(e: Exception) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import importlib.util
 import sys
 
@@ -62,3 +64,23 @@ def parse_flags(argv: list[str]) -> list[str]:
         message = unknown_field_message(argv) or f"bad config override: {e}"
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """A tool's UserError as one line on stderr (``error: ...``) and exit status 1."""
+    from train.errors import UserError
+
+    try:
+        yield
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run_tool(main, define_flags) -> None:
+    """Runs a tool's ``main(argv, defined)`` with its flags (defined here, when run as a
+    program) and the config-aware flag parser."""
+    from absl import app
+
+    app.run(functools.partial(main, defined=define_flags()), flags_parser=parse_flags)

@@ -34,11 +34,12 @@ SAFE = (
 PINNED = "pinned.json"  # what the config does not say: the frozen backbone's sha256
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def flat(tree: dict, prefix: str = "") -> dict:
+    """A nested dict as {'section.field': value}."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out |= _flat(value, f"{prefix}{key}.")
+            out |= flat(value, f"{prefix}{key}.")
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -69,8 +70,8 @@ def check(config, path: Path) -> dict:
         pinned = json.loads(defaults.complete(json.loads(record.read_text())).to_json_best_effort())
     except ValueError as e:
         raise UserError(f"{record} is not a readable config ({e}); it pins this run") from None
-    now = _flat(json.loads(defaults.complete(config).to_json_best_effort()))
-    pinned = _flat(pinned)
+    now = flat(json.loads(defaults.complete(config).to_json_best_effort()))
+    pinned = flat(pinned)
     changed = {f: [pinned.get(f), now.get(f)] for f in sorted(set(now) | set(pinned))
                if pinned.get(f) != now.get(f)}  # fmt: skip
     unsafe = {f: v for f, v in changed.items() if not _safe(f)}

@@ -29,11 +29,10 @@ agreement with another image's queries), without retraining.
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from train import compilation, precision
 from train.errors import UserError
@@ -148,19 +147,18 @@ def main(argv, defined: dict):
         print(f"usage: python -m train.analyze {{{names}}} --workdir DIR [...]", file=sys.stderr)
         sys.exit(2)
     logging.set_verbosity(logging.WARNING)
-    try:
-        with compilation.cache(), precision.scope_for("float32"):  # several runs: the default
-            run(argv[1], {k: v.value for k, v in defined.items()})
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    from train import cli
+
+    # several runs: the default precision
+    with cli.one_line_errors(), compilation.cache(), precision.scope_for("float32"):
+        run(argv[1], {k: v.value for k, v in defined.items()})
 
 
 def run_cli():
     """``python -m train.analyze``."""
     from train import cli
 
-    app.run(functools.partial(main, defined=define_flags()), flags_parser=cli.parse_flags)
+    cli.run_tool(main, define_flags)
 
 
 if __name__ == "__main__":

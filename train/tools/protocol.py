@@ -27,9 +27,7 @@ resumes where it stopped: a finished stage is only re-evaluated. For a CPU check
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 from pathlib import Path
 
 import ml_collections
@@ -62,25 +60,16 @@ def define_flags() -> dict:
     return defined
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out |= _flat(v, f"{prefix}{k}.")
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def system_config(base: ml_collections.ConfigDict, system: str) -> ml_collections.ConfigDict:
     """``base`` with the fields that make ``system`` (configs/compare_toy_cifar10.py: the stage,
     the global query's source, the add-on) set as that config sets them."""
     from configs import compare_toy_cifar10, toy_cifar10
+    from train.pin import flat
 
     if system not in SYSTEMS:
         raise UserError(f"unknown system {system!r}; known: {', '.join(SYSTEMS)}")
-    plain = _flat(toy_cifar10.get_config().to_dict())
-    variant = _flat(compare_toy_cifar10.get_config(system).to_dict())
+    plain = flat(toy_cifar10.get_config().to_dict())
+    variant = flat(compare_toy_cifar10.get_config(system).to_dict())
     config = ml_collections.ConfigDict(base.to_dict())
     for field, value in variant.items():
         if plain.get(field) != value or field == "stage":
@@ -211,26 +200,22 @@ def main(argv, defined: dict):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    from train import compilation
+    from train import cli, compilation
 
     f = {k: v.value for k, v in defined.items()}
-    try:
-        with compilation.cache():
-            run(
-                f["config"], f["workdir"], f["seeds"], f["systems"], patience=f["patience"],
-                attention_patience=f["attention_patience"], epochs=f["epochs"],
-                attention_epochs=f["attention_epochs"],
-            )  # fmt: skip
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    with cli.one_line_errors(), compilation.cache():
+        run(
+            f["config"], f["workdir"], f["seeds"], f["systems"], patience=f["patience"],
+            attention_patience=f["attention_patience"], epochs=f["epochs"],
+            attention_epochs=f["attention_epochs"],
+        )  # fmt: skip
 
 
 def run_cli():
     """``python -m train.protocol``."""
     from train import cli
 
-    app.run(functools.partial(main, defined=define_flags()), flags_parser=cli.parse_flags)
+    cli.run_tool(main, define_flags)
 
 
 if __name__ == "__main__":
