@@ -127,7 +127,8 @@ class SweepRun(Run):
         self.own_backbones = bool(config.sweep.get("backbones"))
         self.tasks = tasks = []
         for member in members:  # each reads its frozen backbone (if any) before the data
-            task = MAKE_TASK[stage](member, backbone, jax.random.fold_in(key(member.seed), 0))
+            init = jax.random.fold_in(jax.random.key(member.seed), 0)  # the plain run's
+            task = MAKE_TASK[stage](member, backbone, init)
             if tasks and not self.own_backbones and task.frozen:
                 task = dataclasses.replace(task, frozen=tasks[0].frozen)  # one copy, shared
             tasks.append(task)
@@ -147,7 +148,7 @@ class SweepRun(Run):
             )
         self._set_data(tasks[0], data)
         self.task = dataclasses.replace(tasks[0], frozen=self.place.replicate(frozen))
-        self.seed_keys = jnp.stack([jax.random.key_data(key(m.seed)) for m in members])
+        self.seed_keys = jnp.stack([jax.random.key_data(jax.random.key(m.seed)) for m in members])
         recipe = validate.recipe_name(config)
         lrs = [m[recipe].learning_rate for m in members]
         self.lrs = jnp.asarray(lrs, jnp.float32)
@@ -380,7 +381,3 @@ class SweepRun(Run):
         own_path = self.path / "members" / str(m) / "results.json"
         progress.write_text(own_path, json.dumps(own, indent=2))
         return row
-
-
-def key(seed: int) -> jax.Array:
-    return jax.random.key(seed)

@@ -31,7 +31,6 @@ import json
 from pathlib import Path
 
 import ml_collections
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -127,6 +126,8 @@ def run(base, workdir: str, seeds: int, systems: list[str], **overrides) -> dict
 def write_table(path: Path, results: dict, systems: list[str]) -> dict:
     """protocol.json and protocol.md from the sweeps' results: per seed and column, mean ± sd,
     and each system's gain over the frozen backbone of its seed."""
+    from train.tools.analyses.seeds import percent_stats as stats
+
     backbone = [r["test_accuracy"] for r in results["backbones"]["members"]]
     columns = {"backbone": backbone}
     gains = {}
@@ -134,10 +135,6 @@ def write_table(path: Path, results: dict, systems: list[str]) -> dict:
         rows = results[system]["members"]
         columns[system] = [r["test_accuracy"] for r in rows]
         gains[system] = [r["test_accuracy"] - r["backbone_test_accuracy"] for r in rows]
-
-    def stats(values):
-        v = 100 * np.asarray(values, np.float64)
-        return {"mean": float(v.mean()), "sd": float(v.std(ddof=1))}
 
     table = {
         "seeds": len(backbone),

@@ -16,6 +16,12 @@ from train.tools.analyses.noise import noise
 from train.tools.trained import load, read_config
 
 
+def percent_stats(values) -> dict:
+    """Mean and sample standard deviation of accuracies (fractions), in percent."""
+    values = 100 * np.asarray(values, np.float64)
+    return {"mean": float(values.mean()), "sd": float(values.std(ddof=1))}
+
+
 def table(out: Path, runs: list[str]) -> str:
     """Table 1's columns from the results of a list of attention workdirs."""
     header = (
@@ -72,23 +78,23 @@ def seeds(out: Path, runs: list[str], sigmas=DEFAULT_SIGMAS, lesions=None, **loa
         figure.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
         plots.close(figure)
 
-    def stats(values):  # percent: mean, sd
-        values = 100 * np.asarray(values)
-        return {"mean": float(values.mean()), "sd": float(values.std(ddof=1))}
-
     result = {
         "runs": list(runs),
         "noise": [
             {
                 "sigma": float(sigma),
-                "baseline_accuracy": stats(base[:, i]),
-                "attention_accuracy": stats(att[:, i]),
-                "gain": stats(att[:, i] - base[:, i]),
+                "baseline_accuracy": percent_stats(base[:, i]),
+                "attention_accuracy": percent_stats(att[:, i]),
+                "gain": percent_stats(att[:, i] - base[:, i]),
             }
             for i, sigma in enumerate(sigmas)
         ],
         "lesion": [
-            {"lesion": n, "accuracy": stats(acc[:, i]), "gain": stats(acc[:, i] - lesion_base)}
+            {
+                "lesion": n,
+                "accuracy": percent_stats(acc[:, i]),
+                "gain": percent_stats(acc[:, i] - lesion_base),
+            }
             for i, n in enumerate(names)
         ],
         "per_run": per_run,
