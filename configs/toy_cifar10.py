@@ -128,6 +128,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # the monitored value) or 'last' (the last epoch trained; Keras' EarlyStopping without
     # restore_best_weights).
     config.backbone_training.restore = "best"
+    # Evaluates the test split after every epoch into the workdir's history.jsonl, for analyses
+    # of the selection rule (train.analyze selection); never used to select.
+    config.backbone_training.test_each_epoch = False
 
     # Attention training recipe: Adam lr 1e-3, L2 1e-5, batch 128, patience 500, at most 1000
     # epochs. The backbone is frozen: the optimizer sees only the attention variables.
@@ -139,6 +142,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.attention_training.patience = 500
     config.attention_training.monitor = "val_accuracy"  # as backbone_training's
     config.attention_training.restore = "best"
+    config.attention_training.test_each_epoch = False
     # Joint fine-tuning (beyond the paper): the backbone trains too, with its own Adam learning
     # rate; its BatchNorm statistics 'frozen' (stored, unchanged) or 'update' (batch statistics
     # and trained running averages; the backbone then runs in training mode, dropout included).

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from gattanet_jax import ToyCNN
-from train import selection, train, validate
+from train import defaults, history, selection, train, validate
 from train.data import input_pipeline
 from train.errors import UserError
+from train.tools.analyses import selection as selection_analysis
 
 from .test_train import tiny_config
 
@@ -54,15 +55,12 @@ def test_validation_on_the_test_split_trains_on_the_whole_train_split():
 
 def _replay(accuracies, losses, monitor, restore, patience):
     """(the epoch early stopping ends the run at, the epoch whose weights are kept)."""
-    meta = {"epoch": 0, "best_val": -1.0, "bad_epochs": 0, "done": False}
-    kept = None
-    for acc, loss in zip(accuracies, losses, strict=True):
-        meta["epoch"] += 1
-        improved = selection.update(meta, {"accuracy": acc, "loss": loss}, monitor, patience)
-        kept = meta["epoch"] if selection.keeps(restore, improved) else kept
-        if meta["done"]:
-            break
-    return meta["epoch"], kept
+    records = [
+        {"epoch": e, "val_accuracy": a, "val_loss": v}
+        for e, (a, v) in enumerate(zip(accuracies, losses, strict=True), 1)
+    ]
+    kept = selection.replay(records, monitor, restore, patience, num_epochs=len(records))
+    return kept["stop_epoch"], kept["epoch"]
 
 
 def test_stopping_rule_on_a_synthetic_history():
@@ -96,6 +94,13 @@ def test_bad_switch_values_are_refused(field, value):
         validate.check_config(config)
 
 
+def test_a_config_file_with_a_non_boolean_test_each_epoch_is_refused():
+    tree = tiny_config().to_dict()  # as a config.json or a user's file could hold it
+    tree["backbone_training"]["test_each_epoch"] = "yes"
+    with pytest.raises(UserError, match=r"config\.backbone_training\.test_each_epoch must be"):
+        validate.check_config(defaults.complete(tree))
+
+
 def test_keras_recipe_run_records_its_selection_and_refuses_another_scale(tmp_path):
     config = tiny_config(epochs=3)
     config.dataset.validation = "test"
@@ -113,3 +118,52 @@ def test_keras_recipe_run_records_its_selection_and_refuses_another_scale(tmp_pa
     second.backbone_checkpoint = str(tmp_path / "b")
     with pytest.raises(UserError, match=r"model\.pixel_scale=255"):
         train.train_and_evaluate(second, str(tmp_path / "a"))
+
+
+def _learning(**changes):
+    """A tiny run that learns within 5 epochs (its rules keep different epochs)."""
+    config = tiny_config(epochs=5, max_train_examples=800, max_test_examples=200)
+    t = config.backbone_training
+    t.learning_rate, t.augment, t.patience = 1e-2, False, 2
+    t.update(changes)
+    return config
+
+
+def test_a_rule_replayed_on_a_recorded_run_is_the_run_with_that_rule(tmp_path):
+    """One run with the test split recorded each epoch gives every stopping rule's figure: a run
+    trained with another rule stops, keeps and tests exactly as its replay says."""
+    recorded = _learning(test_each_epoch=True, monitor="val_loss")
+    _, own = train.train_and_evaluate(recorded, str(tmp_path / "recorded"))
+    records = history.read(tmp_path / "recorded")
+    assert [r["epoch"] for r in records] == list(range(1, own["epochs"] + 1))
+    assert records[own["best_epoch"] - 1]["test_accuracy"] == own["test_accuracy"]
+    replayed = selection_analysis.replay(tmp_path / "out", [str(tmp_path / "recorded")])
+    rules = replayed["runs"][0]["rules"]
+    assert (tmp_path / "out" / "selection.png").is_file()
+    assert len({rule["epoch"] for rule in rules.values()}) > 1  # the rules disagree
+    _, other = train.train_and_evaluate(_learning(), str(tmp_path / "accuracy"))
+    kept = rules["val_accuracy, best"]
+    assert (kept["stop_epoch"], kept["epoch"]) == (other["epochs"], other["best_epoch"])
+    assert kept["test_accuracy"] == pytest.approx(other["test_accuracy"], abs=1e-9)
+    assert kept["epoch"] != rules["val_loss, best"]["epoch"]
+    # a history that is not the run's is refused in one line
+    results = json.loads((tmp_path / "recorded" / "results.json").read_text())
+    results["best_epoch"] = results["best_epoch"] % results["epochs"] + 1  # another epoch
+    (tmp_path / "recorded" / "results.json").write_text(json.dumps(results))
+    with pytest.raises(UserError, match="its history is not the run's"):
+        selection_analysis.replay(tmp_path / "out", [str(tmp_path / "recorded")])
+
+
+def test_history_drops_the_epochs_a_resumed_run_left_and_a_cut_last_line(tmp_path):
+    for epoch in range(1, 6):
+        history.append(tmp_path, {"epoch": epoch, "val_accuracy": epoch / 10})
+    history.keep_until(tmp_path, 3)  # resumed from epoch 3's checkpoint
+    history.append(tmp_path, {"epoch": 4, "val_accuracy": 0.9})
+    with open(tmp_path / history.NAME, "a") as f:
+        f.write('{"epoch": 5, "val_acc')  # a crash mid-line
+    assert [(r["epoch"], r["val_accuracy"]) for r in history.read(tmp_path)] == [
+        (1, 0.1), (2, 0.2), (3, 0.3), (4, 0.9)
+    ]  # fmt: skip
+    (tmp_path / history.NAME).write_text('{"epoch": 1}\nnot json\n{"epoch": 2}\n')
+    with pytest.raises(UserError, match="line 2 is not an epoch record"):
+        history.read(tmp_path)

@@ -243,10 +243,14 @@ def test_epoch_rate_and_eta_count_the_steps_a_resumed_epoch_ran(monkeypatch):
 
 
 def test_resume_equals_an_uninterrupted_run(backbone_run, tmp_path):
-    _, state, results = backbone_run
+    workdir, state, results = backbone_run
     train.train_and_evaluate(tiny_config(epochs=1), str(tmp_path))
+    with open(tmp_path / "history.jsonl", "a") as f:  # an epoch of a trajectory the run left
+        f.write('{"epoch": 2, "val_accuracy": -1}\n')
     resumed_state, resumed = train.train_and_evaluate(tiny_config(epochs=2), str(tmp_path))
     assert_trees_equal(resumed_state["state"]["params"], state["state"]["params"])
+    history = (tmp_path / "history.jsonl").read_text()
+    assert history == (workdir / "history.jsonl").read_text() and history.count("\n") == 2
     assert resumed["test_accuracy"] == results["test_accuracy"]
     assert resumed["steps"] == results["steps"]
     # each process's code and steps, and the time of both

@@ -21,6 +21,7 @@ from train import (
     checkpoints,
     compilation,
     guards,
+    history,
     models,
     parallel,
     pin,
@@ -163,6 +164,7 @@ class Run(WorkdirParts):
         if not pin.started(self.path):
             progress.write_text(self.path / "config.json", config.to_json_best_effort(indent=2))
         self.skip = config.on_nonfinite == "skip"
+        history.keep_until(self.path, int(np.max(self.meta["epoch"])))
         self.step_fn = self.compile_step()
         self.batch_args = self.batches()
         self.writer = progress.Writer(self.path)
@@ -261,6 +263,11 @@ class Run(WorkdirParts):
             if len(self.data.validation)
             else {"accuracy": means["accuracy"], "loss": means["loss"]}
         )  # fmt: skip
+        test = (
+            evaluate(self.task, steps.variables(state), self.data.test, config.eval_batch_size)
+            if self.recipe.test_each_epoch
+            else {}
+        )  # recorded for analyses only: never selects
         meta["epoch"] += 1
         improved = selection.update(meta, val, self.recipe.monitor, self.recipe.patience)
         if selection.keeps(self.recipe.restore, improved):
@@ -276,6 +283,12 @@ class Run(WorkdirParts):
             + (f" | skipped {int(skipped)} non-finite updates" if skipped else ""),
             flush=True,
         )
+        history.append(
+            self.path,
+            {"epoch": meta["epoch"], "train_loss": means["loss"], "train_accuracy":
+             means["accuracy"], "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+            | {f"test_{k}": v for k, v in test.items()},
+        )  # fmt: skip
         self.writer.scalars(
             self.step_count(),
             {

@@ -45,3 +45,21 @@ def results(monitor: str, restore: str, best: float, validation: str) -> dict:
         record["best_validation_loss"] = -best
     record["selected_on"] = "test" if validation == "test" else "held-out validation"
     return record
+
+
+def replay(history: list[dict], monitor: str, restore: str, patience: int,
+           num_epochs: int) -> dict | None:  # fmt: skip
+    """What a run on this trajectory would have kept with another rule, computed with the run's
+    own ``update`` and ``keeps`` on the recorded validations: ``{'stop_epoch', 'epoch',
+    'early_stopped'}`` (``epoch`` is the one whose weights are kept). None where the rule had not
+    yet stopped when the history ends before ``num_epochs`` (the run stopped earlier)."""
+    meta = {"epoch": 0, "best_val": -1.0, "bad_epochs": 0, "done": False}
+    kept = None
+    for record in history:
+        meta["epoch"] = record["epoch"]
+        val = {"accuracy": record["val_accuracy"], "loss": record["val_loss"]}
+        if keeps(restore, update(meta, val, monitor, patience)):
+            kept = record["epoch"]
+        if meta["done"] or meta["epoch"] == num_epochs:
+            return {"stop_epoch": meta["epoch"], "epoch": kept, "early_stopped": meta["done"]}
+    return None

@@ -145,6 +145,8 @@ def check_config(config) -> None:
             _fail(f"{stage}.augment", "True or False", c[f"{stage}.augment"])
         _choice(c, f"{stage}.monitor", MONITORS)
         _choice(c, f"{stage}.restore", RESTORES)
+        if not isinstance(c[f"{stage}.test_each_epoch"], bool):
+            _fail(f"{stage}.test_each_epoch", "True or False", c[f"{stage}.test_each_epoch"])
 
 
 def check_before_work(config) -> None:
@@ -301,4 +303,8 @@ def check_sweep(config) -> None:
         raise UserError(
             "config.sweep selects each member's best validation accuracy: set "
             f"config.{name}.monitor='val_accuracy' and restore='best'"
+        )
+    if t.test_each_epoch:
+        raise UserError(
+            f"config.sweep records no per-epoch history: set config.{name}.test_each_epoch=False"
         )

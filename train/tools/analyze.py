@@ -10,6 +10,7 @@ r"""The paper's analyses of a trained GAttANet, one command each.
   python -m train.analyze seeds  --workdir OUT --runs DIR1,DIR2,... [--sigmas ...] [--lesions ...]
   python -m train.analyze paired --workdir OUT --runs DIR1,DIR2,...
   python -m train.analyze pooled --workdir OUT --runs PAIRED1,PAIRED2,...
+  python -m train.analyze selection --workdir OUT --runs DIR1,DIR2,...
 
 DIR is an attention-stage workdir (what ``--config.stage=attention`` wrote, or <dir>/attention of
 ``stage=both``): its config.json, best/ checkpoint and the frozen backbone it names are loaded,
@@ -22,7 +23,10 @@ images, example by example: each against its frozen backbone and each pair with 
 (McNemar's exact test on the examples one gets right and the other wrong; OUT/paired.json and
 paired.md; a run may also be a GALA, SE or GSA add-on of ``train.compare``). ``pooled`` reads
 several ``paired`` outputs (one per seed, the same models on each) and pools each difference over
-them (OUT/pooled.json and pooled.md). ``shifted`` tests a
+them (OUT/pooled.json and pooled.md). ``selection`` replays early-stopping rules (what they
+watch, which weights they keep, the test set as validation) on runs of any stage trained with
+``--config.<stage>_training.test_each_epoch=True``, from their history.jsonl (OUT/selection.json,
+.md and .png). ``shifted`` tests a
 trained GAttANet with each test image's global query taken from the previous test image (its
 agreement with another image's queries), without retraining.
 """
@@ -54,6 +58,7 @@ from train.tools.analyses.paired import (  # noqa: F401
     pooled,
 )
 from train.tools.analyses.seeds import seeds, table
+from train.tools.analyses.selection import replay
 from train.tools.analyses.shifted import shifted
 from train.tools.analyses.umap import knn_accuracy, umap  # noqa: F401
 from train.tools.trained import load
@@ -69,6 +74,7 @@ ANALYSES = (
     "paired",
     "pooled",
     "shifted",
+    "selection",
 )
 
 
@@ -77,10 +83,14 @@ def define_flags() -> dict:
     notebooks) never clashes with other modules' absl flags."""
     return {
         "workdir": flags.DEFINE_string(
-            "workdir", None, "Attention workdir ('table', 'seeds', 'paired', 'pooled': output)."
+            "workdir",
+            None,
+            "Attention workdir ('table', 'seeds', 'paired', 'pooled', 'selection': output).",
         ),
         "runs": flags.DEFINE_list(
-            "runs", [], "table, seeds, paired: attention workdirs; pooled: paired outputs."
+            "runs",
+            [],
+            "table, seeds, paired: attention workdirs; pooled: paired outputs; selection: any.",
         ),
         "sigmas": flags.DEFINE_list("sigmas", [str(s) for s in DEFAULT_SIGMAS], "noise levels."),
         "lesions": flags.DEFINE_list("lesions", [], "lesion strings (default: single sites)."),
@@ -105,6 +115,9 @@ def run(analysis: str, f: dict) -> None:
         sigmas = _parse(f["sigmas"], float, "--sigmas must be numbers")
         load_args = {"data_dir": f["data_dir"], "max_examples": f["max_examples"]}
         seeds(Path(f["workdir"]), f["runs"], sigmas, f["lesions"], **load_args)
+        return
+    if analysis == "selection":
+        replay(Path(f["workdir"]), f["runs"])
         return
     if analysis == "pooled":
         pooled(Path(f["workdir"]), f["runs"])

@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
 # What moves the toy baseline: each recipe switch alone on seeds 0 and 1, to convergence with the
 # paper's patience (50 epochs), two runs side by side (one lane per seed). Resumable: rerun the
-# same command (a finished run is only re-evaluated). Needs the CIFAR-10 JPEG copy prepared:
+# same command (a finished run is only re-evaluated).
+#
+# The switches that change only when a run stops and which epoch it reports (what early stopping
+# watches, which weights it keeps) need no run of their own: 'recorded' is the default recipe
+# with the test split evaluated after every epoch, and
+#   python -m train.analyze selection --workdir workdirs/baseline/selection \
+#       --runs workdirs/baseline/recorded/0,workdirs/baseline/recorded/1
+# replays every rule on its trajectory, exactly as a run with that rule would have stopped and
+# kept (val_loss, restore_last and keras_stopping stay here as runs, to check a replay).
+#
+# Needs the CIFAR-10 JPEG copy prepared:
 #   python -m train.prepare_data --source path/to/cifar10-jpeg.tar.xz --name local_cifar10 \
 #       --data_dir data/tfds
 # Usage: bash docs/runs/baseline/ablation.sh [workdir root, default workdirs/baseline] [variant...]
@@ -13,6 +23,7 @@ shift || true
 python=${PYTHON:-.venv/bin/python}
 
 declare -A FLAGS=(
+  [recorded]="--config.backbone_training.test_each_epoch=true"
   [test_selected]="--config.dataset.validation=test"
   [keras_init]="--config.model.kernel_init=keras"
   [val_loss]="--config.backbone_training.monitor=val_loss"
@@ -21,7 +32,7 @@ declare -A FLAGS=(
   [pixels_255]="--config.model.pixel_scale=255"
 )
 variants=("$@")
-[ ${#variants[@]} -gt 0 ] || variants=(test_selected keras_init pixels_255 val_loss restore_last keras_stopping)
+[ ${#variants[@]} -gt 0 ] || variants=(test_selected recorded keras_init pixels_255)
 
 lane() {  # the variants in order, on one seed
   local seed=$1
