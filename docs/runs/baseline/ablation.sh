@@ -15,6 +15,7 @@
 #   python -m train.prepare_data --source path/to/cifar10-jpeg.tar.xz --name local_cifar10 \
 #       --data_dir data/tfds
 # Usage: bash docs/runs/baseline/ablation.sh [workdir root, default workdirs/baseline] [variant...]
+# (SEEDS="0 1 2" for other lanes; the default is "0 1").
 # The default recipe's runs are the shipped backbones (pretrained/toy_cifar10_s{0,1,2}/backbone).
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
@@ -47,7 +48,8 @@ lane() {  # the variants in order, on one seed
   done
 }
 
-lane 0 &
-lane 1 &
+for seed in ${SEEDS:-0 1}; do
+  lane "$seed" &
+done
 wait
 echo "[ablation] $(date -u +%FT%TZ) done"
