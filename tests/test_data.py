@@ -1,5 +1,6 @@
 """Data: local CIFAR sources, safe archives, bad images, tfds preparation and reading."""
 
+import hashlib
 import io
 import pickle
 import tarfile
@@ -40,6 +41,18 @@ def test_embedded_dataset_is_deterministic_and_covers_every_class():
     np.testing.assert_array_equal(a.images, b.images)
     assert a.images.shape == (300, 32, 32, 3) and a.images.dtype == np.uint8
     assert set(a.labels.tolist()) == set(range(10))
+
+
+def test_the_first_images_of_the_embedded_data_are_the_whole_splits_first():
+    """A run reads only its first images (config.dataset.max_*_examples); they are the same
+    images as the first of the whole split, which is itself the one every result was made on."""
+    whole = input_pipeline.embedded_split(700, 1)
+    digest = hashlib.sha256(whole.images.tobytes() + whole.labels.tobytes()).hexdigest()
+    assert digest == "44508fcc833a10dbef5d3c21a8a1353440174e1db3f6c190415b9e6271489593"
+    for k in (1, 300, 513, 700):
+        part = input_pipeline.embedded_split(700, 1, first=k)
+        np.testing.assert_array_equal(part.images, whole.images[:k])
+        np.testing.assert_array_equal(part.labels, whole.labels[:k])
 
 
 def test_folder_tree_and_its_tar_read_the_same(tmp_path):

@@ -109,39 +109,52 @@ def _shape_mask(label: int, dx, dy, r):
     )
 
 
-def embedded_split(n: int, seed: int, size: int = 32) -> Split:
-    """``n`` images of ten shape classes at random positions, sizes and colours, with noise."""
+def embedded_split(n: int, seed: int, size: int = 32, first: int = 0) -> Split:
+    """``n`` images of ten shape classes at random positions, sizes and colours, with noise; only
+    the ``first`` of them if given (0: all), the same images as the first of all ``n``: every
+    image's shape and colours are drawn for all ``n`` (a few numbers each), then the pixel noise,
+    image after image, for the images made."""
+    k = min(first or n, n)
     rng = np.random.default_rng(seed)
-    labels = rng.integers(0, len(EMBEDDED_CLASSES), n)
+    labels = rng.integers(0, len(EMBEDDED_CLASSES), n)[:k]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    cx = rng.uniform(10, size - 10, (n, 1, 1))
-    cy = rng.uniform(10, size - 10, (n, 1, 1))
-    r = rng.uniform(5, 9, (n, 1, 1))
-    mask = np.zeros((n, size, size), bool)
+    cx = rng.uniform(10, size - 10, (n, 1, 1))[:k]
+    cy = rng.uniform(10, size - 10, (n, 1, 1))[:k]
+    r = rng.uniform(5, 9, (n, 1, 1))[:k]
+    mask = np.zeros((k, size, size), bool)
     for label in range(len(EMBEDDED_CLASSES)):  # each image's own shape only
         i = np.flatnonzero(labels == label)
         mask[i] = _shape_mask(label, xx - cx[i], yy - cy[i], r[i])
     # A dark shape on a light background or the reverse, in random hues, with pixel noise.
-    dark = rng.uniform(0, 100, (n, 1, 1, 3))
-    light = rng.uniform(155, 255, (n, 1, 1, 3))
-    swap = rng.random((n, 1, 1, 1)) < 0.5
+    dark = rng.uniform(0, 100, (n, 1, 1, 3))[:k]
+    light = rng.uniform(155, 255, (n, 1, 1, 3))[:k]
+    swap = rng.random((n, 1, 1, 1))[:k] < 0.5
     colour, background = np.where(swap, dark, light), np.where(swap, light, dark)
-    images = np.where(mask[..., None], colour, background)
-    images = images + rng.normal(0, 25, images.shape)
-    return Split(np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int32))
+    images = np.empty((k, size, size, 3), np.uint8)
+    for start in range(0, k, 512):  # in blocks that stay in cache; the same draws in order
+        end = min(start + 512, k)
+        block = np.where(mask[start:end, ..., None], colour[start:end], background[start:end])
+        block += rng.normal(0, 25, block.shape)
+        images[start:end] = np.clip(block, 0, 255)
+    return Split(images, labels.astype(np.int32))
 
 
-@functools.lru_cache(maxsize=2)
-def _embedded_cached(num_train: int, num_test: int) -> tuple[Split, Split]:
-    splits = embedded_split(num_train, 1), embedded_split(num_test, 2)
+@functools.lru_cache(maxsize=4)
+def _embedded_cached(num_train: int, num_test: int, first_train: int, first_test: int):
+    splits = (
+        embedded_split(num_train, 1, first=first_train),
+        embedded_split(num_test, 2, first=first_test),
+    )
     for split in splits:  # shared between calls: read-only
         split.images.flags.writeable = split.labels.flags.writeable = False
     return splits
 
 
-def embedded(num_train: int = 10_000, num_test: int = 2_000) -> dict[str, Split]:
-    """The embedded dataset: generated once per process, deterministic."""
-    train, test = _embedded_cached(num_train, num_test)
+def embedded(num_train: int = 10_000, num_test: int = 2_000, first_train: int = 0,
+             first_test: int = 0) -> dict[str, Split]:  # fmt: skip
+    """The embedded dataset, or the first images of its splits (0: all): generated once per
+    process, deterministic."""
+    train, test = _embedded_cached(num_train, num_test, first_train, first_test)
     return {"train": train, "test": test}
 
 
@@ -299,7 +312,9 @@ def load(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> Dat
         return load_stream(config, image_shape)
     name = config.dataset.name
     if name == "embedded":
-        splits, names = embedded(), EMBEDDED_CLASSES
+        ds = config.dataset  # only the images a run reads are made
+        splits = embedded(first_train=ds.max_train_examples, first_test=ds.max_test_examples)
+        names = EMBEDDED_CLASSES
     else:
         splits, names = read_tfds(name, _data_dir(config))
     num_classes = config.dataset.num_classes
