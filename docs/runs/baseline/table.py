@@ -26,7 +26,6 @@ TRAINING = {
     "test_selected": "train on all 50,000 images, select on the test set",
     "keras_init": "Glorot uniform kernels (Keras' default initialiser)",
     "pixels_255": "raw 0-255 pixel values (ImageDataGenerator without rescale)",
-    "combined": "the combination",
 }
 
 
@@ -62,7 +61,9 @@ def main(root: Path) -> str:
         kept = [(s, k) for s, k in kept if k is not None]
         if kept:
             acc = np.array([100 * k["test_accuracy"] for _, k in kept])
-            base = np.array([100 * runs[sorted(recorded).index(s)]["test_accuracy"] for s, _ in kept])
+            base = np.array(
+                [100 * runs[sorted(recorded).index(s)]["test_accuracy"] for s, _ in kept]
+            )
             label = "default recipe (" + name + ")" if name == "val_accuracy, best" else name
             lines.append(row(label, [s for s, _ in kept], acc, base))
     for variant, what in TRAINING.items():
