@@ -41,8 +41,26 @@ def backbones(tmp_path_factory):
     return path, state, results
 
 
+@pytest.fixture(scope="module")
+def plain_backbones(tmp_path_factory):
+    """The plain backbone runs of members 0 and 2 (both layouts are compared with them)."""
+    path = tmp_path_factory.mktemp("plain_backbones")
+    configs = sweep.member_configs(seeds_config())
+    return {m: train.train_and_evaluate(configs[m], str(path / str(m))) for m in (0, 2)}
+
+
+@pytest.fixture(scope="module")
+def plain_attention(backbones, tmp_path_factory):
+    """The plain attention run on member 1's backbone (both layouts are compared with it)."""
+    plain = tiny_config("attention", epochs=2, max_train_examples=480)
+    plain.attention.d = 4
+    # a member is a backbone workdir
+    plain.seed, plain.backbone_checkpoint = SEEDS[1], str(backbones[0] / "members" / "1")
+    return train.train_and_evaluate(plain, str(tmp_path_factory.mktemp("plain_attention")))
+
+
 @pytest.mark.parametrize("layout", ["vmap", "loop"])
-def test_backbone_seeds_equal_plain_backbone_runs(backbones, tmp_path, layout):
+def test_backbone_seeds_equal_plain_backbone_runs(backbones, plain_backbones, tmp_path, layout):
     path, state, results = backbones
     if layout == "loop":
         path = tmp_path / "loop"
@@ -51,8 +69,7 @@ def test_backbone_seeds_equal_plain_backbone_runs(backbones, tmp_path, layout):
     assert results["members_stage"] == "backbone" and [r["seed"] for r in rows] == list(SEEDS)
     assert len({r["test_accuracy"] for r in rows}) > 1  # the seeds differ
     for m in (0, 2):
-        plain = sweep.member_configs(seeds_config())[m]
-        single_state, single = train.train_and_evaluate(plain, str(tmp_path / str(m)))
+        single_state, single = plain_backbones[m]
         assert rows[m]["best_epoch"] == single["best_epoch"]
         assert rows[m]["early_stopped"] == single["early_stopped"]
         assert rows[m]["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=1e-9)
@@ -94,7 +111,9 @@ def test_a_stopped_member_keeps_its_state():
 
 
 @pytest.mark.parametrize("layout", ["vmap", "loop"])
-def test_attention_on_each_members_backbone_equals_plain_runs(backbones, tmp_path, layout):
+def test_attention_on_each_members_backbone_equals_plain_runs(
+    backbones, plain_attention, tmp_path, layout
+):
     path = backbones[0]
     dirs = [str(path / "members" / str(m)) for m in range(len(SEEDS))]
     config = tiny_config("attention", epochs=2, max_train_examples=480)
@@ -106,10 +125,7 @@ def test_attention_on_each_members_backbone_equals_plain_runs(backbones, tmp_pat
     rows = results["members"]
     assert len({r["backbone_test_accuracy"] for r in rows}) > 1  # three different backbones
     m = 1
-    plain = tiny_config("attention", epochs=2, max_train_examples=480)
-    plain.attention.d = 4
-    plain.seed, plain.backbone_checkpoint = SEEDS[m], dirs[m]  # a member is a backbone workdir
-    single_state, single = train.train_and_evaluate(plain, str(tmp_path / "plain"))
+    single_state, single = plain_attention
     assert rows[m]["backbone_test_accuracy"] == pytest.approx(single["backbone_test_accuracy"])
     assert rows[m]["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=1e-9)
     assert rows[m]["alpha"] == pytest.approx(single["alpha"], rel=1e-6, abs=1e-7)

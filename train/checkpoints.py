@@ -193,16 +193,20 @@ def _quiet_failed_writes():
 
     absl_logging.set_verbosity(absl_logging.FATAL)
     sys.excepthook, sys.unraisablehook = closed_loop(excepthook), closed_loop(unraisable)
+    failed = False
     try:
         yield
     except BaseException:
         # orbax's writers may log the same failure a moment later, after this context has
-        # ended: from now on those records are dropped (installed before the verbosity is back)
+        # ended, and TensorStore's callbacks print into the closed loop then too: from now on
+        # those are dropped (installed before the verbosity and the hooks are back)
+        failed = True
         _drop_writer_errors()
         raise
     finally:
         absl_logging.set_verbosity(verbosity)
-        sys.excepthook, sys.unraisablehook = excepthook, unraisable
+        if not failed:
+            sys.excepthook, sys.unraisablehook = excepthook, unraisable
 
 
 def _drop_writer_errors() -> None:
