@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.test_train import tiny_config
-from train import members, sweep, train
+from train import history, members, sweep, train
 from train.errors import UserError
 
 SEEDS = (0, 1, 2)
@@ -19,6 +19,7 @@ def seeds_config(epochs=3, layout="vmap"):
     config = tiny_config("backbone", epochs=epochs, max_train_examples=480)
     config.backbone_training.learning_rate = 3e-3
     config.backbone_training.patience = 1  # members stop at different epochs
+    config.backbone_training.test_each_epoch = True  # each member's history.jsonl, as a run's
     config.sweep.seeds = SEEDS
     config.sweep.layout = layout
     return config
@@ -46,7 +47,9 @@ def plain_backbones(tmp_path_factory):
     """The plain backbone runs of members 0 and 2 (both layouts are compared with them)."""
     path = tmp_path_factory.mktemp("plain_backbones")
     configs = sweep.member_configs(seeds_config())
-    return {m: train.train_and_evaluate(configs[m], str(path / str(m))) for m in (0, 2)}
+    return {m: train.train_and_evaluate(configs[m], str(path / str(m))) for m in (0, 2)} | {
+        "path": path
+    }
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +71,10 @@ def test_backbone_seeds_equal_plain_backbone_runs(backbones, plain_backbones, tm
     rows = results["members"]
     assert results["members_stage"] == "backbone" and [r["seed"] for r in rows] == list(SEEDS)
     assert len({r["test_accuracy"] for r in rows}) > 1  # the seeds differ
+
+    def single_dir(m):
+        return plain_backbones["path"] / str(m)
+
     for m in (0, 2):
         single_state, single = plain_backbones[m]
         assert rows[m]["best_epoch"] == single["best_epoch"]
@@ -82,6 +89,11 @@ def test_backbone_seeds_equal_plain_backbone_runs(backbones, plain_backbones, tm
         own = json.loads((path / "members" / str(m) / "results.json").read_text())
         assert own["test_accuracy"] == rows[m]["test_accuracy"] and own["stage"] == "backbone"
         assert own["epochs"] == single["epochs"]
+        ours, theirs = history.read(path / "members" / str(m)), history.read(single_dir(m))
+        assert [r["epoch"] for r in ours] == list(range(1, single["epochs"] + 1))
+        for a, b in zip(ours, theirs, strict=True):
+            assert a.keys() == b.keys() and "test_accuracy" in a
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
 
 
 def test_a_stopped_member_keeps_its_state():

@@ -120,21 +120,23 @@ class MemberEval:
             fn = jax.vmap(fn, in_axes=(0, 0, self.frozen_axis, None, None, None))
         return jax.jit(fn)
 
-    def _accuracy(self, fn, variables, mask, frozen, split, batch_size):
-        correct = 0
+    def _metrics(self, fn, variables, mask, frozen, split, batch_size) -> dict:
+        loss = correct = 0
         for images, labels in split.eval_batches(batch_size):  # on the device, padded
-            _, c = fn(variables, mask, frozen, images, labels, jnp.int32(0))
-            correct = correct + c
-        return np.asarray(correct) / len(split)
+            batch_loss, c = fn(variables, mask, frozen, images, labels, jnp.int32(0))
+            loss, correct = loss + batch_loss, correct + c
+        n = len(split)
+        return {"accuracy": np.asarray(correct) / n, "loss": np.asarray(loss, np.float64) / n}
 
-    def all(self, variables, masks, frozen, split, batch_size) -> np.ndarray:
+    def all(self, variables, masks, frozen, split, batch_size) -> dict:
+        """Every member's accuracy and mean loss (arrays of one value per member)."""
         fn = self._compiled(batch_size, True)
-        return self._accuracy(fn, variables, masks, frozen, split, batch_size)
+        return self._metrics(fn, variables, masks, frozen, split, batch_size)
 
     def one(self, variables, mask, frozen, split, batch_size) -> float:
         """Member accuracy; ``frozen`` is that member's own."""
         fn = self._compiled(batch_size, False)
-        return float(self._accuracy(fn, variables, mask, frozen, split, batch_size))
+        return float(self._metrics(fn, variables, mask, frozen, split, batch_size)["accuracy"])
 
     def backbones(self, frozen, split, batch_size, n: int) -> np.ndarray:
         """The frozen backbone's test accuracy, per member (one per backbone, or one shared)."""
@@ -145,6 +147,16 @@ class MemberEval:
         for images, labels in split.eval_batches(batch_size):
             correct = correct + fn({}, frozen, images, labels, jnp.int32(0))[1]
         return np.broadcast_to(np.asarray(correct) / len(split), (n,)).astype(float)
+
+
+def member_record(epoch: int, m: int, means: dict, val: dict, test: dict | None) -> dict:
+    """Member m's line of its own history.jsonl, as a plain run writes it (``train.history``)."""
+    splits = {"train": means, "val": val} | ({"test": test} if test is not None else {})
+    return {"epoch": epoch} | {
+        f"{split}_{key}": float(values[key][m])
+        for split, values in splits.items()
+        for key in ("loss", "accuracy")
+    }
 
 
 def results_table(results: dict) -> str:

@@ -39,11 +39,22 @@ import numpy as np
 import optax
 
 from gattanet_jax import count_params, site_alphas, sites, two_pass
-from train import checkpoints, compilation, guards, models, parallel, pin, progress, steps, validate
+from train import (
+    checkpoints,
+    compilation,
+    guards,
+    history,
+    models,
+    parallel,
+    pin,
+    progress,
+    steps,
+    validate,
+)
 from train.addon_tasks import addon_task
 from train.data import input_pipeline
 from train.errors import UserError
-from train.members import MemberBatches, MemberEval, members_step, results_table
+from train.members import MemberBatches, MemberEval, member_record, members_step, results_table
 from train.run import Run
 from train.tasks import attention_loss_fn, attention_task, backbone_task
 
@@ -226,10 +237,7 @@ class SweepRun(Run):
         return {"loss": np.zeros(self.n, np.float32), "accuracy": np.zeros(self.n, np.float32)}
 
     def best_managers(self) -> list:
-        return [
-            checkpoints.manager(self.path / "members" / str(m) / "best", keep=1)
-            for m in range(self.n)
-        ]
+        return [checkpoints.manager(self.member_path(m) / "best", keep=1) for m in range(self.n)]
 
     def check_alpha_zero(self, images):
         variables = steps.variables(self.state)
@@ -238,12 +246,16 @@ class SweepRun(Run):
                 self.member_task(m), self.member(variables, m), images, self.config.model.dtype
             )
 
+    def member_path(self, m: int):
+        return self.path / "members" / str(m)
+
     def prepare(self):
         super().prepare()
         for m, member in enumerate(self.members):  # each member a plain workdir of its stage
-            record = self.path / "members" / str(m) / "config.json"
+            record = self.member_path(m) / "config.json"
             if not record.is_file():
                 progress.write_text(record, member.to_json_best_effort(indent=2))
+            history.keep_until(self.member_path(m), int(self.meta["epoch"]))
 
     def compile_step(self):
         recipe = self.recipe
@@ -279,10 +291,14 @@ class SweepRun(Run):
         config, meta, state = self.config, self.meta, self.state
         means = self.epoch_means(sums, skipped)
         variables = steps.variables(state)
-        val = self.member_eval.all(
-            variables, self.masks, self.task.frozen, self.data.validation, config.eval_batch_size
-        )
+        evaluate, frozen, batch = self.member_eval.all, self.task.frozen, config.eval_batch_size
+        val_metrics = evaluate(variables, self.masks, frozen, self.data.validation, batch)
+        val, on_test = val_metrics["accuracy"], self.recipe.test_each_epoch
+        test = evaluate(variables, self.masks, frozen, self.data.test, batch) if on_test else None
         meta["epoch"] += 1
+        for m in np.flatnonzero(~meta["done"]):  # each training member's own history.jsonl
+            record = member_record(int(meta["epoch"]), m, means, val_metrics, test)
+            history.append(self.member_path(m), record)
         for m in np.flatnonzero(~meta["done"]):
             if val[m] > meta["best_val"][m]:
                 meta["best_val"][m], meta["bad_epochs"][m] = val[m], 0
@@ -378,6 +394,6 @@ class SweepRun(Run):
         own = dict(row, stage=self.stage, sweep=str(self.path), selected_on="held-out validation")
         if self.config.dataset.validation == "test":
             own["selected_on"] = "test"
-        own_path = self.path / "members" / str(m) / "results.json"
+        own_path = self.member_path(m) / "results.json"
         progress.write_text(own_path, json.dumps(own, indent=2))
         return row

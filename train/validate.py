@@ -304,7 +304,3 @@ def check_sweep(config) -> None:
             "config.sweep selects each member's best validation accuracy: set "
             f"config.{name}.monitor='val_accuracy' and restore='best'"
         )
-    if t.test_each_epoch:
-        raise UserError(
-            f"config.sweep records no per-epoch history: set config.{name}.test_each_epoch=False"
-        )

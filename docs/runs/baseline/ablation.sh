@@ -11,6 +11,12 @@
 # replays every rule on its trajectory, exactly as a run with that rule would have stopped and
 # kept (val_loss, restore_last and keras_stopping stay here as runs, to check a replay).
 #
+# On a GPU, each variant is one backbone sweep over the seeds instead (members/<i> are plain
+# workdirs with their own history.jsonl, which train.analyze selection and table.py read):
+#   python -m train.main --config configs/toy_cifar10.py --workdir workdirs/baseline_sweep/recorded \
+#       --config.stage=backbone --config.dataset.data_dir=data/tfds \
+#       --config.sweep.seeds='(0,1,2)' --config.backbone_training.test_each_epoch=true
+#
 # Needs the CIFAR-10 JPEG copy prepared:
 #   python -m train.prepare_data --source path/to/cifar10-jpeg.tar.xz --name local_cifar10 \
 #       --data_dir data/tfds

@@ -34,6 +34,17 @@ def finished(path: Path) -> dict | None:
     return json.loads(results.read_text()) if results.is_file() else None
 
 
+def seed_dirs(path: Path) -> dict[int, Path]:
+    """A variant's finished runs by seed: <variant>/<seed>/ (a run each) or, from a sweep,
+    <variant>/members/<i>/ (the seed is the run's own config's)."""
+    dirs = sorted(path.glob("members/*")) or sorted(path.glob("*"))
+    return {
+        json.loads((d / "config.json").read_text())["seed"]: d
+        for d in dirs
+        if finished(d) is not None
+    }
+
+
 def row(name: str, seeds: list[int], acc: np.ndarray, base: np.ndarray) -> str:
     diff = acc - base
     n = len(acc)
@@ -46,9 +57,7 @@ def row(name: str, seeds: list[int], acc: np.ndarray, base: np.ndarray) -> str:
 
 
 def main(root: Path) -> str:
-    recorded = {
-        int(p.name): p for p in sorted((root / "recorded").glob("*")) if finished(p) is not None
-    }
+    recorded = seed_dirs(root / "recorded")
     if not recorded:
         return f"no finished recorded run under {root}/recorded yet"
     lines = [
@@ -67,11 +76,7 @@ def main(root: Path) -> str:
             label = "default recipe (" + name + ")" if name == "val_accuracy, best" else name
             lines.append(row(label, [s for s, _ in kept], acc, base))
     for variant, what in TRAINING.items():
-        done = {
-            int(p.name): finished(p)
-            for p in sorted((root / variant).glob("*"))
-            if finished(p) is not None and int(p.name) in recorded
-        }
+        done = {s: finished(d) for s, d in seed_dirs(root / variant).items() if s in recorded}
         if not done:
             lines.append(f"| {what} | - | not run yet | - |")
             continue
