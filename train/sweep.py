@@ -39,21 +39,12 @@ import numpy as np
 import optax
 
 from gattanet_jax import count_params, site_alphas, sites, two_pass
-from train import (
-    checkpoints,
-    compilation,
-    guards,
-    history,
-    models,
-    parallel,
-    pin,
-    progress,
-    steps,
-    validate,
-)
+from train import checkpoints, compilation, guards, models, parallel, pin, progress, steps, validate
 from train.addon_tasks import addon_task
 from train.data import input_pipeline
 from train.errors import UserError
+from train.history import append as append_history
+from train.history import keep_until as keep_history_until
 from train.members import MemberBatches, MemberEval, member_record, members_step, results_table
 from train.run import Run
 from train.tasks import attention_loss_fn, attention_task, backbone_task
@@ -255,7 +246,7 @@ class SweepRun(Run):
             record = self.member_path(m) / "config.json"
             if not record.is_file():
                 progress.write_text(record, member.to_json_best_effort(indent=2))
-            history.keep_until(self.member_path(m), int(self.meta["epoch"]))
+            keep_history_until(self.member_path(m), int(self.meta["epoch"]))
 
     def compile_step(self):
         recipe = self.recipe
@@ -298,7 +289,7 @@ class SweepRun(Run):
         meta["epoch"] += 1
         for m in np.flatnonzero(~meta["done"]):  # each training member's own history.jsonl
             record = member_record(int(meta["epoch"]), m, means, val_metrics, test)
-            history.append(self.member_path(m), record)
+            append_history(self.member_path(m), record)
         for m in np.flatnonzero(~meta["done"]):
             if val[m] > meta["best_val"][m]:
                 meta["best_val"][m], meta["bad_epochs"][m] = val[m], 0
