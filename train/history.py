@@ -18,6 +18,17 @@ from train.errors import UserError
 NAME = "history.jsonl"
 
 
+def record(epoch: int, train: dict, val: dict, test: dict | None = None) -> dict:
+    """One epoch's line: its training means, validation and (if recorded) test, each a dict of
+    'loss' and 'accuracy'."""
+    splits = {"train": train, "val": val} | ({"test": test} if test else {})
+    return {"epoch": int(epoch)} | {
+        f"{split}_{key}": float(values[key])
+        for split, values in splits.items()
+        for key in ("loss", "accuracy")
+    }
+
+
 def append(workdir: Path, record: dict) -> None:
     if progress.is_main():
         with open(Path(workdir) / NAME, "a") as f:

@@ -149,16 +149,6 @@ class MemberEval:
         return np.broadcast_to(np.asarray(correct) / len(split), (n,)).astype(float)
 
 
-def member_record(epoch: int, m: int, means: dict, val: dict, test: dict | None) -> dict:
-    """Member m's line of its own history.jsonl, as a plain run writes it (``train.history``)."""
-    splits = {"train": means, "val": val} | ({"test": test} if test is not None else {})
-    return {"epoch": epoch} | {
-        f"{split}_{key}": float(values[key][m])
-        for split, values in splits.items()
-        for key in ("loss", "accuracy")
-    }
-
-
 def results_table(results: dict) -> str:
     """sweep.md: one row per member (with its frozen backbone's accuracy and the gain over it,
     where the stage has a frozen backbone; alpha init and lesion for attention members)."""

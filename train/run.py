@@ -283,12 +283,7 @@ class Run(WorkdirParts):
             + (f" | skipped {int(skipped)} non-finite updates" if skipped else ""),
             flush=True,
         )
-        history.append(
-            self.path,
-            {"epoch": meta["epoch"], "train_loss": means["loss"], "train_accuracy":
-             means["accuracy"], "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
-            | {f"test_{k}": v for k, v in test.items()},
-        )  # fmt: skip
+        history.append(self.path, history.record(meta["epoch"], means, val, test))
         self.writer.scalars(
             self.step_count(),
             {

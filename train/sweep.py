@@ -45,7 +45,8 @@ from train.data import input_pipeline
 from train.errors import UserError
 from train.history import append as append_history
 from train.history import keep_until as keep_history_until
-from train.members import MemberBatches, MemberEval, member_record, members_step, results_table
+from train.history import record as history_record
+from train.members import MemberBatches, MemberEval, members_step, results_table
 from train.run import Run
 from train.tasks import attention_loss_fn, attention_task, backbone_task
 
@@ -288,8 +289,8 @@ class SweepRun(Run):
         test = evaluate(variables, self.masks, frozen, self.data.test, batch) if on_test else None
         meta["epoch"] += 1
         for m in np.flatnonzero(~meta["done"]):  # each training member's own history.jsonl
-            record = member_record(int(meta["epoch"]), m, means, val_metrics, test)
-            append_history(self.member_path(m), record)
+            own = [d and {k: v[m] for k, v in d.items()} for d in (means, val_metrics, test)]
+            append_history(self.member_path(m), history_record(meta["epoch"], *own))
         for m in np.flatnonzero(~meta["done"]):
             if val[m] > meta["best_val"][m]:
                 meta["best_val"][m], meta["bad_epochs"][m] = val[m], 0
