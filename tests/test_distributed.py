@@ -36,9 +36,11 @@ def free_port() -> int:
 def test_two_processes_equal_one(tmp_path):
     config_file = tmp_path / "two_hosts.py"
     config_file.write_text(CONFIG.format(port=free_port()))
+    other_flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",  # 2 processes x 2 devices
+        # 2 processes x 2 devices, with the session's other XLA settings (tests/conftest.py)
+        XLA_FLAGS=" ".join(["--xla_force_host_platform_device_count=2", *other_flags]),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=str(ROOT),
     )
