@@ -5,9 +5,9 @@ suite's CPU time), so LLVM skips its expensive passes, XLA's CPU backend emits f
 elemental emitters instead of the MLIR fusion emitters (each program compiles in about 0.6 of the
 time and runs no slower at these sizes), and every compiled program, however small, goes to a
 persistent cache made fresh for each session: many tests (and the training subprocesses, which
-inherit the environment) compile the same steps again. (--xla_backend_optimization_level=0 would halve the
-compile time again, but miscompiles: non-finite losses and float64 gradients turn into NaN with
-jaxlib 0.10.2: not used.) Benchmarks and training keep XLA's defaults.
+inherit the environment) compile the same steps again. (--xla_backend_optimization_level=0
+would halve the compile time again, but miscompiles: non-finite losses and float64 gradients
+turn into NaN with jaxlib 0.10.2: not used.) Benchmarks and training keep XLA's defaults.
 
 Random bits come from the non-partitionable threefry: with jaxlib 0.10.2 on CPU the partitionable
 one (JAX's default) takes several times longer to compile (about 1.9 s against 0.3 s for one
