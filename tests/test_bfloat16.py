@@ -11,7 +11,7 @@ from train import tasks, train
 
 
 def config_for(dtype, stage="backbone"):
-    config = tiny_config(stage, epochs=6, max_train_examples=4096, max_test_examples=256)
+    config = tiny_config(stage, epochs=6, max_train_examples=3072, max_test_examples=256)
     config.model.dtype = dtype
     config.model.features, config.model.hidden = (16, 32, 32), 64
     config.backbone_training.batch_size = 64
