@@ -17,7 +17,10 @@ sharded; only the bits differ, and no test compares with bits from outside the s
 """
 
 import os
+import shutil
 import tempfile
+
+import pytest
 
 os.environ.setdefault(
     "XLA_FLAGS",
@@ -26,11 +29,14 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="gattanet-jax-cache-"))
+# The session's cache: made by the process that starts pytest (its workers and subprocesses
+# inherit the variable) and removed by it at the end.
+_SESSION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="gattanet-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
-
-import pytest
 
 
 @pytest.fixture(autouse=True)
@@ -63,6 +69,11 @@ LONGEST_FIRST = (
     "test_bfloat16.py",
     "test_workdir_trust.py",
 )
+
+
+def pytest_unconfigure(config):
+    if _SESSION_CACHE is not None and not hasattr(config, "workerinput"):
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
