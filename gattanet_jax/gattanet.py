@@ -111,6 +111,8 @@ def two_pass(
     iterations = attention.iterations if iterations is None else iterations
     if not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+    if train and attention.dropout_rate > 0 and rng is None:
+        raise ValueError("two_pass(train=True) needs an rng for key/query dropout")
     sites = attention.sites
     names = [s.name for s in sites]
     flags, mask = _lesion_factors(lesion, sites)
@@ -133,8 +135,6 @@ def two_pass(
     if not train_backbone:
         acts = jax.lax.stop_gradient(acts)
 
-    if train and attention.dropout_rate > 0 and rng is None:
-        raise ValueError("two_pass(train=True) needs an rng for key/query dropout")
     mutable = [c for c in attention_vars if c != "params"] if train else []
 
     def run_attention(attention_vars, acts, key):

@@ -36,7 +36,9 @@ def make(
     rng = np.random.default_rng(seed + 3)  # the backbone's zero-initialised biases too
     bv = jax.tree_util.tree_map_with_path(
         lambda p, a: (
-            a + 0.05 * rng.normal(size=a.shape).astype(a.dtype) if p[-1].key == "bias" else a
+            jnp.asarray(np.asarray(a) + 0.05 * rng.normal(size=a.shape).astype(a.dtype))
+            if p[-1].key == "bias"
+            else a
         ),
         bv,
     )
@@ -49,9 +51,12 @@ def make(
 
 
 def perturb(tree, seed):
-    """Random offsets on every leaf, so that nothing hides behind zeros or equal values."""
+    """Random offsets on every leaf, so that nothing hides behind zeros or equal values (added in
+    NumPy: eager JAX would compile one small program per leaf shape)."""
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda a: a + 0.1 * rng.normal(size=a.shape).astype(a.dtype), tree)
+    return jax.tree.map(
+        lambda a: jnp.asarray(np.asarray(a) + 0.1 * rng.normal(size=a.shape).astype(a.dtype)), tree
+    )
 
 
 def jitted(backbone, attention, **static):
@@ -81,7 +86,7 @@ def test_two_pass_matches_numpy_step_by_step(batch, d):
     for name, _ in sites:
         assert rel_err(out.attention.gatta[name], gatta[name]) < 1e-5
     # And the modulation really changed something.
-    assert rel_err(gj.backbone_logits(backbone, bv, x), logits) > 1e-3
+    assert rel_err(jax.jit(gj.backbone_logits, static_argnums=0)(backbone, bv, x), logits) > 1e-3
 
 
 def test_inference_without_internals_takes_the_shortcut_and_agrees():
@@ -370,9 +375,7 @@ def test_a_cue_mixes_into_the_global_query_as_numpy_does():
     x = images(3, size=16)
     cue = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
     weight = np.array([0.0, 0.5, 1.0], np.float32)  # one weight per example
-    out = gj.two_pass(
-        backbone, attention, av, bv, x, cue=cue, cue_weight=weight, return_internals=True
-    )
+    out = jitted(backbone, attention, return_internals=True)(av, bv, x, cue=cue, cue_weight=weight)
     sites = [(s.name, s.kind) for s in attention.sites]
     att_np = {k.replace(".", "/"): v for k, v in to_numpy(av["params"]).items()}
     logits, q_avg, _ = ref.gattanet_toy(
@@ -394,7 +397,7 @@ def test_class_cues_use_a_learned_embedding_that_trains():
         out = gj.two_pass(backbone, attention, av, bv, x, cue=labels, cue_weight=0.5)
         return jnp.sum(out.logits[jnp.arange(2), labels])
 
-    grads = jax.grad(loss)(av)["params"]["cue_embedding"]
+    grads = jax.jit(jax.grad(loss))(av)["params"]["cue_embedding"]
     used = np.abs(np.asarray(grads)).sum(axis=1) > 0
     assert used.tolist() == [i in (3, 7) for i in range(10)]  # only the cued classes' rows
     with pytest.raises(ValueError, match="cue_classes"):
@@ -457,9 +460,9 @@ def test_multi_head_agreement_matches_a_loop_over_heads():
     assert rel_err(out.logits, logits) < 1e-5
     assert rel_err(out.attention.q_avg, q_avg) < 1e-5
     # trainable: every head's parameters get a gradient
-    grads = jax.grad(lambda av: jnp.sum(gj.two_pass(backbone, attention, av, bv, x).logits ** 2))(
-        av
-    )
+    grads = jax.jit(
+        jax.grad(lambda av: jnp.sum(gj.two_pass(backbone, attention, av, bv, x).logits ** 2))
+    )(av)
     assert np.all(np.abs(np.asarray(grads["params"]["conv2"]["alpha"])) > 0)
     with pytest.raises(ValueError, match="must divide"):
         gj.init_attention(attention.clone(heads=3), jax.random.key(0))
@@ -499,7 +502,9 @@ def test_q_avg_controls_remove_the_images_own_agreement():
     lv = {"params": {**av["params"], "q_avg_learned": vector}}
     out = jitted(backbone, learned, return_internals=True)(lv, bv, x)
     np.testing.assert_array_equal(out.attention.q_avg, jnp.broadcast_to(vector, (3, 4)))
-    grads = jax.grad(lambda v: jnp.sum(gj.two_pass(backbone, learned, v, bv, x).logits ** 2))(lv)
+    grads = jax.jit(
+        jax.grad(lambda v: jnp.sum(gj.two_pass(backbone, learned, v, bv, x).logits ** 2))
+    )(lv)
     assert np.all(np.asarray(grads["params"]["conv1"]["Q"]) == 0)
     assert np.all(np.abs(np.asarray(grads["params"]["q_avg_learned"])) > 0)
     assert np.any(np.asarray(grads["params"]["conv1"]["K"]) != 0)

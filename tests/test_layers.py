@@ -52,7 +52,9 @@ def test_fast_conv_equals_flax_conv_in_values_and_gradients(
     cot = jnp.asarray(rng.normal(size=expected.shape).astype(np.float32))
 
     def grads(module):
-        return jax.grad(lambda v, x: jnp.sum(module.apply(v, x) * cot), argnums=(0, 1))(v, x)
+        return jax.jit(jax.grad(lambda v, x: jnp.sum(module.apply(v, x) * cot), argnums=(0, 1)))(
+            v, x
+        )
 
     for a, b in zip(jax.tree.leaves(grads(fast)), jax.tree.leaves(grads(plain)), strict=True):
         assert np.all(np.isfinite(a))
