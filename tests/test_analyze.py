@@ -1,9 +1,11 @@
 """train.analyze on a tiny trained model: every analysis writes its figure and numbers."""
 
+import functools
 import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -89,14 +91,9 @@ def test_maps_and_the_true_class_agreement(model):
     # recomputed here from the two-pass forward: the logits site's agreement per class unit
     import gattanet_jax as gj
 
-    out = gj.two_pass(
-        model.backbone,
-        model.attention,
-        model.variables,
-        model.backbone_vars,
-        np.asarray(model.test.images, np.float32) / 255.0,
-        return_internals=True,
-    )
+    forward = functools.partial(gj.two_pass, model.backbone, model.attention, return_internals=True)
+    images = np.asarray(model.test.images, np.float32) / 255.0
+    out = jax.jit(forward)(model.variables, model.backbone_vars, images)
     g = np.asarray(out.attention.gatta["logits"])
     assert g.shape == (96, 10) and np.all(np.isfinite(g))
     labels = np.asarray(model.test.labels)
@@ -320,8 +317,6 @@ def test_paired_counts_from_known_predictions(trained, cued, tmp_path, monkeypat
 
 def test_shifted_global_query_at_test_time(model):
     import dataclasses
-
-    import jax
 
     import gattanet_jax as gj
 

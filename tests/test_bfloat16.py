@@ -59,7 +59,10 @@ def test_bfloat16_attention_computes_in_bfloat16_with_float32_parameters(runs):
     bvars, _ = tasks.load_backbone(config, backbone)
     attention = models.build_attention(config, backbone, bvars)
     x = jnp.zeros((2, 32, 32, 3), jnp.float32)
-    out = gj.two_pass(backbone, attention, state["variables"], bvars, x, return_internals=True)
+    forward = jax.jit(
+        lambda v, b, x: gj.two_pass(backbone, attention, v, b, x, return_internals=True)
+    )
+    out = forward(state["variables"], bvars, x)
     assert out.logits.dtype == jnp.bfloat16
     assert out.attention.keys["conv1"].dtype == jnp.bfloat16
     assert out.attention.gatta["conv1"].dtype == jnp.bfloat16

@@ -157,7 +157,7 @@ def test_mismatched_weights_list_missing_unexpected_and_misshaped_names():
 
 def resnet_attention(batch_norm=True, layer_norm=True, d=3):
     model = resnet.ResNet(**VARIANTS["basic"])
-    bv = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    bv = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     sites = gj.resolve_sites(model, bv, (32, 32, 3), resnet.RESNET_SITES)
     att = gj.AttentionSystem(
         sites, d=d, alpha_init=0.3, batch_norm_kq=batch_norm, layer_norm_gatta=layer_norm
@@ -236,7 +236,7 @@ def test_resnet_attention_variant_trains_its_statistics_and_folds_them_for_infer
         lambda p, v: jnp.zeros_like(v) if p[-1].key == "alpha" else v, trained
     )
     np.testing.assert_allclose(
-        run(zero, x, False, False).logits, model.apply(bv, x), rtol=1e-6, atol=1e-6
+        run(zero, x, False, False).logits, jax.jit(model.apply)(bv, x), rtol=1e-6, atol=1e-6
     )
 
 
