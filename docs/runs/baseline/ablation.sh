@@ -28,6 +28,10 @@ cd "$(dirname "$0")/../../.."
 root=${1:-workdirs/baseline}
 shift || true
 python=${PYTHON:-.venv/bin/python}
+# Where each finished run's config, results, elapsed time and history are copied (the table
+# reads them there); only for the default root unless COPIES names a folder.
+copies=${COPIES-}
+[ "$root" = workdirs/baseline ] && copies=${COPIES:-docs/runs/baseline}
 
 declare -A FLAGS=(
   [recorded]="--config.backbone_training.test_each_epoch=true"
@@ -51,6 +55,10 @@ lane() {  # the variants in order, on one seed
     "$python" -m train.main --config configs/toy_cifar10.py --workdir "$w" \
       --config.stage=backbone --config.dataset.data_dir=data/tfds --config.seed="$seed" \
       ${FLAGS[$v]} >> "$w/train.log" 2>&1 || echo "[ablation] $v seed $seed failed: $w/train.log"
+    if [ -n "$copies" ] && [ -f "$w/results.json" ]; then  # a finished run's record, to commit
+      mkdir -p "$copies/$v/$seed"
+      cp "$w"/{config,results,elapsed}.json "$w/history.jsonl" "$copies/$v/$seed/"
+    fi
   done
 }
 

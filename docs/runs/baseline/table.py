@@ -1,12 +1,14 @@
-"""The table "What moves the toy baseline" of docs/RESULTS.md, from the ablation's workdirs
-(docs/runs/baseline/ablation.sh):
+"""The table "What moves the toy baseline" of docs/RESULTS.md, from the ablation's runs
+(docs/runs/baseline/ablation.sh copies each finished run's config.json, results.json,
+elapsed.json and history.jsonl into docs/runs/baseline/<variant>/<seed>/):
 
-  python docs/runs/baseline/table.py [workdir root, default workdirs/baseline]
+  python docs/runs/baseline/table.py [runs root, default docs/runs/baseline]
 
-Rows: each early-stopping rule replayed on the recorded default runs ('recorded', the default
-recipe with the test split evaluated each epoch: ``train.analyze selection``), then each recipe
-switch that changes training, against the default recipe on the same seed (paired). Variants
-with no finished run yet are listed as such.
+Rows: the default recipe (the shipped backbones, pretrained/toy_cifar10_s<seed>/backbone); each
+early-stopping rule replayed on the recorded default runs ('recorded', the default recipe with
+the test split evaluated each epoch: ``train.analyze selection``), against the recorded run's own
+rule; then each recipe switch that changes training, against the shipped default backbone of the
+same seed (paired). Variants with no finished run yet are listed as such.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ TRAINING = {
     "keras_init": "Glorot uniform kernels (Keras' default initialiser)",
     "pixels_255": "raw 0-255 pixel values (ImageDataGenerator without rescale)",
 }
+REPLAYED = "early-stopping rules replayed on the recorded default runs"
+HEADER = [
+    "| variant | seeds | test accuracy (%) | difference to the default recipe (± paired se) |",
+    "|---|---|---|---|",
+]
 
 
 def finished(path: Path) -> dict | None:
@@ -45,6 +52,15 @@ def seed_dirs(path: Path) -> dict[int, Path]:
     }
 
 
+def shipped_default() -> dict[int, float]:
+    """Test accuracy (%) of the shipped default-recipe backbones, by seed."""
+    out = {}
+    for d in sorted((ROOT / "pretrained").glob("toy_cifar10_s*/backbone")):
+        results, config = finished(d), json.loads((d / "config.json").read_text())
+        out[config["seed"]] = 100 * results["test_accuracy"]
+    return out
+
+
 def row(name: str, seeds: list[int], acc: np.ndarray, base: np.ndarray) -> str:
     diff = acc - base
     n = len(acc)
@@ -56,36 +72,44 @@ def row(name: str, seeds: list[int], acc: np.ndarray, base: np.ndarray) -> str:
     )
 
 
-def main(root: Path) -> str:
+def replay_rows(root: Path) -> list[str]:
     recorded = seed_dirs(root / "recorded")
     if not recorded:
-        return f"no finished recorded run under {root}/recorded yet"
-    lines = [
-        "| variant | seeds | test accuracy (%) | difference to the default recipe (± paired se) |",
-        "|---|---|---|---|",
-    ]
-    runs = [selection.replay_run(recorded[s]) for s in sorted(recorded)]
+        return [f"| {REPLAYED} | - | not finished yet | - |"]
+    seeds = sorted(recorded)
+    runs = [selection.replay_run(recorded[s]) for s in seeds]
+    lines = []
     for name, *_ in selection.RULES:
-        kept = [(s, r["rules"][name]) for s, r in zip(sorted(recorded), runs, strict=True)]
-        kept = [(s, k) for s, k in kept if k is not None]
+        kept = [(s, r["rules"][name], r) for s, r in zip(seeds, runs, strict=True)]
+        kept = [(s, k, r) for s, k, r in kept if k is not None]
         if kept:
-            acc = np.array([100 * k["test_accuracy"] for _, k in kept])
-            base = np.array(
-                [100 * runs[sorted(recorded).index(s)]["test_accuracy"] for s, _ in kept]
-            )
-            label = "default recipe (" + name + ")" if name == "val_accuracy, best" else name
-            lines.append(row(label, [s for s, _ in kept], acc, base))
+            acc = np.array([100 * k["test_accuracy"] for _, k, _ in kept])
+            base = np.array([100 * r["test_accuracy"] for _, _, r in kept])
+            label = f"recorded default runs, {name}"
+            lines.append(row(label, [s for s, _, _ in kept], acc, base))
+    return lines
+
+
+def main(root: Path) -> str:
+    default = shipped_default()
+    seeds = sorted(default)
+    acc = np.array([default[s] for s in seeds])
+    default_row = (
+        f"| default recipe (the shipped backbones) | {','.join(map(str, seeds))} | "
+        f"{acc.mean():.2f} ± {acc.std(ddof=1):.2f} | - |"
+    )
+    lines = [*HEADER, default_row]
+    lines += replay_rows(root)
     for variant, what in TRAINING.items():
-        done = {s: finished(d) for s, d in seed_dirs(root / variant).items() if s in recorded}
+        done = {s: finished(d) for s, d in seed_dirs(root / variant).items() if s in default}
         if not done:
-            lines.append(f"| {what} | - | not run yet | - |")
+            lines.append(f"| {what} | - | not finished yet | - |")
             continue
         seeds = sorted(done)
         acc = np.array([100 * done[s]["test_accuracy"] for s in seeds])
-        base = np.array([100 * finished(recorded[s])["test_accuracy"] for s in seeds])
-        lines.append(row(what, seeds, acc, base))
+        lines.append(row(what, seeds, acc, np.array([default[s] for s in seeds])))
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(main(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "workdirs" / "baseline"))
+    print(main(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docs" / "runs" / "baseline"))
