@@ -1,6 +1,6 @@
 """The recipe switches that separate this project's toy baseline from a Keras script's: the
 kernel initialiser, the input scale, what validation is, what early stopping watches and which
-weights are kept."""
+weights are kept; and the data's JPEG compression, as a probe."""
 
 import json
 
@@ -11,7 +11,7 @@ import pytest
 
 from gattanet_jax import ToyCNN
 from train import defaults, history, selection, train, validate
-from train.data import input_pipeline
+from train.data import input_pipeline, sources
 from train.errors import UserError
 from train.tools.analyses import selection as selection_analysis
 
@@ -53,6 +53,24 @@ def test_validation_on_the_test_split_trains_on_the_whole_train_split():
     np.testing.assert_array_equal(on_test.validation.labels, on_test.test.labels)
 
 
+def test_jpeg_quality_reencodes_every_image_once_and_more_loss_is_further():
+    config = tiny_config(max_train_examples=200, max_test_examples=50)
+    plain = input_pipeline.load(config, (32, 32, 3))
+    config.dataset.jpeg_quality = 50
+    coarse = input_pipeline.load(config, (32, 32, 3))
+    for split in ("train", "validation", "test"):
+        before, after = getattr(plain, split), getattr(coarse, split)
+        np.testing.assert_array_equal(after.labels, before.labels)
+        np.testing.assert_array_equal(after.images, sources.jpeg_roundtrip(before.images, 50))
+        assert after.images.dtype == np.uint8 and np.any(after.images != before.images)
+    x = plain.test.images
+
+    def distance(quality):
+        return np.abs(sources.jpeg_roundtrip(x, quality).astype(float) - x).mean()
+
+    assert distance(25) > distance(50) > distance(90) > 0
+
+
 def _replay(accuracies, losses, monitor, restore, patience):
     """(the epoch early stopping ends the run at, the epoch whose weights are kept)."""
     records = [
@@ -84,6 +102,9 @@ def test_stopping_rule_on_a_synthetic_history():
         ("model.pixel_scale", float("nan")),
         ("backbone_training.monitor", "val_acc"),
         ("backbone_training.restore", "first"),
+        ("dataset.jpeg_quality", 96),
+        ("dataset.jpeg_quality", -1),
+        ("dataset.jpeg_quality", True),
     ],
 )
 def test_bad_switch_values_are_refused(field, value):
@@ -92,6 +113,17 @@ def test_bad_switch_values_are_refused(field, value):
     config[section][name] = value
     with pytest.raises(UserError, match=rf"config\.{field} must be"):
         validate.check_config(config)
+
+
+def test_jpeg_quality_is_an_integer_and_refused_for_the_streamed_imagenet_pipeline():
+    config = tiny_config()
+    config.dataset.pipeline, config.dataset.jpeg_quality = "imagenet", 50
+    with pytest.raises(UserError, match=r"config\.dataset\.jpeg_quality must be 0 for the"):
+        validate.check_config(config)
+    tree = tiny_config().to_dict()  # a config file's value that is not an integer
+    tree["dataset"]["jpeg_quality"] = 50.5
+    with pytest.raises(UserError, match=r"config\.dataset\.jpeg_quality must be a positive"):
+        validate.check_config(defaults.complete(tree))
 
 
 def test_a_config_file_with_a_non_boolean_test_each_epoch_is_refused():

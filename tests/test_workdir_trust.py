@@ -156,6 +156,9 @@ def test_a_checkpoint_without_digest_that_cannot_be_read_is_one_line(trained, tm
         train.train_and_evaluate(tiny_config(), str(workdir))
 
 
+# The refusal abandons orbax's read of best/ midway; its coroutine, closed unfinished, is
+# reported as unraisable when collected.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_losing_checkpoints_keeps_best_and_results(trained, tmp_path):
     workdir = _copy(trained, tmp_path)
     shutil.rmtree(workdir / "checkpoints")

@@ -88,6 +88,8 @@ class Run(WorkdirParts):
         data = self.data
         on_test = self.config.dataset.validation == "test"
         on_test = " (validation = the test split)" if on_test else ""
+        if quality := self.config.dataset.jpeg_quality:
+            on_test += f" (images re-encoded as JPEG at quality {quality})"
         progress.log(
             f"[{self.label}] trainable parameters: {trainable:,}; frozen: {frozen:,}; "
             f"train/val/test: {len(data.train)}/{len(data.validation)}/{len(data.test)}{on_test}"

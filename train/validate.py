@@ -100,6 +100,9 @@ def check_config(config) -> None:
         _positive_int(c, field)
     _number(c, "dataset.validation_fraction", 0.0, 1.0, high_open=True)
     _choice(c, "dataset.validation", VALIDATIONS)
+    if c["dataset.jpeg_quality"] != 0:
+        _number(c, "dataset.jpeg_quality", 1, 95)
+        _positive_int(c, "dataset.jpeg_quality")
     _number(c, "attention.dropout_rate", 0.0, 1.0, high_open=True)
     _number(c, "attention.alpha_init", -1e6, 1e6)
     _choice(c, "model.backbone", BACKBONES)
@@ -124,6 +127,8 @@ def check_config(config) -> None:
     _check_types(c)
     _choice(c, "dataset.pipeline", PIPELINES)
     if c["dataset.pipeline"] == "imagenet":
+        if c["dataset.jpeg_quality"] != 0:
+            _fail("dataset.jpeg_quality", "0 for the imagenet pipeline", c["dataset.jpeg_quality"])
         _positive_int(c, "dataset.workers")
         shape = tuple(c["dataset.image_shape"])
         if len(shape) != 3 or shape[0] != shape[1] or shape[2] != 3:

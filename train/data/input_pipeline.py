@@ -307,6 +307,19 @@ def load_stream(config: ml_collections.ConfigDict, image_shape: tuple[int, ...])
     return Data(train, validation, test, ds.num_classes, class_names(builder))
 
 
+def reencoded(split: Split, quality: int) -> Split:
+    """The split with every image re-encoded once as JPEG at ``quality``
+    (``config.dataset.jpeg_quality``)."""
+    from train.data import sources
+
+    if split.images.shape[-1] != 3:
+        raise UserError(
+            f"config.dataset.jpeg_quality: re-encoding needs RGB images, these have "
+            f"{split.images.shape[-1]} channels"
+        )
+    return Split(sources.jpeg_roundtrip(split.images, quality), split.labels)
+
+
 def load(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> Data:
     if config.dataset.pipeline == "imagenet":
         return load_stream(config, image_shape)
@@ -334,6 +347,8 @@ def load(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> Dat
             )
     train = splits["train"].take(config.dataset.max_train_examples)
     test = splits["test"].take(config.dataset.max_test_examples)
+    if quality := config.dataset.jpeg_quality:
+        train, test = (reencoded(split, quality) for split in (train, test))
     if config.dataset.validation == "test":  # selects on the test split (labelled as such)
         validation = test
     else:

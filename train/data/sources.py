@@ -55,6 +55,18 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> None:
         tar.extractall(target, members=members, filter="data")
 
 
+def jpeg_roundtrip(images: np.ndarray, quality: int) -> np.ndarray:
+    """uint8 (N, H, W, 3) images encoded as JPEG at ``quality`` (PIL, 4:2:0 chroma subsampling)
+    and decoded again."""
+    out = np.empty_like(images)
+    for i, image in enumerate(images):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+        with Image.open(buffer) as img:
+            out[i] = np.asarray(img.convert("RGB"))
+    return out
+
+
 def decode_image(data: bytes, where: str, shape: tuple[int, int, int]) -> np.ndarray:
     """Decodes one image file, insisting on RGB of the expected size (names the file if not)."""
     try:

@@ -10,6 +10,8 @@
 #       --runs workdirs/baseline/recorded/0,workdirs/baseline/recorded/1
 # replays every rule on its trajectory, exactly as a run with that rule would have stopped and
 # kept (val_loss, restore_last and keras_stopping stay here as runs, to check a replay).
+# jpeg_q50 is not a Keras switch but a probe of what the data's compression costs: the copy
+# re-encoded at JPEG quality 50 (docs/runs/baseline/jpeg_distortion.py measures how far that is).
 #
 # On a GPU, each variant is one backbone sweep over the seeds instead (members/<i> are plain
 # workdirs with their own history.jsonl, which train.analyze selection and table.py read):
@@ -41,9 +43,10 @@ declare -A FLAGS=(
   [restore_last]="--config.backbone_training.restore=last"
   [keras_stopping]="--config.backbone_training.monitor=val_loss --config.backbone_training.restore=last"
   [pixels_255]="--config.model.pixel_scale=255"
+  [jpeg_q50]="--config.dataset.jpeg_quality=50"
 )
 variants=("$@")
-[ ${#variants[@]} -gt 0 ] || variants=(test_selected recorded keras_init pixels_255)
+[ ${#variants[@]} -gt 0 ] || variants=(test_selected recorded keras_init pixels_255 jpeg_q50)
 
 lane() {  # the variants in order, on one seed
   local seed=$1

@@ -28,6 +28,7 @@ TRAINING = {
     "test_selected": "train on all 50,000 images, select on the test set",
     "keras_init": "Glorot uniform kernels (Keras' default initialiser)",
     "pixels_255": "raw 0-255 pixel values (ImageDataGenerator without rescale)",
+    "jpeg_q50": "probe: the copy re-encoded at JPEG quality 50 (more compression)",
 }
 REPLAYED = "early-stopping rules replayed on the recorded default runs"
 HEADER = [
