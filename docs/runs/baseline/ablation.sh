@@ -58,7 +58,8 @@ lane() {  # the variants in order, on one seed
     "$python" -m train.main --config configs/toy_cifar10.py --workdir "$w" \
       --config.stage=backbone --config.dataset.data_dir=data/tfds --config.seed="$seed" \
       ${FLAGS[$v]} >> "$w/train.log" 2>&1 || echo "[ablation] $v seed $seed failed: $w/train.log"
-    if [ -n "$copies" ] && [ -f "$w/results.json" ]; then  # a finished run's record, to commit
+    # a finished run's record, to commit (once: rerunning re-evaluates it, changing nothing else)
+    if [ -n "$copies" ] && [ -f "$w/results.json" ] && [ ! -f "$copies/$v/$seed/results.json" ]; then
       mkdir -p "$copies/$v/$seed"
       cp "$w"/{config,results,elapsed}.json "$w/history.jsonl" "$copies/$v/$seed/"
     fi
