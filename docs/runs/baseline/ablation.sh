@@ -13,11 +13,12 @@
 # jpeg_q50 is not a Keras switch but a probe of what the data's compression costs: the copy
 # re-encoded at JPEG quality 50 (docs/runs/baseline/jpeg_distortion.py measures how far that is).
 #
-# On a GPU, each variant is one backbone sweep over the seeds instead (members/<i> are plain
-# workdirs with their own history.jsonl, which train.analyze selection and table.py read):
-#   python -m train.main --config configs/toy_cifar10.py --workdir workdirs/baseline_sweep/recorded \
-#       --config.stage=backbone --config.dataset.data_dir=data/tfds \
-#       --config.sweep.seeds='(0,1,2)' --config.backbone_training.test_each_epoch=true
+# On a GPU, SWEEP=1 trains each variant as one backbone sweep over the seeds instead, one variant
+# after another (SEEDS defaults to "0 1 2" there; members/<i> are plain workdirs with their own
+# history.jsonl, which train.analyze selection and table.py read):
+#   SWEEP=1 bash docs/runs/baseline/ablation.sh workdirs/baseline_sweep
+#   python docs/runs/baseline/table.py workdirs/baseline_sweep
+# EXTRA adds flags to every run (a quick check: EXTRA="--config.backbone_training.num_epochs=1").
 #
 # Needs the CIFAR-10 JPEG copy prepared:
 #   python -m train.prepare_data --source path/to/cifar10-jpeg.tar.xz --name local_cifar10 \
@@ -57,7 +58,7 @@ lane() {  # the variants in order, on one seed
     # shellcheck disable=SC2086
     "$python" -m train.main --config configs/toy_cifar10.py --workdir "$w" \
       --config.stage=backbone --config.dataset.data_dir=data/tfds --config.seed="$seed" \
-      ${FLAGS[$v]} >> "$w/train.log" 2>&1 || echo "[ablation] $v seed $seed failed: $w/train.log"
+      ${FLAGS[$v]} ${EXTRA:-} >> "$w/train.log" 2>&1 || echo "[ablation] $v seed $seed failed: $w/train.log"
     # a finished run's record, to commit (once: rerunning re-evaluates it, changing nothing else)
     if [ -n "$copies" ] && [ -f "$w/results.json" ] && [ ! -f "$copies/$v/$seed/results.json" ]; then
       mkdir -p "$copies/$v/$seed"
@@ -66,8 +67,26 @@ lane() {  # the variants in order, on one seed
   done
 }
 
-for seed in ${SEEDS:-0 1}; do
-  lane "$seed" &
-done
-wait
+sweeps() {  # each variant as one sweep over the seeds, one variant after another
+  local seeds
+  seeds="($(echo "${SEEDS:-0 1 2}" | tr -s ' ' ','),)"
+  for v in "${variants[@]}"; do
+    local w="$root/$v"
+    mkdir -p "$w"
+    echo "[ablation] $(date -u +%FT%TZ) $v seeds $seeds -> $w"
+    # shellcheck disable=SC2086
+    "$python" -m train.main --config configs/toy_cifar10.py --workdir "$w" \
+      --config.stage=backbone --config.dataset.data_dir=data/tfds --config.sweep.seeds="$seeds" \
+      ${FLAGS[$v]} ${EXTRA:-} >> "$w/train.log" 2>&1 || echo "[ablation] $v failed: $w/train.log"
+  done
+}
+
+if [ -n "${SWEEP:-}" ]; then
+  sweeps
+else
+  for seed in ${SEEDS:-0 1}; do
+    lane "$seed" &
+  done
+  wait
+fi
 echo "[ablation] $(date -u +%FT%TZ) done"
