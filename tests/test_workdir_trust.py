@@ -14,6 +14,11 @@ from train.errors import UserError
 
 from .test_train import tiny_config
 
+# These tests damage checkpoints on purpose: orbax's reads abandoned midway leave coroutines
+# that report, when collected, into whichever unraisable hook pytest has installed for the test
+# running then (a command shows only its one error line: the command-line test below).
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     holder = rf"in use by pid {os.getpid()} on host \S+ \(since "
@@ -156,9 +161,30 @@ def test_a_checkpoint_without_digest_that_cannot_be_read_is_one_line(trained, tm
         train.train_and_evaluate(tiny_config(), str(workdir))
 
 
-# The refusal abandons orbax's read of best/ midway; its coroutine, closed unfinished, is
-# reported as unraisable when collected.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_damaged_checkpoint_is_one_line_on_the_command_line(trained, tmp_path):
+    """What orbax leaves behind an abandoned read never reaches the researcher's terminal."""
+    workdir = _copy(trained, tmp_path)
+    step = workdir / "best" / str(trained[1]["best_epoch"])
+    (step / checkpoints.DIGEST_FILE).unlink()
+    _damage(step, truncate=True)
+    config_file = tmp_path / "tiny.py"  # the fixture's config, for the command line
+    config_file.write_text(
+        "from tests.test_train import tiny_config\n\n\ndef get_config():\n"
+        "    return tiny_config()\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "train.main", f"--config={config_file}", f"--workdir={workdir}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    errors = [line for line in r.stderr.splitlines() if not line.startswith("[backbone]")]
+    assert r.returncode == 1, r.stderr
+    assert len(errors) == 1 and errors[0].startswith("error: cannot read the best checkpoint"), (
+        r.stderr
+    )
+
+
 def test_losing_checkpoints_keeps_best_and_results(trained, tmp_path):
     workdir = _copy(trained, tmp_path)
     shutil.rmtree(workdir / "checkpoints")

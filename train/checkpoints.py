@@ -141,6 +141,7 @@ def restore(mngr, step: int, abstract, what: str):
     try:
         return mngr.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as e:  # TensorStore/orbax on missing or truncated files
+        _drop_abandoned_reads()
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise DamagedCheckpoint(
             f"cannot read the {what} at {mngr.directory}/{step}: {first}"
@@ -207,6 +208,28 @@ def _quiet_failed_writes():
         absl_logging.set_verbosity(verbosity)
         if not failed:
             sys.excepthook, sys.unraisablehook = excepthook, unraisable
+
+
+def _drop_abandoned_reads() -> None:
+    """After a failed restore: orbax's reads of the checkpoint's other arrays fail or stop too,
+    in coroutines nobody awaits any more, and each reports its exception as unraisable when it
+    is collected (a TensorStore traceback per array, after the one-line error). From now on
+    those reports are dropped; every other unraisable exception still reaches the hook."""
+    if getattr(sys.unraisablehook, "_drops_abandoned_reads", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        from_orbax = code is not None and "orbax" in code.co_filename
+        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and (
+            "Event loop is closed" in str(unraisable.exc_value)
+        )
+        if not (from_orbax or closed_loop):
+            previous(unraisable)
+
+    hook._drops_abandoned_reads = True
+    sys.unraisablehook = hook
 
 
 def _drop_writer_errors() -> None:
