@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import logging
 import os
 
 import ml_collections
@@ -161,6 +162,21 @@ def embedded(num_train: int = 10_000, num_test: int = 2_000, first_train: int = 
 # --- tfds --------------------------------------------------------------------------------------
 
 
+class _FolderWarnings(logging.Filter):
+    """tfds' warnings about the version folders it looks into ('Variant folder ... has no
+    dataset_info.json', also for a folder that does not exist): a dataset that is not prepared
+    is this module's one-line error, which says how to prepare it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Variant folder")
+
+
+def _quiet_tfds_folders() -> None:
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _FolderWarnings) for f in logger.filters):
+        logger.addFilter(_FolderWarnings())
+
+
 def _data_dir(config: ml_collections.ConfigDict) -> str:
     import tensorflow_datasets as tfds
 
@@ -179,6 +195,7 @@ def read_tfds(name: str, data_dir: str) -> tuple[dict[str, Split], tuple[str, ..
 
     from train.data import tfds_builders  # noqa: F401  (registers local_cifar10, local_cifar100)
 
+    _quiet_tfds_folders()
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
@@ -199,6 +216,7 @@ def open_source(name: str, split: str, data_dir: str):
 
     from train.data import tfds_builders
 
+    _quiet_tfds_folders()
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception:
@@ -278,6 +296,7 @@ def load_stream(config: ml_collections.ConfigDict, image_shape: tuple[int, ...])
     from train.data.imagenet import Stream
 
     name, data_dir, ds = config.dataset.name, _data_dir(config), config.dataset
+    _quiet_tfds_folders()
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
