@@ -39,13 +39,16 @@ def _train(workdir, cache_home):
 
 
 def test_a_second_identical_run_compiles_from_the_cache(tmp_path):
+    cache = tmp_path / "cache" / "gattanet-jax" / "xla"
     first, log = _train(tmp_path / "first", tmp_path / "cache")
+    written = sorted(p.name for p in cache.iterdir())
     second, _ = _train(tmp_path / "second", tmp_path / "cache")
     assert "[backbone] compiled " in log and "time to the first training step: " in log, log
-    assert first["compile"]["cache_hits"] == 0 and second["compile"]["cache_hits"] >= 2
-    assert second["compile"]["xla_s"] < 0.3 * first["compile"]["xla_s"], (first, second)
-    cache = tmp_path / "cache" / "gattanet-jax" / "xla"
-    assert any(p.name.startswith("jit_train_step") for p in cache.iterdir())
+    assert any(name.startswith("jit_train_step") for name in written), written
+    # every program the first run wrote is read back, and the second compiles none worth caching
+    assert first["compile"]["cache_hits"] == 0
+    assert second["compile"]["cache_hits"] == len(written) >= 2, (second, written)
+    assert sorted(p.name for p in cache.iterdir()) == written
 
 
 def test_compile_log_names_each_compilation_and_its_parts():
