@@ -50,7 +50,14 @@ def imagenet_config(arch: str, arg: str | None) -> ml_collections.ConfigDict:
     m.width = 64  # channels of the stem and of stage 1 (torchvision: 64)
     m.stage_sizes = ()  # blocks per stage; empty = the architecture's own
     m.sites = ("stem", "layer1", "layer2", "layer3", "avgpool", "fc")  # 'ccccdd'
-    for toy_only in ("features", "hidden", "dropout_rate", "kernel_init", "pixel_scale"):
+    for toy_only in (
+        "features",
+        "hidden",
+        "dropout_rate",
+        "dropout_after",
+        "kernel_init",
+        "pixel_scale",
+    ):
         del m[toy_only]
 
     # Comparison systems (stage='addon'): GALA/SE before each block's residual addition (its

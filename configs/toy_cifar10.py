@@ -66,8 +66,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Channels of the toy model's conv layers and units of its hidden dense layer.
     config.model.features = (32, 64, 128)
     config.model.hidden = 256
-    # Dropout after each pooling of the toy model (backbone training only; frozen = off).
+    # Dropout rate of the toy model (backbone training only; frozen = off).
     config.model.dropout_rate = 0.2
+    # Where it sits: 'pooling' (after each pooling), 'flatten' (once, before dense1), 'dense1'
+    # (once, after dense1's ReLU) or 'pooling_and_dense1' (Keras' CIFAR-10 examples' layout).
+    config.model.dropout_after = "pooling"
     # Kernel initialiser of the toy model's layers: 'flax' (LeCun normal, Flax's default) or
     # 'keras' (Glorot uniform, Keras' default); biases start at zero either way.
     config.model.kernel_init = "flax"

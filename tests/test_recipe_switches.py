@@ -1,15 +1,17 @@
 """The recipe switches that separate this project's toy baseline from a Keras script's: the
-kernel initialiser, the input scale, what validation is, what early stopping watches and which
-weights are kept; and the data's JPEG compression, as a probe."""
+kernel initialiser, the input scale, where dropout sits, what validation is, what early stopping
+watches and which weights are kept; and the data's JPEG compression, as a probe."""
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gattanet_jax import ToyCNN
+from gattanet_jax.backbones.toy import HashDropout
 from train import defaults, history, selection, train, validate
 from train.data import input_pipeline, sources
 from train.errors import UserError
@@ -41,6 +43,41 @@ def test_pixel_scale_feeds_raw_pixel_values():
     variables = ToyCNN().init(jax.random.key(0), x)
     raw = ToyCNN(pixel_scale=255.0).apply(variables, x)
     np.testing.assert_allclose(raw, ToyCNN().apply(variables, 255.0 * x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "place, dropped",
+    [
+        ("pooling", {"Dropout_0": 32, "Dropout_1": 64, "Dropout_2": 128}),
+        ("flatten", {"Dropout_flatten": 2048}),
+        ("dense1", {"Dropout_dense1": 256}),
+        (
+            "pooling_and_dense1",
+            {"Dropout_0": 32, "Dropout_1": 64, "Dropout_2": 128, "Dropout_dense1": 256},
+        ),
+    ],
+)
+def test_dropout_sits_where_dropout_after_says_and_adds_no_parameters(place, dropped):
+    model = ToyCNN(dropout_after=place)
+    x = jax.random.uniform(jax.random.key(1), (8, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+    assert sum(p.size for p in jax.tree.leaves(variables)) == 620_362
+    seen = {}  # each dropout layer's input and output
+
+    def record(call, args, kwargs, context):
+        out = call(*args, **kwargs)
+        if isinstance(context.module, HashDropout):
+            seen[context.module.name] = (np.asarray(args[0]), np.asarray(out))
+        return out
+
+    with nn.intercept_methods(record):
+        model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+    assert {name: x_in.shape[-1] for name, (x_in, _) in seen.items()} == dropped
+    for x_in, out in seen.values():
+        active = x_in != 0
+        zeroed = out[active] == 0
+        assert 0.15 < zeroed.mean() < 0.25  # the rate, 0.2, of what reached the layer
+        np.testing.assert_allclose(out[active][~zeroed], x_in[active][~zeroed] / 0.8, rtol=1e-6)
 
 
 def test_validation_on_the_test_split_trains_on_the_whole_train_split():
@@ -98,6 +135,7 @@ def test_stopping_rule_on_a_synthetic_history():
     [
         ("dataset.validation", "train"),
         ("model.kernel_init", "glorot"),
+        ("model.dropout_after", "conv"),
         ("model.pixel_scale", 0.0),
         ("model.pixel_scale", float("nan")),
         ("backbone_training.monitor", "val_acc"),

@@ -30,6 +30,7 @@ def build_backbone(config: ml_collections.ConfigDict):
             features=tuple(m.features),
             hidden=m.hidden,
             dropout_rate=m.dropout_rate,
+            dropout_after=m.dropout_after,
             dtype=DTYPES[m.dtype],
             kernel_init=m.kernel_init,
             pixel_scale=float(m.pixel_scale),

@@ -11,6 +11,7 @@ import numbers
 import os
 from pathlib import Path
 
+from gattanet_jax.backbones.toy import DROPOUT_PLACES
 from train import models
 from train.errors import UserError
 from train.models import ADDON_KINDS, BACKBONES, DTYPES
@@ -113,6 +114,7 @@ def check_config(config) -> None:
         _number(c, "model.dropout_rate", 0.0, 1.0, high_open=True)
         _positive_ints(c, "model.features")
         _choice(c, "model.kernel_init", KERNEL_INITS)
+        _choice(c, "model.dropout_after", DROPOUT_PLACES)
         _number(c, "model.pixel_scale", 0.0, 1e6, low_open=True)
     else:
         _positive_int(c, "model.width")

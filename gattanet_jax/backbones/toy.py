@@ -2,7 +2,8 @@
 
 conv3x3(32)-ReLU-maxpool2-dropout, conv3x3(64)-ReLU-maxpool2-dropout,
 conv3x3(128)-ReLU-maxpool2-dropout, flatten, dense(256)-ReLU, dense(n_classes) (logits; the
-softmax lives in the loss). 620,362 parameters for 10 classes, 643,492 for 100.
+softmax lives in the loss). 620,362 parameters for 10 classes, 643,492 for 100. The dropout
+layers can sit elsewhere (``dropout_after``): the text does not place them.
 
 Layers with a ReLU are modules of their own (like a Keras ``Conv2D(activation='relu')``), so
 that their module output is the post-ReLU activation that GAttANet reads and modulates. The module
@@ -19,6 +20,11 @@ import jax.numpy as jnp
 
 from gattanet_jax import dropout
 from gattanet_jax.backbones.conv import fast_conv
+
+# Where the toy model's dropout layers sit (the paper's "0.2 drop-out as regularization" does not
+# say): after each pooling, once on the flattened features, once after dense1's ReLU (before the
+# logits), or after each pooling and after dense1 (the layout of Keras' CIFAR-10 examples).
+DROPOUT_PLACES = ("pooling", "flatten", "dense1", "pooling_and_dense1")
 
 KERNEL_INITS = {
     "flax": nn.initializers.lecun_normal(),  # Flax's default for nn.Conv and nn.Dense
@@ -73,7 +79,10 @@ class ToyCNN(nn.Module):
       num_classes: units of the logits layer.
       features: channels of the three conv layers (the paper: 32, 64, 128).
       hidden: units of the first dense layer (the paper: 256).
-      dropout_rate: dropout after each pooling (the paper: 0.2), active only when ``train``.
+      dropout_rate: the dropout rate (the paper: 0.2), active only when ``train``.
+      dropout_after: where dropout sits, one of ``DROPOUT_PLACES``: 'pooling' (after each
+        pooling), 'flatten' (once, before dense1), 'dense1' (once, after dense1's ReLU) or
+        'pooling_and_dense1'. No parameters either way.
       dtype: computation dtype (parameters stay float32).
       fast_conv: convolutions through ``backbones.conv.fast_conv`` (the same values; faster
         on CPU for the RGB input layer); False: XLA's convolution everywhere.
@@ -87,6 +96,7 @@ class ToyCNN(nn.Module):
     features: Sequence[int] = (32, 64, 128)
     hidden: int = 256
     dropout_rate: float = 0.2
+    dropout_after: str = "pooling"
     dtype: jnp.dtype = jnp.float32
     fast_conv: bool = True
     kernel_init: str = "flax"
@@ -94,6 +104,10 @@ class ToyCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if self.dropout_after not in DROPOUT_PLACES:
+            raise ValueError(
+                f"dropout_after must be one of {DROPOUT_PLACES}: {self.dropout_after!r}"
+            )
         init = {"kernel_init": KERNEL_INITS[self.kernel_init]} if self.kernel_init != "flax" else {}
         x = x.astype(self.dtype)
         if self.pixel_scale != 1.0:
@@ -109,9 +123,14 @@ class ToyCNN(nn.Module):
                 **init,
             )(x)
             x = max_pool_2x2(x)
-            x = HashDropout(self.dropout_rate, name=f"Dropout_{i}")(x, deterministic=not train)
+            if self.dropout_after.startswith("pooling"):
+                x = HashDropout(self.dropout_rate, name=f"Dropout_{i}")(x, deterministic=not train)
         x = x.reshape(x.shape[0], -1)
+        if self.dropout_after == "flatten":
+            x = HashDropout(self.dropout_rate, name="Dropout_flatten")(x, deterministic=not train)
         x = DenseReLU(self.hidden, dtype=self.dtype, name="dense1", **init)(x)
+        if self.dropout_after.endswith("dense1"):
+            x = HashDropout(self.dropout_rate, name="Dropout_dense1")(x, deterministic=not train)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="logits", **init)(x)
 
 

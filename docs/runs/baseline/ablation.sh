@@ -12,6 +12,8 @@
 # kept (val_loss, restore_last and keras_stopping stay here as runs, to check a replay).
 # jpeg_q50 is not a Keras switch but a probe of what the data's compression costs: the copy
 # re-encoded at JPEG quality 50 (docs/runs/baseline/jpeg_distortion.py measures how far that is).
+# dropout_dense1 reads the text's "0.2 drop-out as regularization" as one dropout layer, after the
+# hidden dense layer, instead of one after each pooling (model.dropout_after has the other readings).
 #
 # On a GPU, SWEEP=1 trains each variant as one backbone sweep over the seeds instead, one variant
 # after another (SEEDS defaults to "0 1 2" there; members/<i> are plain workdirs with their own
@@ -45,9 +47,10 @@ declare -A FLAGS=(
   [keras_stopping]="--config.backbone_training.monitor=val_loss --config.backbone_training.restore=last"
   [pixels_255]="--config.model.pixel_scale=255"
   [jpeg_q50]="--config.dataset.jpeg_quality=50"
+  [dropout_dense1]="--config.model.dropout_after=dense1"
 )
 variants=("$@")
-[ ${#variants[@]} -gt 0 ] || variants=(test_selected recorded keras_init pixels_255 jpeg_q50)
+[ ${#variants[@]} -gt 0 ] || variants=(test_selected recorded dropout_dense1 keras_init pixels_255 jpeg_q50)
 
 lane() {  # the variants in order, on one seed
   local seed=$1
