@@ -187,7 +187,7 @@ def _quiet_failed_writes():
     def closed_loop(hook):
         def quiet(*args):
             value = args[1] if len(args) > 1 else getattr(args[0], "exc_value", None)
-            if not (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)):
+            if not _closed_loop(value):
                 hook(*args)
 
         return quiet
@@ -210,6 +210,11 @@ def _quiet_failed_writes():
             sys.excepthook, sys.unraisablehook = excepthook, unraisable
 
 
+def _closed_loop(error) -> bool:
+    """TensorStore's callbacks into an event loop orbax has closed already."""
+    return isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
+
+
 def _drop_abandoned_reads() -> None:
     """After a failed restore: orbax's reads of the checkpoint's other arrays fail or stop too,
     in coroutines nobody awaits any more, and each reports its exception as unraisable when it
@@ -222,10 +227,7 @@ def _drop_abandoned_reads() -> None:
     def hook(unraisable):
         code = getattr(unraisable.object, "cr_code", None)
         from_orbax = code is not None and "orbax" in code.co_filename
-        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and (
-            "Event loop is closed" in str(unraisable.exc_value)
-        )
-        if not (from_orbax or closed_loop):
+        if not (from_orbax or _closed_loop(unraisable.exc_value)):
             previous(unraisable)
 
     hook._drops_abandoned_reads = True

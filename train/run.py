@@ -86,13 +86,12 @@ class Run(WorkdirParts):
 
     def _log_sizes(self, trainable: int, frozen: int):
         data = self.data
-        on_test = self.config.dataset.validation == "test"
-        on_test = " (validation = the test split)" if on_test else ""
+        notes = " (validation = the test split)" if self.config.dataset.validation == "test" else ""
         if quality := self.config.dataset.jpeg_quality:
-            on_test += f" (images re-encoded as JPEG at quality {quality})"
+            notes += f" (images re-encoded as JPEG at quality {quality})"
         progress.log(
             f"[{self.label}] trainable parameters: {trainable:,}; frozen: {frozen:,}; "
-            f"train/val/test: {len(data.train)}/{len(data.validation)}/{len(data.test)}{on_test}"
+            f"train/val/test: {len(data.train)}/{len(data.validation)}/{len(data.test)}{notes}"
         )
 
     # --- what differs between a run and a sweep ---------------------------------------------
