@@ -4,6 +4,9 @@ elapsed.json and history.jsonl into docs/runs/baseline/<variant>/<seed>/):
 
   python docs/runs/baseline/table.py [runs root, default docs/runs/baseline]
 
+It also draws <runs root>/curves.png: each run's training accuracy (under augmentation and
+dropout) and validation accuracy per epoch, by variant ('recorded' stands for the default recipe).
+
 Rows: the default recipe (the shipped backbones, pretrained/toy_cifar10_s<seed>/backbone); each
 early-stopping rule replayed on the recorded default runs ('recorded', the default recipe with
 the test split evaluated each epoch: ``train.analyze selection``), against the recorded run's own
@@ -92,6 +95,47 @@ def replay_rows(root: Path) -> list[str]:
     return lines
 
 
+def curves(root: Path) -> Path | None:
+    """Training and validation accuracy per epoch of every finished run, one colour a variant."""
+    from train.tools import plots
+
+    variants = {"recorded": "default recipe (recorded runs)", **TRAINING}
+    runs = [
+        (what, d / "history.jsonl")
+        for variant, what in variants.items()
+        for _, d in sorted(seed_dirs(root / variant).items())
+        if (d / "history.jsonl").is_file()
+    ]
+    if not runs:
+        return None
+    fig, axes = plots.plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    colors = dict(zip(variants.values(), plots.plt.get_cmap("tab10").colors, strict=False))
+    labelled = set()
+    for what, path in runs:
+        epochs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        x = [e["epoch"] for e in epochs]
+        label = None if what in labelled else what
+        labelled.add(what)
+        for ax, key in zip(axes, ("train_accuracy", "val_accuracy"), strict=True):
+            y = [100 * e[key] for e in epochs]
+            ax.plot(x, y, color=colors[what], lw=0.8, alpha=0.8, label=label)
+    axes[1].axhline(83.28, color="black", ls="--", lw=1, label="the paper's test accuracy")
+    axes[0].set_title("training accuracy (under augmentation and dropout)")
+    axes[1].set_title("validation accuracy (the test split when selected on it)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].set_ylim(60, 86)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("toy backbone on the CIFAR-10 JPEG copy: each variant's runs (a line per seed)")
+    fig.tight_layout()
+    out = root / "curves.png"
+    fig.savefig(out, dpi=100)
+    plots.close(fig)
+    return out
+
+
 def main(root: Path) -> str:
     default = shipped_default()
     seeds = sorted(default)
@@ -114,4 +158,7 @@ def main(root: Path) -> str:
 
 
 if __name__ == "__main__":
-    print(main(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docs" / "runs" / "baseline"))
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docs" / "runs" / "baseline"
+    print(main(root))
+    if drawn := curves(root):
+        print(f"wrote {drawn}")
