@@ -328,7 +328,12 @@ def test_attention_stage_without_a_backbone_checkpoint(tmp_path):
     config = tiny_config("attention")
     config.backbone_checkpoint = str(tmp_path / "nowhere")
     with pytest.raises(UserError, match=r"backbone checkpoint .* not found"):
-        train.train_and_evaluate(config, str(tmp_path / "wd"))
+        train.train_and_evaluate(config, str(tmp_path / "new" / "wd"))
+    assert not (tmp_path / "new").exists()  # the refused start made nothing that stays
+    (tmp_path / "mine").mkdir()  # a folder that was there before is the user's: it stays
+    with pytest.raises(UserError, match=r"backbone checkpoint .* not found"):
+        train.train_and_evaluate(config, str(tmp_path / "mine"))
+    assert (tmp_path / "mine").is_dir()
 
 
 def test_checkpoint_of_an_incompatible_config_lists_the_mismatches(backbone_run, tmp_path):

@@ -15,19 +15,51 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import ml_collections
 
 from train import compilation, defaults, lock, parallel, precision, progress, sweep, validate
+from train.errors import UserError
 from train.run import Run
 
 
 def train_stage(config, workdir: str, run_type: type[Run] = Run) -> tuple[dict, dict]:
     """Trains one stage (or a sweep) in ``workdir``, resuming from its latest checkpoint if there
     is one, holding the workdir's lock (``train.lock``). SIGTERM and SIGINT save the run at the
-    next step boundary and exit (128 + the signal)."""
-    with lock.hold(workdir), progress.Preemption() as stop, compilation.timed() as compiles:
-        return _train_stage(run_type(config, workdir, compiles), stop)
+    next step boundary and exit (128 + the signal). A start refused in one line (a missing
+    backbone checkpoint, data not prepared) leaves no new, empty workdir behind."""
+    made = _folders_to_make(workdir)
+    try:
+        with lock.hold(workdir), progress.Preemption() as stop, compilation.timed() as compiles:
+            return _train_stage(run_type(config, workdir, compiles), stop)
+    except UserError:
+        _remove_unused(made)
+        raise
+
+
+def _folders_to_make(workdir: str) -> list[Path]:
+    """The folders of ``workdir``'s path that do not exist yet, deepest first."""
+    path, missing = Path(workdir).expanduser().absolute(), []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_unused(made: list[Path]) -> None:
+    """Removes the folders this run made, deepest first, while they hold nothing but an empty
+    (released) lock file."""
+    if not progress.is_main():
+        return
+    for folder in made:
+        try:
+            entries = list(folder.iterdir())
+            if [e.name for e in entries] == [lock.LOCK] and entries[0].stat().st_size == 0:
+                entries[0].unlink()
+            folder.rmdir()
+        except OSError:
+            return  # in use, or not ours to remove
 
 
 def _train_stage(run: Run, stop: progress.Preemption) -> tuple[dict, dict]:
