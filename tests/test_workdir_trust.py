@@ -185,6 +185,56 @@ def test_a_damaged_checkpoint_is_one_line_on_the_command_line(trained, tmp_path)
     )
 
 
+CLOSED_LOOP_READ = """
+import sys
+from train import checkpoints
+
+
+class Callback:  # collected after its event loop closed: reported through sys.unraisablehook
+    def __init__(self, message):
+        self.message = message
+
+    def __del__(self):
+        raise RuntimeError(self.message)
+
+
+class Manager:  # a read that fails after TensorStore's callbacks have already printed
+    directory = "best"
+
+    def item_metadata(self, step):
+        return None
+
+    def restore(self, step, args):
+        Callback("Event loop is closed")
+        try:
+            raise RuntimeError("Event loop is closed")
+        except RuntimeError:
+            sys.excepthook(*sys.exc_info())  # as PyErr_Print prints
+        raise ValueError("Encountered error while reading array index")
+
+
+checkpoints.verify = lambda *args: None
+try:
+    checkpoints.restore(Manager(), 1, {}, "best checkpoint")
+except checkpoints.DamagedCheckpoint as e:
+    print(f"error: {e}", file=sys.stderr)
+Callback("another failure")  # still reported
+"""
+
+
+def test_a_failing_read_drops_closed_loop_reports_that_come_before_its_error():
+    """TensorStore's callbacks into orbax's closed event loop can print before the failed read
+    reaches the caller: dropped from the start of the read, every other report kept."""
+    r = subprocess.run(
+        [sys.executable, "-c", CLOSED_LOOP_READ], capture_output=True, text=True, timeout=120
+    )
+    lines = r.stderr.splitlines()
+    assert r.returncode == 0 and "Event loop is closed" not in r.stderr, r.stderr
+    expected = "cannot read the best checkpoint at best/1: Encountered error while reading array"
+    assert lines[0] == f"error: {expected} index", r.stderr
+    assert "RuntimeError: another failure" in lines, r.stderr
+
+
 def test_losing_checkpoints_keeps_best_and_results(trained, tmp_path):
     workdir = _copy(trained, tmp_path)
     shutil.rmtree(workdir / "checkpoints")

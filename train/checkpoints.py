@@ -139,9 +139,9 @@ def restore(mngr, step: int, abstract, what: str):
         )
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
     try:
-        return mngr.restore(step, args=ocp.args.StandardRestore(target))
+        with _closed_loop_dropped(on_failure=_drop_abandoned_reads):
+            return mngr.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as e:  # TensorStore/orbax on missing or truncated files
-        _drop_abandoned_reads()
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise DamagedCheckpoint(
             f"cannot read the {what} at {mngr.directory}/{step}: {first}"
@@ -178,13 +178,27 @@ def _quiet_failed_writes():
     """While orbax writes: a failed write (a full disk) is reported once, as this module's one
     line, not also as the tracebacks orbax's writer threads log and TensorStore's callbacks
     print into a closed event loop."""
-    verbosity, excepthook, unraisable = (
-        absl_logging.get_verbosity(),
-        sys.excepthook,
-        sys.unraisablehook,
-    )
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.FATAL)
+    try:
+        # orbax's writers may log the same failure a moment later, after this context has
+        # ended: their filters go in before the verbosity is back
+        with _closed_loop_dropped(on_failure=_drop_writer_errors):
+            yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
-    def closed_loop(hook):
+
+@contextlib.contextmanager
+def _closed_loop_dropped(on_failure):
+    """While orbax reads or writes: TensorStore's callbacks into an event loop orbax has closed
+    (printed through ``sys.excepthook`` or ``sys.unraisablehook``, at any moment once a read or
+    write has failed, even before the failure reaches this thread) are dropped. If the body
+    fails they stay dropped, as they go on arriving after it, and ``on_failure()`` runs;
+    otherwise the hooks are put back."""
+    excepthook, unraisable = sys.excepthook, sys.unraisablehook
+
+    def without_closed_loop(hook):
         def quiet(*args):
             value = args[1] if len(args) > 1 else getattr(args[0], "exc_value", None)
             if not _closed_loop(value):
@@ -192,22 +206,16 @@ def _quiet_failed_writes():
 
         return quiet
 
-    absl_logging.set_verbosity(absl_logging.FATAL)
-    sys.excepthook, sys.unraisablehook = closed_loop(excepthook), closed_loop(unraisable)
-    failed = False
+    sys.excepthook, sys.unraisablehook = (
+        without_closed_loop(excepthook),
+        without_closed_loop(unraisable),
+    )
     try:
         yield
     except BaseException:
-        # orbax's writers may log the same failure a moment later, after this context has
-        # ended, and TensorStore's callbacks print into the closed loop then too: from now on
-        # those are dropped (installed before the verbosity and the hooks are back)
-        failed = True
-        _drop_writer_errors()
+        on_failure()
         raise
-    finally:
-        absl_logging.set_verbosity(verbosity)
-        if not failed:
-            sys.excepthook, sys.unraisablehook = excepthook, unraisable
+    sys.excepthook, sys.unraisablehook = excepthook, unraisable
 
 
 def _closed_loop(error) -> bool:
