@@ -171,7 +171,7 @@ def test_a_config_file_with_a_non_boolean_test_each_epoch_is_refused():
         validate.check_config(defaults.complete(tree))
 
 
-def test_keras_recipe_run_records_its_selection_and_refuses_another_scale(tmp_path):
+def test_keras_recipe_run_records_its_selection_and_refuses_another_scale_or_dropout(tmp_path):
     config = tiny_config(epochs=3)
     config.dataset.validation = "test"
     config.model.kernel_init = "keras"
@@ -187,6 +187,12 @@ def test_keras_recipe_run_records_its_selection_and_refuses_another_scale(tmp_pa
     second = tiny_config(stage="attention")
     second.backbone_checkpoint = str(tmp_path / "b")
     with pytest.raises(UserError, match=r"model\.pixel_scale=255"):
+        train.train_and_evaluate(second, str(tmp_path / "a"))
+    # fine-tuned, the backbone trains with its dropout: it must sit where it sat in training
+    second.model.pixel_scale = 255.0
+    second.model.dropout_after = "dense1"
+    second.attention_training.finetune_backbone = True
+    with pytest.raises(UserError, match=r"model\.dropout_after='pooling'; set --config"):
         train.train_and_evaluate(second, str(tmp_path / "a"))
 
 

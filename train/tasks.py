@@ -155,7 +155,7 @@ def load_backbone(config, backbone) -> tuple[dict, tuple[str, int | None, str]]:
         logging.info("frozen backbone from pretrained weights %s", path)
         return jax.tree.map(jnp.asarray, variables), (path, None, checkpoints.digest_file(path))
     directory, step = checkpoints.find_model_checkpoint(path)
-    _check_pixel_scale(config, directory)
+    _check_trained_like(config, directory)
     if (epoch := checkpoints.unfinished_training(path)) is not None:
         progress.log(
             f"note: the backbone in {path} has not finished training (no results.json; its last "
@@ -170,22 +170,33 @@ def load_backbone(config, backbone) -> tuple[dict, tuple[str, int | None, str]]:
     return restored["variables"], (directory, step, sha)
 
 
-def _check_pixel_scale(config, checkpoint_dir) -> None:
+def _check_trained_like(config, checkpoint_dir) -> None:
     """A toy backbone trained on images of another scale (model.pixel_scale) is refused: frozen,
-    it would see inputs it never saw in training."""
+    it would see inputs it never saw in training. Fine-tuned with the attention system, it trains
+    with its dropout again, so one trained with its dropout elsewhere (model.dropout_after) is
+    refused too."""
     if config.model.backbone != "toy":
         return
     try:
-        trained = json.loads((Path(checkpoint_dir).parent / "config.json").read_text())
-        scale = float(trained["model"].get("pixel_scale", 1.0))
+        trained = json.loads((Path(checkpoint_dir).parent / "config.json").read_text())["model"]
+        recorded = {
+            "pixel_scale": float(trained.get("pixel_scale", 1.0)),
+            "dropout_after": str(trained.get("dropout_after", "pooling")),
+        }
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return  # no readable record of the backbone's config: nothing to compare
-    if scale != float(config.model.pixel_scale):
-        raise UserError(
-            f"the backbone in {config.backbone_checkpoint} was trained with model.pixel_scale="
-            f"{scale:g}; set --config.model.pixel_scale={scale:g} (this config has "
-            f"{float(config.model.pixel_scale):g})"
-        )
+    fields = ["pixel_scale"]
+    if config.attention_training.finetune_backbone:
+        fields.append("dropout_after")
+    for field in fields:
+        ours = type(recorded[field])(config.model[field])
+        if ours != recorded[field]:
+            shown = f"{recorded[field]:g}" if field == "pixel_scale" else repr(recorded[field])
+            mine = f"{ours:g}" if field == "pixel_scale" else repr(ours)
+            raise UserError(
+                f"the backbone in {config.backbone_checkpoint} was trained with model.{field}="
+                f"{shown}; set --config.model.{field}={shown} (this config has {mine})"
+            )
 
 
 def attention_task(config, backbone, rng) -> Task:
