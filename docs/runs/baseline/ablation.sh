@@ -20,6 +20,9 @@
 # history.jsonl, which train.analyze selection and table.py read):
 #   SWEEP=1 bash docs/runs/baseline/ablation.sh workdirs/baseline_sweep
 #   python docs/runs/baseline/table.py workdirs/baseline_sweep
+# SNAPSHOT=1 trains nothing: it copies each unfinished run's config.json and history.jsonl to the
+# same place (its history so far, which a rerun from the start reproduces epoch for epoch), so
+# the table can show where a run stands even if its workdir is lost.
 # EXTRA adds flags to every run (a quick check: EXTRA="--config.backbone_training.num_epochs=1").
 #
 # Needs the CIFAR-10 JPEG copy prepared:
@@ -84,7 +87,24 @@ sweeps() {  # each variant as one sweep over the seeds, one variant after anothe
   done
 }
 
-if [ -n "${SWEEP:-}" ]; then
+snapshot() {  # each unfinished run's history so far, where finished runs are copied
+  for seed in ${SEEDS:-0 1}; do
+    for v in "${variants[@]}"; do
+      local w="$root/$v/$seed"
+      if [ -f "$w/history.jsonl" ] && [ ! -f "$w/results.json" ]; then
+        mkdir -p "$copies/$v/$seed"
+        cp "$w/config.json" "$w/history.jsonl" "$copies/$v/$seed/"
+        echo "[ablation] $v seed $seed: $(wc -l < "$w/history.jsonl") epochs so far"
+      fi
+    done
+  done
+}
+
+if [ -n "${SNAPSHOT:-}" ]; then
+  [ -n "$copies" ] || { echo "SNAPSHOT=1 needs the default root or COPIES=folder" >&2; exit 2; }
+  snapshot
+  exit 0
+elif [ -n "${SWEEP:-}" ]; then
   sweeps
 else
   for seed in ${SEEDS:-0 1}; do

@@ -5,14 +5,17 @@ elapsed.json and history.jsonl into docs/runs/baseline/<variant>/<seed>/):
   python docs/runs/baseline/table.py [runs root, default docs/runs/baseline]
 
 It also draws <runs root>/curves.png: each run's training accuracy (under augmentation and
-dropout) and validation accuracy per epoch, by variant ('recorded' stands for the default recipe).
+dropout) and validation accuracy per epoch, by variant ('recorded' stands for the default recipe;
+dotted lines are unfinished runs).
 
 Rows: the default recipe (the shipped backbones, pretrained/toy_cifar10_s<seed>/backbone); each
 early-stopping rule replayed on the recorded default runs ('recorded', the default recipe with
 the test split evaluated each epoch: ``train.analyze selection``), against the recorded run's own
 rule, and the best test accuracy any of its epochs reached (no rule stopping within those epochs
 keeps more); then each recipe switch that changes training, against the shipped default
-backbone of the same seed (paired). Variants with no finished run yet are listed as such.
+backbone of the same seed (paired). A variant with no finished run yet shows its unfinished
+runs' epochs so far and their best validation accuracy against the recorded default runs over
+the same epochs (an early sign, not a result), where a snapshot copied them here.
 """
 
 from __future__ import annotations
@@ -59,6 +62,43 @@ def seed_dirs(path: Path) -> dict[int, Path]:
     }
 
 
+def running_dirs(path: Path) -> dict[int, Path]:
+    """A variant's unfinished runs by seed: a history and a config but no results yet (a
+    snapshot, ``SNAPSHOT=1 bash docs/runs/baseline/ablation.sh``, copies them while they run)."""
+    return {
+        json.loads((d / "config.json").read_text())["seed"]: d
+        for d in sorted(path.glob("*"))
+        if finished(d) is None and (d / "config.json").is_file() and (d / "history.jsonl").is_file()
+    }
+
+
+def epochs(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def running_row(what: str, runs: dict[int, Path], recorded: dict[int, Path]) -> str:
+    """An unfinished variant: its epochs so far and its best validation accuracy up to there,
+    beside the recorded default run of the same seed over the same epochs (an early sign only:
+    validation, not test, and before the run has stopped)."""
+    seeds = sorted(s for s in runs if s in recorded)
+    if not seeds:
+        return f"| {what} | - | not finished yet | - |"
+    parts, diffs = [], []
+    for s in seeds:
+        ours = epochs(runs[s] / "history.jsonl")
+        n = len(ours)
+        theirs = [e for e in epochs(recorded[s] / "history.jsonl") if e["epoch"] <= n]
+        best = 100 * max(e["val_accuracy"] for e in ours)
+        base = 100 * max(e["val_accuracy"] for e in theirs)
+        diffs.append(best - base)
+        parts.append(f"seed {s} {best:.2f} in {n} epochs")
+    return (
+        f"| {what} | {','.join(map(str, seeds))} | running; best validation accuracy so far: "
+        f"{', '.join(parts)} | {np.mean(diffs):+.2f} on validation against the default recipe "
+        "over the same epochs |"
+    )
+
+
 def shipped_default() -> dict[int, float]:
     """Test accuracy (%) of the shipped default-recipe backbones, by seed."""
     out = {}
@@ -102,14 +142,16 @@ def replay_rows(root: Path) -> list[str]:
 
 
 def curves(root: Path) -> Path | None:
-    """Training and validation accuracy per epoch of every finished run, one colour a variant."""
+    """Training and validation accuracy per epoch of every run, one colour a variant (dotted
+    while a run is unfinished)."""
     from train.tools import plots
 
     variants = {"recorded": "default recipe (recorded runs)", **TRAINING}
     runs = [
-        (what, d / "history.jsonl")
+        (what, d / "history.jsonl", done)
         for variant, what in variants.items()
-        for _, d in sorted(seed_dirs(root / variant).items())
+        for done, dirs in ((True, seed_dirs(root / variant)), (False, running_dirs(root / variant)))
+        for _, d in sorted(dirs.items())
         if (d / "history.jsonl").is_file()
     ]
     if not runs:
@@ -117,14 +159,15 @@ def curves(root: Path) -> Path | None:
     fig, axes = plots.plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     colors = dict(zip(variants.values(), plots.plt.get_cmap("tab10").colors, strict=False))
     labelled = set()
-    for what, path in runs:
-        epochs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        x = [e["epoch"] for e in epochs]
+    for what, path, done in runs:
+        records = epochs(path)
+        x = [e["epoch"] for e in records]
         label = None if what in labelled else what
         labelled.add(what)
         for ax, key in zip(axes, ("train_accuracy", "val_accuracy"), strict=True):
-            y = [100 * e[key] for e in epochs]
-            ax.plot(x, y, color=colors[what], lw=0.8, alpha=0.8, label=label)
+            y = [100 * e[key] for e in records]
+            ls = "-" if done else ":"  # dotted: still running
+            ax.plot(x, y, color=colors[what], lw=0.8, ls=ls, alpha=0.8, label=label)
     axes[1].axhline(83.28, color="black", ls="--", lw=1, label="the paper's test accuracy")
     axes[0].set_title("training accuracy (under augmentation and dropout)")
     axes[1].set_title("validation accuracy (the test split when selected on it)")
@@ -155,7 +198,8 @@ def main(root: Path) -> str:
     for variant, what in TRAINING.items():
         done = {s: finished(d) for s, d in seed_dirs(root / variant).items() if s in default}
         if not done:
-            lines.append(f"| {what} | - | not finished yet | - |")
+            running = running_dirs(root / variant)
+            lines.append(running_row(what, running, seed_dirs(root / "recorded")))
             continue
         seeds = sorted(done)
         acc = np.array([100 * done[s]["test_accuracy"] for s in seeds])
