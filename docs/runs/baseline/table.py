@@ -162,8 +162,9 @@ def curves(root: Path) -> Path | None:
     for what, path, done in runs:
         records = epochs(path)
         x = [e["epoch"] for e in records]
-        label = None if what in labelled else what
-        labelled.add(what)
+        name = what if done else f"{what}: unfinished, so far"
+        label = None if name in labelled else name
+        labelled.add(name)
         for ax, key in zip(axes, ("train_accuracy", "val_accuracy"), strict=True):
             y = [100 * e[key] for e in records]
             ls = "-" if done else ":"  # dotted: still running
