@@ -53,7 +53,7 @@ declare -A FLAGS=(
   [dropout_dense1]="--config.model.dropout_after=dense1"
 )
 variants=("$@")
-[ ${#variants[@]} -gt 0 ] || variants=(test_selected recorded dropout_dense1 keras_init pixels_255 jpeg_q50)
+[ ${#variants[@]} -gt 0 ] || variants=(test_selected recorded dropout_dense1 keras_init jpeg_q50 pixels_255)
 
 lane() {  # the variants in order, on one seed
   local seed=$1
