@@ -35,7 +35,9 @@ TRAINING = {
     "test_selected": "train on all 50,000 images, select on the test set",
     "dropout_dense1": "one dropout layer, after the hidden dense layer (not after each pooling)",
     "keras_init": "Glorot uniform kernels (Keras' default initialiser)",
-    "dropout_dense1_keras_init": "combined: dropout after the dense layer, Glorot uniform kernels",
+    "dropout_dense1_test_selected": (
+        "combined: dropout after the dense layer, all 50,000 images, selected on the test set"
+    ),
     "pixels_255": "raw 0-255 pixel values (ImageDataGenerator without rescale)",
     "jpeg_q50": "probe: the copy re-encoded at JPEG quality 50 (more compression)",
 }
