@@ -34,6 +34,11 @@
 #       --data_dir data/tfds
 # Usage: bash docs/runs/baseline/ablation.sh [workdir root, default workdirs/baseline] [variant...]
 # (SEEDS="0 1 2" for other lanes; the default is "0 1").
+# Runs can also be queued, two at a time, each starting as soon as a slot frees (a lane per seed
+# leaves a slot idle when one seed stops early):
+#   printf '%s\n' '0 dropout_dense1_test_selected' '1 dropout_dense1_test_selected' \
+#       '2 dropout_dense1_test_selected' '0 jpeg_q50' '1 jpeg_q50' '0 pixels_255' '1 pixels_255' |
+#     xargs -P 2 -L 1 sh -c 'SEEDS=$0 bash docs/runs/baseline/ablation.sh workdirs/baseline $1'
 # The default recipe's runs are the shipped backbones (pretrained/toy_cifar10_s{0,1,2}/backbone).
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
