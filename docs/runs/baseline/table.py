@@ -84,7 +84,7 @@ def running_row(what: str, runs: dict[int, Path], recorded: dict[int, Path]) -> 
     beside the recorded default run of the same seed over the same epochs (an early sign only:
     validation, not test, and before the run has stopped). A variant selected on the test set
     validates on the test split, so it is compared with the recorded runs' test accuracy."""
-    seeds = sorted(s for s in runs if s in recorded)
+    seeds = sorted(runs)
     if not seeds:
         return f"| {what} | - | not finished yet | - |"
     on_test = (
@@ -96,15 +96,25 @@ def running_row(what: str, runs: dict[int, Path], recorded: dict[int, Path]) -> 
     for s in seeds:
         ours = epochs(runs[s] / "history.jsonl")
         n = len(ours)
-        theirs = [e for e in epochs(recorded[s] / "history.jsonl") if e["epoch"] <= n]
         best = 100 * max(e["val_accuracy"] for e in ours)
-        base = 100 * max(e[key] for e in theirs)
-        diffs.append(best - base)
         parts.append(f"seed {s} {best:.2f} in {n} epochs")
+        if s in recorded:  # no recorded default run for this seed: no difference to show
+            theirs = [e for e in epochs(recorded[s] / "history.jsonl") if e["epoch"] <= n]
+            diffs.append(best - 100 * max(e[key] for e in theirs))
+    against = "-"
+    if diffs:
+        compared = [s for s in seeds if s in recorded]
+        against = (
+            f"{np.mean(diffs):+.2f} on {split} against the default recipe over the same epochs"
+            + (
+                f" (seed{'s' * (len(compared) > 1)} {','.join(map(str, compared))})"
+                if len(compared) < len(seeds)
+                else ""
+            )
+        )
     return (
         f"| {what} | {','.join(map(str, seeds))} | running; best accuracy on {split} so far: "
-        f"{', '.join(parts)} | {np.mean(diffs):+.2f} on {split} against the default recipe "
-        "over the same epochs |"
+        f"{', '.join(parts)} | {against} |"
     )
 
 
@@ -214,6 +224,9 @@ def main(root: Path) -> str:
         seeds = sorted(done)
         acc = np.array([100 * done[s]["test_accuracy"] for s in seeds])
         lines.append(row(what, seeds, acc, np.array([default[s] for s in seeds])))
+        if running := {s: d for s, d in running_dirs(root / variant).items() if s not in done}:
+            recorded = seed_dirs(root / "recorded")
+            lines.append(running_row(f"{what}, still running", running, recorded))
     return "\n".join(lines)
 
 
