@@ -51,6 +51,16 @@ def test_a_system_on_two_backbones_makes_one_table(tmp_path, capsys):
         compare.compare(str(tmp_path / "late"), [backbones[0], str(tmp_path / "b1")], ["se"],
                         "smoke", configure=small)  # fmt: skip
     assert not (tmp_path / "late").exists()
+    # more seeds join the comparison: --backbones B --seeds 3 trains seed 3 into se/3
+    capsys.readouterr()
+    more = compare.compare(str(tmp_path / "cmp"), backbones[:1], ["se"], "smoke", configure=small,
+                           seeds=["3"])  # fmt: skip
+    assert json.loads((tmp_path / "cmp" / "se" / "3" / "config.json").read_text())["seed"] == 3
+    assert more["seeds"] == [3] and "| seed 3 |" in compare.table(more)
+    assert more["systems"]["se"][0]["steps"] == runs["se"][0]["steps"]
+    for bad in (["1", "1"], ["x", "2"], ["-1", "2"], ["0"]):
+        with pytest.raises(UserError, match="--seeds must give 2 distinct integers >= 0"):
+            compare.compare(str(tmp_path / "bad"), backbones, ["se"], "smoke", seeds=bad)
 
 
 def test_a_run_another_process_holds_is_left_to_it_and_waited_for(tmp_path):

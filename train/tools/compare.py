@@ -2,12 +2,13 @@ r"""GAttANet against GALA, SE and GSA add-ons on the same frozen backbones, one 
 
   python -m train.compare --workdir workdirs/compare \
       --backbones workdirs/b0,workdirs/b1,workdirs/b2 --systems gattanet,gala,se,gsa \
-      [--epochs N] [--patience N] [--data_dir DIR] [--arg smoke]
+      [--seeds 0,1,2] [--epochs N] [--patience N] [--data_dir DIR] [--arg smoke]
 
 For every backbone (a backbone-stage workdir or checkpoint) and every system of
 configs/compare_toy_cifar10.py, trains the system on that frozen backbone into
-``<workdir>/<system>/<backbone index>`` (seed = the backbone's index; a run finished with the
-same config is read back, an interrupted one resumes), then writes ``compare.md`` (mean and
+``<workdir>/<system>/<seed>`` (the seeds, one per backbone, default 0, 1, ...: more seeds join
+a comparison with ``--backbones B3,B4 --seeds 3,4``; a run finished with the same config is
+read back, an interrupted one resumes), then writes ``compare.md`` (mean and
 standard deviation over the backbones, the gain over each frozen backbone) and
 ``compare.json``. Several processes may run the same command on one workdir at once: each run is
 trained by one of them, and each writes the whole table.
@@ -37,6 +38,7 @@ def define_flags() -> dict:
         "workdir": flags.DEFINE_string("workdir", None, "Directory for the runs and the table."),
         "backbones": flags.DEFINE_list("backbones", None, "Frozen backbone workdirs/checkpoints."),
         "systems": flags.DEFINE_list("systems", "gattanet,gala,se,gsa", "Systems to compare."),
+        "seeds": flags.DEFINE_list("seeds", None, "One seed per backbone (default 0, 1, ...)."),
         "epochs": flags.DEFINE_integer("epochs", None, "attention_training.num_epochs."),
         "patience": flags.DEFINE_integer("patience", None, "attention_training.patience."),
         "data_dir": flags.DEFINE_string("data_dir", None, "dataset.data_dir."),
@@ -105,9 +107,12 @@ def _claim(run_dir: str, wait: bool):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def compare(workdir: str, backbones, systems, arg: str = "", configure=None, **overrides) -> dict:
+def compare(
+    workdir: str, backbones, systems, arg: str = "", configure=None, seeds=None, **overrides
+) -> dict:
     """Trains what is missing and returns {'systems': {name: [results per backbone]}}.
     ``configure``: a function applied to every run's config last (e.g. a smaller model).
+    ``seeds``: one per backbone, the runs' seeds and folder names (default 0, 1, ...).
 
     Several processes may run the same comparison in one workdir (two side by side train
     faster than one on a CPU whose cores one run does not fill): each run is claimed by one
@@ -122,16 +127,17 @@ def compare(workdir: str, backbones, systems, arg: str = "", configure=None, **o
         )
     if not systems or any(not s.strip() for s in systems):
         raise UserError(f"--systems must name one or more systems, got {','.join(systems)!r}")
+    seeds = _seeds(seeds, len(backbones))
     for backbone in backbones:
         _check_finished(backbone)
     runs = {}
     for system in systems:
-        for i, backbone in enumerate(backbones):
-            config = run_config(system, backbone, i, arg, **overrides)
+        for seed, backbone in zip(seeds, backbones, strict=True):
+            config = run_config(system, backbone, seed, arg, **overrides)
             if configure is not None:
                 configure(config)
             validate.check_before_work(defaults.complete(config))  # every run, before any trains
-            runs[system, i] = (config, os.path.join(workdir, system, str(i)), backbone)
+            runs[system, seed] = (config, os.path.join(workdir, system, str(seed)), backbone)
 
     done = sum(_finished(run_dir, config) is not None for config, run_dir, _ in runs.values())
     print(f"[compare] {done} of {len(runs)} runs finished in {workdir}", flush=True)
@@ -151,10 +157,26 @@ def compare(workdir: str, backbones, systems, arg: str = "", configure=None, **o
         print(f"[compare] {key[0]} on backbone {key[1]}: another process is training it; "
               "waiting for it", flush=True)  # fmt: skip
         results[key] = train_or_read(key, wait=True)
-    out = {"backbones": list(backbones), "systems": {}}
+    out = {"backbones": list(backbones), "seeds": seeds, "systems": {}}
     for (system, _), r in results.items():
         out["systems"].setdefault(system, []).append(r)
     return out
+
+
+def _seeds(seeds, n: int) -> list[int]:
+    """One seed per backbone: the given ones (distinct integers >= 0), else 0, 1, ..."""
+    if seeds is None or list(seeds) == []:
+        return list(range(n))
+    try:
+        values = [int(s) for s in seeds]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != n or len(set(values)) != n or min(values) < 0:
+        raise UserError(
+            f"--seeds must give {n} distinct integers >= 0, one per backbone, got "
+            f"{','.join(str(s) for s in seeds)!r}"
+        )
+    return values
 
 
 def _check_finished(backbone: str) -> None:
@@ -185,7 +207,7 @@ def table(out: dict) -> str:
     runs = out["systems"]
     first = next(iter(runs.values()))
     n = len(first)
-    head = " | ".join(f"backbone {i}" for i in range(n))
+    head = " | ".join(f"seed {s}" for s in out.get("seeds") or range(n))
     lines = [
         f"| system | trainable params | {head} | mean ± sd | gain (mean ± sd) | epochs (best) |",
         "|---" * (n + 5) + "|",
@@ -213,7 +235,9 @@ def main(argv, defined: dict):
     overrides = {k: f[k] for k in ("epochs", "patience", "data_dir", "dataset")}
     try:
         compilation.enable_cache()
-        out = compare(f["workdir"], f["backbones"], f["systems"], f["arg"], **overrides)
+        out = compare(
+            f["workdir"], f["backbones"], f["systems"], f["arg"], seeds=f["seeds"], **overrides
+        )
     except (UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
