@@ -20,11 +20,11 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from benchmarks.common import report
 from configs import compare_toy_cifar10
-from train import defaults
+from train import cli, defaults
 from train.run import Run
 from train.tools import compare
 
@@ -76,4 +76,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, tool="tool")

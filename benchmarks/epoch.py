@@ -22,11 +22,11 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
-from absl import app, flags
+from absl import flags
 
 from benchmarks.common import report
 from configs import toy_cifar10
-from train import checkpoints, compilation, models, parallel, precision, steps, tasks
+from train import checkpoints, cli, compilation, models, parallel, precision, steps, tasks
 from train.data import input_pipeline
 
 _STAGE = flags.DEFINE_enum("stage", "backbone", ["backbone", "attention"], "Stage to time.")
@@ -118,4 +118,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, tool="tool")

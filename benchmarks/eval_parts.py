@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 
 import jax
-from absl import app, flags
+from absl import flags
 
 import gattanet_jax as gj
 from benchmarks.common import build, median_seconds
 from gattanet_jax import agreement as agr
 from gattanet_jax import sites as sites_lib
+from train import cli
 
 _BATCH = flags.DEFINE_integer("batch", 128, "Batch size.")
 _REPEATS = flags.DEFINE_integer("repeats", 15, "Timed calls per part.")
@@ -64,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, tool="tool")

@@ -24,6 +24,8 @@ import typing
 import numpy as np
 from absl import app, flags
 
+from train import cli
+
 if __name__ == "__main__":
     _DATA_DIR = flags.DEFINE_string("data_dir", "data/tfds", "Where the dataset is written.")
     _EXAMPLES = flags.DEFINE_integer("examples", 4096, "Examples in the generated dataset.")
@@ -120,4 +122,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, tool="tool")

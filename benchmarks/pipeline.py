@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 
 from benchmarks.common import build
 from configs import toy_cifar10
-from train import steps
+from train import cli, steps
 from train.data import input_pipeline
 from train.tasks import attention_loss_fn, backbone_loss_fn
 
@@ -90,4 +90,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, tool="tool")

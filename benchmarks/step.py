@@ -24,7 +24,7 @@ from absl import app, flags
 
 import gattanet_jax as gj
 from benchmarks.common import aot, build, median_seconds, report
-from train import compilation, precision, steps
+from train import cli, compilation, precision, steps
 from train.tasks import attention_loss_fn, backbone_loss_fn
 
 if __name__ == "__main__":  # flags only when run as a program (the suite imports this)
@@ -224,4 +224,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, tool="tool")

@@ -49,6 +49,8 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
+from train import cli
+
 if __name__ == "__main__":  # flags only when run as a program (tests import this)
     _OUT = flags.DEFINE_string("out", None, "Directory for suite.json, suite.md, suite.log.")
     _BUDGET = flags.DEFINE_float("budget_s", 480.0, "Seconds for the whole suite.")
@@ -511,4 +513,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, tool="tool")

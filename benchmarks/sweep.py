@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 
 from benchmarks.common import aot, build, median_seconds, report
-from train import compilation, members, precision, steps
+from train import cli, compilation, members, precision, steps
 from train.tasks import attention_loss_fn, backbone_loss_fn
 
 if __name__ == "__main__":  # flags only when run as a program (the suite imports this)
@@ -150,4 +150,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, tool="tool")

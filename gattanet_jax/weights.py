@@ -121,9 +121,11 @@ def from_torchvision(
         prefix, e.g. ``gattanet_jax.backbones.resnet.torch_name``.
       where: how the file is named in errors.
     Raises:
-      WeightsError listing every missing, unexpected and mis-shaped name.
+      WeightsError listing every missing, unexpected and mis-shaped name, every integer (or
+      other non-floating) array where the model has floats, and every array holding NaN or
+      infinity.
     """
-    used, missing, misshaped = set(), [], []
+    used, missing, misshaped, mistyped, nonfinite = set(), [], [], [], []
 
     def convert(path, leaf):
         keys = [str(getattr(k, "key", k)) for k in path]
@@ -142,6 +144,13 @@ def from_torchvision(
             needs = _torch_shape(leaf_name, want)
             misshaped.append(f"{name}: file {tuple(state_dict[name].shape)}, model needs {needs}")
             return None
+        if np.issubdtype(np.dtype(leaf.dtype), np.floating) and value.dtype.kind != "f":
+            mistyped.append(f"{name} is {value.dtype}, model needs floating point")
+            return None
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+            nonfinite.append(f"{name} ({bad} of {np.size(value)})")
+            return None
         return np.asarray(value, dtype=leaf.dtype)
 
     out = jax.tree_util.tree_map_with_path(convert, abstract_variables)
@@ -150,7 +159,13 @@ def from_torchvision(
         for k, v in state_dict.items()
         if k not in used and not k.endswith(_IGNORED_SUFFIXES)
     ]
-    problems = [("missing", sorted(missing)), ("unexpected", unexpected), ("mis-shaped", misshaped)]
+    problems = [
+        ("missing", sorted(missing)),
+        ("unexpected", unexpected),
+        ("mis-shaped", misshaped),
+        ("of another dtype", mistyped),
+        ("with non-finite values", nonfinite),
+    ]
     if any(items for _, items in problems):
         parts = []
         for label, items in problems:

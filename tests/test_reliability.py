@@ -170,6 +170,31 @@ def test_pretrained_weights_with_missing_and_extra_names(backbone_dir, tmp_path)
     assert snapshot(tmp_path / "edited") == before
 
 
+@pytest.mark.parametrize("change", ["nan", "int"])
+def test_a_backbone_checkpoint_with_non_finite_values_or_other_dtypes_is_refused(
+    backbone_dir, tmp_path, change
+):
+    best = checkpoints.manager(backbone_dir / "best", keep=1, create=False)
+    variables = best.restore(best.latest_step())["variables"]
+    params = {k: dict(v) for k, v in variables["params"].items()}
+    kernel = np.asarray(params["conv3"]["kernel"])
+    if change == "nan":
+        params["conv3"]["kernel"] = np.where(np.arange(kernel.size).reshape(kernel.shape) < 3,
+                                             np.nan, kernel).astype(np.float32)  # fmt: skip
+        expected = (
+            r"holds non-finite values \(NaN or infinity\) in 1 arrays: params/conv3/kernel \(3 of"
+        )
+    else:
+        params["conv3"]["kernel"] = kernel.astype(np.int32)
+        expected = (
+            r"does not fit this config: variables/params/conv3/kernel: checkpoint int32, model"
+        )
+    edited = tmp_path / "edited" / "best"
+    checkpoints.save(checkpoints.manager(edited, keep=1), 1, {"variables": {"params": params}})
+    with pytest.raises(UserError, match=expected):
+        train.train_and_evaluate(attention_config(tmp_path / "edited"), str(tmp_path / "wd"))
+
+
 def test_same_config_and_seed_give_identical_runs(backbone_dir, tmp_path):
     runs = [
         train.train_and_evaluate(attention_config(backbone_dir), str(tmp_path / name))

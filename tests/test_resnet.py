@@ -155,6 +155,22 @@ def test_mismatched_weights_list_missing_unexpected_and_misshaped_names():
     assert "num_batches_tracked" not in msg
 
 
+def test_weights_of_another_dtype_or_with_non_finite_values_are_named():
+    """An integer array where the model has floats (a quantized or foreign state dict) and an
+    array holding NaN or infinity are refused by name, never cast or loaded."""
+    model = resnet.ResNet(**VARIANTS["basic"])
+    sd = random_state_dict(model, (32, 32, 3))
+    sd["conv1.weight"] = sd["conv1.weight"].astype(np.int8)
+    sd["fc.bias"] = np.full_like(sd["fc.bias"], np.nan)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    with pytest.raises(weights.WeightsError) as e:
+        weights.from_torchvision(sd, abstract, resnet.torch_name)
+    msg = str(e.value)
+    assert "1 of another dtype: conv1.weight is int8, model needs floating point" in msg, msg
+    assert "1 with non-finite values: fc.bias (10 of 10)" in msg, msg
+    assert "\n" not in msg
+
+
 def resnet_attention(batch_norm=True, layer_norm=True, d=3):
     model = resnet.ResNet(**VARIANTS["basic"])
     bv = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from train import checkpoints, lock, train
@@ -152,10 +153,31 @@ def test_a_damaged_periodic_checkpoint_is_set_aside_and_the_run_resumes_before_i
     assert results["epochs"] == 3 and (workdir / "checkpoints" / "2.damaged").is_dir()
 
 
+def _as_before_digests(workdir):
+    """The workdir as a version before digests wrote it: no digest files, no markers."""
+    for path in list(workdir.rglob(checkpoints.DIGEST_FILE)) + list(
+        workdir.rglob(checkpoints.MARKER)
+    ):
+        path.unlink()
+
+
+def test_a_missing_digest_is_damage_and_the_record_is_kept(trained, tmp_path):
+    """A digest deleted where this version saved (and the bytes flipped): the rerun of the
+    finished run refuses in one line and results.json stays as it was."""
+    workdir = _copy(trained, tmp_path)
+    step = workdir / "best" / str(trained[1]["best_epoch"])
+    (step / checkpoints.DIGEST_FILE).unlink()
+    _damage(step)
+    record = (workdir / "results.json").read_bytes()
+    with pytest.raises(UserError, match=r"best/\d has no digest.sha256, which is written with"):
+        train.train_and_evaluate(tiny_config(), str(workdir))
+    assert (workdir / "results.json").read_bytes() == record
+
+
 def test_a_checkpoint_without_digest_that_cannot_be_read_is_one_line(trained, tmp_path):
     workdir = _copy(trained, tmp_path)
     step = workdir / "best" / str(trained[1]["best_epoch"])
-    (step / checkpoints.DIGEST_FILE).unlink()  # as saved before digests existed
+    _as_before_digests(workdir)
     _damage(step, truncate=True)
     with pytest.raises(UserError, match=r"cannot read the best checkpoint at .*: \S"):
         train.train_and_evaluate(tiny_config(), str(workdir))
@@ -165,7 +187,7 @@ def test_a_damaged_checkpoint_is_one_line_on_the_command_line(trained, tmp_path)
     """What orbax leaves behind an abandoned read never reaches the researcher's terminal."""
     workdir = _copy(trained, tmp_path)
     step = workdir / "best" / str(trained[1]["best_epoch"])
-    (step / checkpoints.DIGEST_FILE).unlink()
+    _as_before_digests(workdir)
     _damage(step, truncate=True)
     config_file = tmp_path / "tiny.py"  # the fixture's config, for the command line
     config_file.write_text(
@@ -343,7 +365,7 @@ def test_an_attention_run_refuses_another_backbone_and_analyses_check_the_digest
     config.backbone_checkpoint = str(backbone)
     train.train_and_evaluate(config, str(tmp_path / "a"))
     _damage(backbone / "best" / str(trained[1]["best_epoch"]))  # the backbone changes under it
-    (backbone / "best" / str(trained[1]["best_epoch"]) / checkpoints.DIGEST_FILE).unlink()
+    checkpoints.write_digest(backbone / "best", trained[1]["best_epoch"])  # and its own digest
     with pytest.raises(UserError, match=r"backbone of .* has changed since it trained"):
         trained_tools.load(str(tmp_path / "a"))
     more = tiny_config(stage="attention", epochs=2)
@@ -410,3 +432,84 @@ def test_weights_files_of_the_wrong_format_are_one_line(tmp_path, name, content)
     with pytest.raises(weights.WeightsError, match="cannot read weights file") as e:
         weights.read_state_dict(str(tmp_path / name))
     assert "\n" not in str(e.value)
+
+
+def test_a_rerun_that_computes_another_result_keeps_the_record(trained, tmp_path):
+    """A finished run's rerun re-evaluates: a result other than the recorded one is refused in
+    one line naming both values, and results.json stays as it was; a longer schedule trains on
+    and keeps the earlier record beside the new one."""
+    workdir = _copy(trained, tmp_path)
+    original = (workdir / "results.json").read_text()
+    record = json.loads(original) | {"test_accuracy": 0.5}
+    (workdir / "results.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match=r"records test_accuracy = 0.5, but this run computes "
+                       r"0\.\d+ .*the record is kept"):  # fmt: skip
+        train.train_and_evaluate(tiny_config(), str(workdir))
+    assert json.loads((workdir / "results.json").read_text()) == record
+    (workdir / "results.json").write_text(original)
+    _, results = train.train_and_evaluate(tiny_config(), str(workdir))  # the same: rewritten
+    assert results["test_accuracy"] == json.loads(original)["test_accuracy"]
+    _, longer = train.train_and_evaluate(tiny_config(epochs=3), str(workdir))
+    steps = json.loads(original)["steps"]
+    assert longer["steps"] > steps
+    assert json.loads((workdir / f"results.steps{steps}.json").read_text())["steps"] == steps
+
+
+def test_a_lost_config_is_restored_from_its_copy_only_for_the_same_config(trained, tmp_path,
+                                                                          capsys):  # fmt: skip
+    workdir = _copy(trained, tmp_path)
+    written = (workdir / "config.json").read_text()
+    (workdir / "config.json").unlink()
+    other = tiny_config()
+    other.seed = 5
+    with pytest.raises(UserError, match=r"seed: 0 -> 5"):
+        train.train_and_evaluate(other, str(workdir))
+    assert not (workdir / "config.json").exists()
+    train.train_and_evaluate(tiny_config(), str(workdir))
+    assert "config.json was missing: written again from its copy in pinned.json" in (
+        capsys.readouterr().out
+    )
+    assert json.loads((workdir / "config.json").read_text()) == json.loads(written)
+    (workdir / "config.json").unlink()
+    (workdir / "pinned.json").unlink()
+    with pytest.raises(UserError, match=r"config.json is missing, and nothing else in .* records"):
+        train.train_and_evaluate(tiny_config(), str(workdir))
+
+
+def test_a_lost_pin_is_checked_against_the_results_before_it_is_written_again(trained, tmp_path):
+    backbone = _copy(trained, tmp_path)
+    config = tiny_config(stage="attention", epochs=1)
+    config.backbone_checkpoint = str(backbone)
+    train.train_and_evaluate(config, str(tmp_path / "a"))
+    (tmp_path / "a" / "pinned.json").unlink()
+    best = checkpoints.manager(backbone / "best", keep=1, create=False)
+    step = best.latest_step()
+    variables = best.restore(step)["variables"]  # another backbone in its place
+    checkpoints.save(best, step, {"variables": jax.tree.map(lambda x: x * 1.01, variables)})
+    with pytest.raises(UserError, match=r"has changed: sha256 \w+\.\.\. in its results.json"):
+        train.train_and_evaluate(config, str(tmp_path / "a"))
+    pinned = json.loads((tmp_path / "a" / "pinned.json").read_text())  # its config copy only
+    assert "backbone_checkpoint_sha256" not in pinned
+
+
+def test_a_moved_workdir_resumes_and_is_analysed_from_its_new_place(tmp_path):
+    from train.tools import trained as trained_tools
+
+    config = tiny_config(stage="both", epochs=1)
+    _, results = train.train_and_evaluate(config, str(tmp_path / "old" / "run"))
+    (tmp_path / "old").rename(tmp_path / "new")  # the recorded absolute paths are gone
+    moved = tmp_path / "new" / "run"
+    loaded = trained_tools.load(str(moved / "attention"))
+    assert loaded.config.backbone_checkpoint == str(moved / "backbone")
+    _, again = train.train_and_evaluate(config, str(moved))
+    assert again["test_accuracy"] == results["test_accuracy"]
+    # a backbone outside the workdir that is gone: the recorded path and the flag, in one line
+    shutil.copytree(moved / "backbone", tmp_path / "b")
+    outside = tiny_config(stage="attention", epochs=1)
+    outside.backbone_checkpoint = str(tmp_path / "b")
+    train.train_and_evaluate(outside, str(tmp_path / "c"))
+    shutil.rmtree(tmp_path / "b")
+    with pytest.raises(UserError, match=r"frozen backbone of .*c is not where the run recorded "
+                       r"it: .*/b; pass its place now with --backbone_checkpoint$"):  # fmt: skip
+        trained_tools.load(str(tmp_path / "c"))
+    trained_tools.load(str(tmp_path / "c"), backbone=str(moved / "backbone"))

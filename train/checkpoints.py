@@ -7,9 +7,13 @@ A workdir holds two managers:
                 the final evaluation uses and what the attention stage loads as its backbone.
 Orbax writes each step to a temporary directory and renames it when complete, so a crash during
 a save leaves the previous step as the latest. Each saved step then gets ``DIGEST_FILE``, the
-sha256 of its files (written to a temporary name and renamed), and every restore checks it: a
+sha256 of its files (written to a temporary name and renamed), and only then are steps beyond
+the manager's keep-N pruned: at every instant the newest step with a digest is complete, and the
+one before it is still there while the newest has none. Every restore checks the digest: a
 damaged or truncated file is a ``DamagedCheckpoint``, one line, never a TensorStore traceback.
-Steps saved before digests existed (the shipped models) restore unchecked.
+A directory where this version has saved (its ``MARKER`` file, or a step with a digest) holds
+no step without one but an incomplete or damaged one; steps saved before digests existed (the
+shipped models) restore unchecked.
 """
 
 from __future__ import annotations
@@ -26,19 +30,24 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
+from train import signals
 from train.errors import UserError
 
 
 def manager(directory: str | os.PathLike, keep: int, create: bool = True):
+    """An orbax manager of ``directory`` that keeps the newest ``keep`` steps (pruned by
+    ``save`` once the new step has its digest, not by orbax before)."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
+        max_to_keep=None,
         create=create,
         enable_async_checkpointing=False,
         cleanup_tmp_directories=create,
     )
-    return ocp.CheckpointManager(
+    mngr = ocp.CheckpointManager(
         Path(directory).absolute(), options=options, item_handlers=ocp.StandardCheckpointHandler()
     )
+    mngr.gattanet_keep = keep
+    return mngr
 
 
 def describe(tree) -> dict[str, tuple]:
@@ -57,8 +66,18 @@ def _key_name(key) -> str:
     return str(key)
 
 
+def dtypes(tree) -> dict[str, str]:
+    """'path/to/leaf' -> dtype name, for every leaf of a tree that has one."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None:
+            out["/".join(_key_name(k) for k in path)] = np.dtype(dtype).name
+    return out
+
+
 def mismatches(expected, found) -> list[str]:
-    """Human-readable differences between two trees' names and shapes."""
+    """Human-readable differences between two trees' names, shapes and dtypes."""
     want, have = describe(expected), describe(found)
     lines = [f"missing {n} {want[n]}" for n in want if n not in have]
     lines += [f"unexpected {n} {have[n]}" for n in have if n not in want]
@@ -67,10 +86,28 @@ def mismatches(expected, found) -> list[str]:
         for n in want
         if n in have and want[n] != have[n]
     ]
+    want_types, have_types = dtypes(expected), dtypes(found)
+    lines += [
+        f"{n}: checkpoint {have_types[n]}, model {want_types[n]}"
+        for n in want_types
+        if n in have_types and have_types[n] != want_types[n]
+    ]
     return lines
 
 
+def nonfinite(tree) -> list[str]:
+    """The leaves of a tree of arrays that hold NaN or infinity ('path (n of size)')."""
+    out = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        array = np.asarray(leaf)
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            out.append(f"{'/'.join(_key_name(k) for k in path)} ({bad} of {array.size})")
+    return out
+
+
 DIGEST_FILE = "digest.sha256"
+MARKER = ".digests"  # in a manager's directory: every step saved here gets a digest
 
 
 class DamagedCheckpoint(UserError):
@@ -85,13 +122,32 @@ def write_digest(directory: str | os.PathLike, step: int) -> None:
     os.replace(tmp, root / DIGEST_FILE)
 
 
+def writes_digests(directory: str | os.PathLike) -> bool:
+    """Whether steps in ``directory`` were saved by a version that writes digests (its marker,
+    or any step with a digest)."""
+    root = Path(directory)
+    if (root / MARKER).exists():
+        return True
+    try:
+        return any((c / DIGEST_FILE).is_file() for c in root.iterdir() if c.name.isdigit())
+    except OSError:
+        return False
+
+
 def verify(directory: str | os.PathLike, step: int, what: str) -> None:
-    """Raises DamagedCheckpoint if the step's files do not match its recorded digest (a step
-    without one, saved before digests existed, passes unchecked)."""
+    """Raises DamagedCheckpoint if the step's files do not match its recorded digest, or if it
+    has none where this version saved (a step saved before digests existed passes
+    unchecked)."""
     recorded = Path(directory) / str(step) / DIGEST_FILE
     try:
         expected = recorded.read_text().strip()
     except FileNotFoundError:
+        if writes_digests(directory):
+            raise DamagedCheckpoint(
+                f"the {what} at {directory}/{step} has no {DIGEST_FILE}, which is written with "
+                "every checkpoint here: it is incomplete or was changed (restore it from a copy, "
+                "or train it again: the same command in a new workdir rebuilds it exactly)"
+            ) from None
         return
     except OSError as e:
         raise DamagedCheckpoint(f"cannot read the {what}'s digest {recorded}: {e}") from None
@@ -148,16 +204,26 @@ def restore(mngr, step: int, abstract, what: str):
         ) from None
 
 
-def save(mngr, step: int, tree) -> None:
-    """Saves ``step`` and its digest; a failed write (a full disk, a lost mount: an OSError, or
-    TensorStore's RESOURCE_EXHAUSTED) is one clear line naming the complete checkpoint that is
-    still there."""
+def save(mngr, step: int, tree, what: str = "save") -> None:
+    """Saves ``step`` and its digest, then prunes the steps beyond the manager's keep-N; a
+    failed write (a full disk, a lost mount: an OSError, or TensorStore's RESOURCE_EXHAUSTED)
+    is one clear line naming the complete checkpoint that is still there. ``what`` names the
+    phase (``train.signals``): 'save_best', 'save_periodic', ..."""
     try:
+        signals.phase(what)
+        if step in mngr.all_steps():  # left by a trajectory the run replays: written again
+            mngr.delete(step)
         with _quiet_failed_writes():
             mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
             mngr.wait_until_finished()
+        signals.phase(f"{what}:written")  # renamed into place, no digest yet
         if jax.process_index() == 0:  # the process that finalized the step (several hosts)
+            marker = Path(mngr.directory) / MARKER
+            if not marker.exists():
+                marker.write_text("every step saved here has its digest.sha256\n")
             write_digest(mngr.directory, step)
+            signals.phase(f"{what}:digest")  # complete; older steps not pruned yet
+            _prune(mngr, step)
     except (OSError, ValueError) as e:
         if isinstance(e, ValueError) and not _out_of_space(e):
             raise
@@ -171,6 +237,17 @@ def save(mngr, step: int, tree) -> None:
             f"could not write checkpoint {step} to {mngr.directory}: {write_error(e)}; the last "
             f"complete checkpoint is {where}; free space and rerun the same command to resume"
         ) from None
+
+
+def _prune(mngr, saved: int) -> None:
+    """Deletes the oldest steps beyond the manager's keep-N (never the one just saved)."""
+    keep = getattr(mngr, "gattanet_keep", None)
+    if not keep:
+        return
+    mngr.reload()
+    steps = sorted(s for s in mngr.all_steps() if s != saved)
+    for old in steps[: max(0, len(steps) + 1 - keep)]:
+        mngr.delete(old)
 
 
 @contextlib.contextmanager
@@ -289,6 +366,16 @@ def find_model_checkpoint(path: str) -> tuple[str, int]:
     steps = sorted(int(c.name) for c in p.iterdir() if c.name.isdigit()) if p.is_dir() else []
     if not steps:
         raise UserError(f"no complete checkpoint in {p} (expected a workdir with best/ inside)")
+    if writes_digests(p):  # a step without its digest is one a crash left before it
+        complete = [s for s in steps if (p / str(s) / DIGEST_FILE).is_file()]
+        if complete and complete[-1] != steps[-1]:
+            from train import progress
+
+            progress.log(
+                f"note: {p}/{steps[-1]} has no {DIGEST_FILE} (a save cut short): taking "
+                f"{p}/{complete[-1]}, the newest complete step"
+            )
+            return str(p), complete[-1]
     return str(p), steps[-1]
 
 

@@ -16,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from train import progress
+from train import progress, signals
 from train.errors import UserError
 
 LOCK = ".lock"
@@ -52,7 +52,8 @@ def hold(workdir: str | os.PathLike):
         _write(f, {"pid": os.getpid(), "host": socket.gethostname(),
                    "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})  # fmt: skip
         try:
-            yield
+            with signals.cleanup(lambda: _write(f, None)):  # an instant stop releases it too
+                yield
         finally:
             _write(f, None)
             fcntl.flock(f, fcntl.LOCK_UN)

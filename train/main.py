@@ -9,13 +9,19 @@ and the data splits with their sizes, and exits without writing anything.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before anything slow: a signal at any moment is one line
+    from train import signals
+
+    signals.install()
+    signals.phase("imports")
+
 import json
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from train import cli
+from train import cli, signals
 from train.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -49,34 +55,25 @@ def catalogue() -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
-    # imported late: JAX starts after the flags are parsed
-    from train import compilation, defaults, train
+    signals.phase("imports")  # JAX starts after the flags are parsed
+    from train import compilation, defaults, train, validate
     from train.tools import summary
 
-    try:
-        if _DRY_RUN.value:
-            planned = summary.dry_run(_CONFIG.value)  # every check first: an error is one line
-            print(defaults.complete(_CONFIG.value))
-            print(json.dumps(planned, indent=1))
-            return
-        if not _WORKDIR.value:
-            raise UserError("--workdir is required (or --dry_run to see what a run would do)")
-        compilation.enable_cache()
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except OSError as e:  # a full disk, a lost mount, a file made unwritable under the run
-        where = f" {e.filename}" if e.filename else ""
-        print(
-            f"error: could not write{where}: {e.strerror or e}; the last complete checkpoint is "
-            "kept: free space and rerun the same command to resume",
-            file=sys.stderr,
-        )
-        sys.exit(1)
+    signals.phase("config")
+    config = _CONFIG.value
+    validate.check_overrides(config, cli.overridden_fields(config, sys.argv))
+    if _DRY_RUN.value:
+        planned = summary.dry_run(config)  # every check first: an error is one line
+        print(defaults.complete(config))
+        print(json.dumps(planned, indent=1))
+        return
+    if not _WORKDIR.value:
+        raise UserError("--workdir is required (or --dry_run to see what a run would do)")
+    compilation.enable_cache()
+    train.train_and_evaluate(config, _WORKDIR.value)
+    signals.phase("end")
 
 
 if __name__ == "__main__":
     sys.modules[__name__].__doc__ = __doc__ + catalogue()  # absl's --help prints it
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main, tool="train", config_flag="config")

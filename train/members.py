@@ -158,6 +158,8 @@ def results_table(results: dict) -> str:
     attention = all("alpha_init" in r for r in rows)
     shared = with_base and len(set(base)) == 1
     lines = [f"frozen backbone test accuracy: {100 * base[0]:.2f} %", ""] if shared else []
+    if "selected_on" in results:  # the split that chose each member's epoch
+        lines = [f"best epochs selected on: {results['selected_on']}", "", *lines]
     heads = ["member", "seed", "learning rate"]
     heads += ["alpha init", "lesion"] if attention else []
     heads += ["best epoch", "val acc.", "test acc."] + (["backbone", "gain"] if with_base else [])

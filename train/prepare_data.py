@@ -10,13 +10,17 @@ and tar archives of them. Training then reads ``--config.dataset.name=local_cifa
 
 from __future__ import annotations
 
-import sys
+if __name__ == "__main__":  # before anything slow: a signal at any moment is one line
+    from train import signals
+
+    signals.install("tool")
+
 import time
 
 from absl import app, flags, logging
 
+from train import cli
 from train.data import tfds_builders
-from train.errors import UserError
 
 _SOURCE = flags.DEFINE_string("source", None, "Archive or folder to read.", required=True)
 _NAME = flags.DEFINE_enum("name", "local_cifar10", sorted(tfds_builders.BUILDERS), "Dataset name.")
@@ -36,15 +40,12 @@ def prepare(source: str, name: str, data_dir: str | None = None) -> str:
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     start = time.time()
-    try:
-        where = prepare(_SOURCE.value, _NAME.value, _DATA_DIR.value)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    where = prepare(_SOURCE.value, _NAME.value, _DATA_DIR.value)
     print(f"{_NAME.value} prepared in {where} ({time.time() - start:.0f} s)")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, tool="tool")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import platform
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+
+from train import files, signals
 
 
 def is_main() -> bool:
@@ -68,9 +69,9 @@ def git_commit(root: Path | None = None) -> str | None:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Writes a result file, on process 0 only."""
+    """Writes a result file, on process 0 only, complete or not at all (``files.write_atomic``)."""
     if is_main():
-        path.write_text(text)
+        files.write_atomic(path, text)
 
 
 class Writer:
@@ -163,36 +164,30 @@ class StepLog:
 
 
 class Preemption:
-    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) set ``signum`` instead of killing
-    the process; the training loop checkpoints at the next step boundary and calls ``exit``.
-    A second SIGINT interrupts at once. Handlers are installed only in the main thread."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signum = None
-        self._previous = {}
+    """The training loop's view of SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C)
+    (``train.signals``): ``signum`` is a signal kept for the loop, which checkpoints at the next
+    step boundary and calls ``exit``. A signal while nothing is unsaved, or a second one, stops
+    the process at once in one line. Handlers are installed here where no command installed
+    them (in the main thread only)."""
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
+        self._handled = signals.handled()
+        self._handled.__enter__()
+        signals.unsaved(False)
         return self
 
     def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous = {}
+        signals.unsaved(False)
+        signals.S.pending = None
+        return self._handled.__exit__(*exc)
 
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
+    @property
+    def signum(self) -> int | None:
+        return signals.pending()
 
-    def exit(self, stage: str, step: int) -> None:
-        name = signal.Signals(self.signum).name
-        log(
-            f"[{stage}] {name}: checkpoint saved at step {step}; rerun the same command to resume",
-            flush=True,
-        )
-        raise SystemExit(128 + self.signum)
+    def exit(self, stage: str, step: int, saved: bool = True) -> None:
+        signum = self.signum
+        name = signal.Signals(signum).name
+        what = f"checkpoint saved at step {step}" if saved else f"nothing new since step {step}"
+        log(f"[{stage}] {name}: {what}; rerun the same command to resume", flush=True)
+        raise SystemExit(128 + signum)

@@ -27,6 +27,7 @@ from train import (
     pin,
     progress,
     selection,
+    signals,
     steps,
     validate,
 )
@@ -34,7 +35,7 @@ from train.addon_tasks import addon_task
 from train.data import input_pipeline
 from train.errors import UserError
 from train.tasks import attention_task, backbone_task, evaluate
-from train.workdir import WorkdirParts, epoch_arrays
+from train.workdir import WorkdirParts, check_record, epoch_arrays
 
 
 class Run(WorkdirParts):
@@ -60,6 +61,7 @@ class Run(WorkdirParts):
         # reads the backbone's weights (if any) before the data: a wrong file fails fast
         task = make_task[config.stage](config, backbone, jax.random.fold_in(self.seed_key, 0))
         pin.check_backbone(self.path, task.backbone_source and task.backbone_source[2])
+        signals.phase("data")
         self._set_data(task, input_pipeline.load(config, models.image_shape(config)))
         self.tx = task.tx or optax.adam(self.recipe.learning_rate, eps=1e-7)  # Keras' defaults
         self.task = dataclasses.replace(task, frozen=place.replicate(task.frozen), place=place)
@@ -83,10 +85,16 @@ class Run(WorkdirParts):
                 test=input_pipeline.on_device(data.test, size, put),
             )
         self.data = data
+        self.selected_on = selection.selected_on(
+            self.config.dataset.validation, len(data.validation)
+        )
 
     def _log_sizes(self, trainable: int, frozen: int):
         data = self.data
-        notes = " (validation = the test split)" if self.config.dataset.validation == "test" else ""
+        notes = {
+            selection.TEST: " (validation = the test split)",
+            selection.TRAINING: " (no validation split: epochs are selected on the training data)",
+        }.get(self.selected_on, "")
         if quality := self.config.dataset.jpeg_quality:
             notes += f" (images re-encoded as JPEG at quality {quality})"
         progress.log(
@@ -163,7 +171,7 @@ class Run(WorkdirParts):
         # The run's config: written by the process that starts it (pinned once it has saved a
         # checkpoint); a later process's safe changes go to its own record.
         if not pin.started(self.path):
-            progress.write_text(self.path / "config.json", config.to_json_best_effort(indent=2))
+            pin.record_config(self.path, config)
         self.skip = config.on_nonfinite == "skip"
         history.keep_until(self.path, int(np.max(self.meta["epoch"])))
         self.step_fn = self.compile_step()
@@ -190,11 +198,15 @@ class Run(WorkdirParts):
                 if not self.skip:
                     guards.check_finite(finite, first_step, epoch, self.ckpt)
                 self.mid = self.mid or checkpoints.manager(self.path / "checkpoints_mid", keep=1)
-                if self.mid.latest_step() != self.step_count():
+                saved = self.step_count() > self.saved_step  # nothing new: nothing to save
+                if saved:
                     self._save_mid(sums, skipped_before)
                 self.writer.close()
-                stop.exit(config.stage, self.step_count())
+                stop.exit(config.stage, self.step_count(), saved)
+            if self.first_step_s is None:
+                signals.phase("compile")  # the first call compiles the step, then runs it
             self.state, metrics = self.step_fn(self.state, self.task.frozen, *args)
+            signals.unsaved(True)
             del args
             if self.first_step_s is None:  # compiled and run: the time a user waits for it
                 jax.block_until_ready(metrics["loss"])
@@ -203,6 +215,9 @@ class Run(WorkdirParts):
                 progress.log(
                     f"[{self.label}] time to the first training step: {self.first_step_s:.1f} s"
                 )
+                signals.phase("first_step")
+            else:
+                signals.phase("step")
             sums = {k: sums[k] + metrics[k] for k in sums}
             finite.append(metrics["finite"])  # read back only at the checks: no sync per step
             at_mid = bool(every) and (i + 1) % every == 0 and i + 1 < self.steps_per_epoch
@@ -241,7 +256,16 @@ class Run(WorkdirParts):
             or meta["epoch"] == num_epochs
         ):
             saved = {"state": self.state, "meta": self.meta_arrays(meta)}
-            self._save(self.ckpt, meta["epoch"], saved)
+            self._save(self.ckpt, meta["epoch"], saved, "save_periodic")
+
+    def save_now(self):
+        """At a preemption after an epoch's end: its checkpoint, if the schedule did not save
+        one (returns whether anything was saved)."""
+        if self.step_count() <= self.saved_step:
+            return False
+        saved = {"state": self.state, "meta": self.meta_arrays(self.meta)}
+        self._save(self.ckpt, self.meta["epoch"], saved, "save_periodic")
+        return True
 
     def timing(self, t0: float) -> tuple[float, str]:
         """Steps/s of the epoch that started at ``t0`` (counting only the steps this process ran
@@ -258,6 +282,7 @@ class Run(WorkdirParts):
         """Validation, the best checkpoint, early stopping, the periodic checkpoint, the log."""
         config, meta, state = self.config, self.meta, self.state
         means = {k: float(v) for k, v in self.epoch_means(sums, skipped).items()}
+        signals.phase("eval")
         val = (
             evaluate(self.task, steps.variables(state), self.data.validation,
                      config.eval_batch_size)
@@ -271,8 +296,11 @@ class Run(WorkdirParts):
         )  # recorded for analyses only: never selects
         meta["epoch"] += 1
         improved = selection.update(meta, val, self.recipe.monitor, self.recipe.patience)
+        # the epoch's record before its checkpoints: a rerun from an earlier checkpoint drops it
+        history.append(self.path, history.record(meta["epoch"], means, val, test))
         if selection.keeps(self.recipe.restore, improved):
-            checkpoints.save(self.bests[0], meta["epoch"], {"variables": steps.variables(state)})
+            variables = {"variables": steps.variables(state)}
+            checkpoints.save(self.bests[0], meta["epoch"], variables, "save_best")
         self.save_periodic()
         rate, eta = self.timing(t0)
         progress.log(
@@ -284,7 +312,6 @@ class Run(WorkdirParts):
             + (f" | skipped {int(skipped)} non-finite updates" if skipped else ""),
             flush=True,
         )
-        history.append(self.path, history.record(meta["epoch"], means, val, test))
         self.writer.scalars(
             self.step_count(),
             {
@@ -310,6 +337,7 @@ class Run(WorkdirParts):
         """Evaluates the best variables on the test split and writes results.json."""
         config, task, state, meta = self.config, self.task, self.state, self.meta
         best = self.bests[0]
+        signals.phase("results")
         guards.check_backbone_unchanged(task)
         best_vars = checkpoints.restore(
             best, best.latest_step(), {"variables": steps.variables(state)}, "best checkpoint"
@@ -322,10 +350,7 @@ class Run(WorkdirParts):
             "test_accuracy": test["accuracy"],
             "test_loss": test["loss"],
             **selection.results(
-                self.recipe.monitor,
-                self.recipe.restore,
-                meta["best_val"],
-                config.dataset.validation,
+                self.recipe.monitor, self.recipe.restore, meta["best_val"], self.selected_on
             ),
             "best_epoch": best.latest_step(),
             "epochs": meta["epoch"],
@@ -339,10 +364,12 @@ class Run(WorkdirParts):
         }
         if task.baseline_logits_fn is not None:
             results |= _baseline_results(config, task, variables, self.data.test)
+        signals.phase("results")
+        check_record(self.path / "results.json", results)  # a rerun never replaces a record
         progress.write_text(self.path / "results.json", json.dumps(results, indent=2))
         line = f"[{config.stage}] test accuracy {results['test_accuracy']:.4f}"
-        if config.dataset.validation == "test":
-            line += " (selected on the test set: not a held-out figure)"
+        if self.selected_on in selection.CAVEATS:
+            line += f" ({selection.CAVEATS[self.selected_on]})"
         if "backbone_test_accuracy" in results:
             line += f" (frozen backbone alone: {results['backbone_test_accuracy']:.4f})"
         progress.log(line + f"; results in {self.path / 'results.json'}", flush=True)

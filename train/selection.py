@@ -35,15 +35,37 @@ def keeps(restore: str, improved: bool) -> bool:
     return improved or restore == "last"
 
 
-def results(monitor: str, restore: str, best: float, validation: str) -> dict:
+HELD_OUT, TEST, TRAINING = "held-out validation", "test", "training data"
+CAVEATS = {  # what the final line adds to a result so selected
+    TEST: "selected on the test set: not a held-out figure",
+    TRAINING: "selected on the training data: there is no validation split",
+}
+
+
+def selected_on(validation: str, validation_size: int) -> str:
+    """The split that chose a run's epoch and stopped it, from the data it actually used:
+    the test split (``dataset.validation='test'``), the held-out part of the training split, or,
+    with none held out (``validation_fraction=0``), the training data itself."""
+    if validation == "test":
+        return TEST
+    return HELD_OUT if validation_size else TRAINING
+
+
+def recorded(results: dict) -> str:
+    """The split that chose a recorded result's epoch (a record from before the field: held-out
+    validation, the only selection there was then)."""
+    return results.get("selected_on", HELD_OUT)
+
+
+def results(monitor: str, restore: str, best: float, selected: str) -> dict:
     """results.json's record of the selection: what was watched, its best value, which weights
-    were kept and what they were selected on."""
+    were kept and the split they were selected on (``selected_on``)."""
     record = {"monitor": monitor, "restore": restore}
     if monitor == "val_accuracy":
         record["best_validation_accuracy"] = best
     else:
         record["best_validation_loss"] = -best
-    record["selected_on"] = "test" if validation == "test" else "held-out validation"
+    record["selected_on"] = selected
     return record
 
 

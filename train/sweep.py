@@ -39,7 +39,18 @@ import numpy as np
 import optax
 
 from gattanet_jax import count_params, site_alphas, sites, two_pass
-from train import checkpoints, compilation, guards, models, parallel, pin, progress, steps, validate
+from train import (
+    checkpoints,
+    compilation,
+    guards,
+    models,
+    parallel,
+    pin,
+    progress,
+    signals,
+    steps,
+    validate,
+)
 from train.addon_tasks import addon_task
 from train.data import input_pipeline
 from train.errors import UserError
@@ -49,6 +60,7 @@ from train.history import record as history_record
 from train.members import MemberBatches, MemberEval, members_step, results_table
 from train.run import Run
 from train.tasks import attention_loss_fn, attention_task, backbone_task
+from train.workdir import check_record
 
 FIELDS = {  # sweep list -> the config field it replaces per member
     "seeds": "seed",
@@ -144,6 +156,7 @@ class SweepRun(Run):
         self.attention = None
         if stage == "attention":
             self.attention = models.build_attention(config, backbone, tasks[0].frozen["backbone"])
+        signals.phase("data")
         data = input_pipeline.load(config, models.image_shape(config))
         if not isinstance(data.train, input_pipeline.Split):
             raise UserError(
@@ -246,7 +259,7 @@ class SweepRun(Run):
         for m, member in enumerate(self.members):  # each member a plain workdir of its stage
             record = self.member_path(m) / "config.json"
             if not record.is_file():
-                progress.write_text(record, member.to_json_best_effort(indent=2))
+                pin.record_config(self.member_path(m), member)
             keep_history_until(self.member_path(m), int(self.meta["epoch"]))
 
     def compile_step(self):
@@ -282,9 +295,13 @@ class SweepRun(Run):
         checkpoint; the log."""
         config, meta, state = self.config, self.meta, self.state
         means = self.epoch_means(sums, skipped)
+        signals.phase("eval")
         variables = steps.variables(state)
         evaluate, frozen, batch = self.member_eval.all, self.task.frozen, config.eval_batch_size
-        val_metrics = evaluate(variables, self.masks, frozen, self.data.validation, batch)
+        if len(self.data.validation):
+            val_metrics = evaluate(variables, self.masks, frozen, self.data.validation, batch)
+        else:  # no validation split: the training means select (selected_on says so)
+            val_metrics = {k: np.asarray(v) for k, v in means.items()}
         val, on_test = val_metrics["accuracy"], self.recipe.test_each_epoch
         test = evaluate(variables, self.masks, frozen, self.data.test, batch) if on_test else None
         meta["epoch"] += 1
@@ -296,7 +313,7 @@ class SweepRun(Run):
                 meta["best_val"][m], meta["bad_epochs"][m] = val[m], 0
                 meta["best_epoch"][m] = meta["epoch"]
                 saved = {"variables": self.member(variables, m)}
-                checkpoints.save(self.bests[m], meta["epoch"], saved)
+                checkpoints.save(self.bests[m], meta["epoch"], saved, "save_best")
             else:
                 meta["bad_epochs"][m] += 1
             meta["done"][m] = meta["bad_epochs"][m] >= self.recipe.patience
@@ -323,6 +340,7 @@ class SweepRun(Run):
         results.json and sweep.md, and each member's own results.json."""
         config, meta, state = self.config, self.meta, self.state
         test_split, batch = self.data.test, config.eval_batch_size
+        signals.phase("results")
         base = None
         if self.task.baseline_logits_fn is not None:
             base = self.member_eval.backbones(self.task.frozen, test_split, batch, self.n)
@@ -336,6 +354,7 @@ class SweepRun(Run):
             "members": rows,
             "epochs": meta["epoch"],
             "steps_per_member": self.step_count(),
+            "selected_on": self.selected_on,
             **self.wall_time(),
             "environment": progress.environment(),
         }
@@ -343,6 +362,8 @@ class SweepRun(Run):
             results["backbone_test_accuracy"] = float(base[0])
             results["backbone_checkpoint"] = rows[0]["backbone_checkpoint"]
             results["backbone_checkpoint_sha256"] = rows[0]["backbone_checkpoint_sha256"]
+        signals.phase("results")
+        check_record(self.path / "results.json", results)  # a rerun never replaces a record
         progress.write_text(self.path / "results.json", json.dumps(results, indent=2))
         table = results_table(results)
         progress.write_text(self.path / "sweep.md", table)
@@ -383,9 +404,8 @@ class SweepRun(Run):
             row["backbone_test_accuracy"] = base
             row["backbone_checkpoint"] = where if step is None else f"{where}/{step}"
             row["backbone_checkpoint_sha256"] = sha
-        own = dict(row, stage=self.stage, sweep=str(self.path), selected_on="held-out validation")
-        if self.config.dataset.validation == "test":
-            own["selected_on"] = "test"
+        own = dict(row, stage=self.stage, sweep="../..", selected_on=self.selected_on)
         own_path = self.member_path(m) / "results.json"
+        check_record(own_path, own)
         progress.write_text(own_path, json.dumps(own, indent=2))
         return row

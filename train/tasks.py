@@ -166,6 +166,11 @@ def load_backbone(config, backbone) -> tuple[dict, tuple[str, int | None, str]]:
     mngr = checkpoints.manager(directory, keep=1, create=False)
     sha = checkpoints.digest(directory, step)
     restored = checkpoints.restore(mngr, step, abstract, "backbone checkpoint")
+    if bad := checkpoints.nonfinite(restored["variables"]):
+        raise UserError(
+            f"the backbone checkpoint at {directory}/{step} holds non-finite values (NaN or "
+            f"infinity) in {len(bad)} arrays: {'; '.join(bad[:4])}: it is not a trained model"
+        )
     logging.info("frozen backbone from %s/%d", directory, step)
     return restored["variables"], (directory, step, sha)
 

@@ -19,7 +19,17 @@ from pathlib import Path
 
 import ml_collections
 
-from train import compilation, defaults, lock, parallel, precision, progress, sweep, validate
+from train import (
+    compilation,
+    defaults,
+    lock,
+    parallel,
+    precision,
+    progress,
+    signals,
+    sweep,
+    validate,
+)
 from train.errors import UserError
 from train.run import Run
 
@@ -30,12 +40,15 @@ def train_stage(config, workdir: str, run_type: type[Run] = Run) -> tuple[dict, 
     next step boundary and exit (128 + the signal). A start refused in one line (a missing
     backbone checkpoint, data not prepared) leaves no new, empty workdir behind."""
     made = _folders_to_make(workdir)
+    signals.label(f"[{run_type.label or config.stage}] ")
     try:
         with lock.hold(workdir), progress.Preemption() as stop, compilation.timed() as compiles:
             return _train_stage(run_type(config, workdir, compiles), stop)
     except UserError:
         _remove_unused(made)
         raise
+    finally:
+        signals.label("")
 
 
 def _folders_to_make(workdir: str) -> list[Path]:
@@ -70,6 +83,10 @@ def _train_stage(run: Run, stop: progress.Preemption) -> tuple[dict, dict]:
         sums, skipped = run.train_epoch(stop)
         run.end_epoch(sums, skipped, t0)
         run.report_compiles()
+        if stop.signum is not None:  # came during the epoch's evaluation or saves
+            saved = run.save_now()
+            run.writer.close()
+            stop.exit(run.label, run.step_count(), saved)
     if run.stopped():
         watched = "loss" if run.recipe.monitor == "val_loss" else "accuracy"
         progress.log(
@@ -84,6 +101,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     """Runs ``config.stage`` in ``workdir`` under the config's precision policy
     (``train.precision``); returns (final state, metrics)."""
     config = defaults.complete(config)
+    signals.phase("config")
     validate.check_before_work(config)
     if sweep.size(config):
         validate.check_sweep(config)
@@ -101,14 +119,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     backbone_dir = os.path.join(workdir, "backbone")
     first = ml_collections.ConfigDict(config.to_dict())
     first.stage = "backbone"
+    _, backbone_results = train_stage(first, backbone_dir)
+    signals.label("")
+    signals.phase("switch")
     second = ml_collections.ConfigDict(config.to_dict())
     second.stage = "attention"
     second.backbone_checkpoint = backbone_dir
-    _, backbone_results = train_stage(first, backbone_dir)
+    signals.phase("switch")
     state, results = train_stage(second, os.path.join(workdir, "attention"))
     results = dict(results, backbone_stage=backbone_results)
     progress.log(
         f"backbone test accuracy {backbone_results['test_accuracy']:.4f} -> with GAttANet "
         f"{results['test_accuracy']:.4f}"
     )
+    signals.phase("end")
     return state, results

@@ -257,6 +257,76 @@ def _positive_ints(config, field: str, length: int | None = None) -> None:
         _fail(field, f"a tuple of {count}positive integers", v)
 
 
+def unused(config) -> dict[str, str]:
+    """The fields (exact names, or sections ending in '.') that this config's stage and modes
+    do not read, each with what it is for instead."""
+    stage, out = config.stage, {}
+    finetune = stage in ("attention", "both") and config.attention_training.finetune_backbone
+    scratch = stage == "addon" and config.addon.from_scratch
+    toy = config.model.backbone == "toy"
+    if stage in ("backbone", "both") or scratch:
+        out["backbone_checkpoint"] = (
+            "the frozen backbone of stage 'attention' or 'addon'; stage 'both' trains its own"
+        )
+    if stage in ("backbone", "addon"):
+        out["attention."] = "GAttANet's attention system (stage 'attention' or 'both')"
+        out["model.sites"] = "GAttANet's sites (stage 'attention' or 'both'; add-ons: addon.sites)"
+        out["sweep.alpha_inits"] = out["sweep.lesions"] = "attention sweeps"
+    if stage != "addon":
+        out["addon."] = "the comparison systems (stage 'addon')"
+    if stage == "backbone" or scratch:
+        out["attention_training."] = "the recipe of training on a frozen backbone"
+    if stage in ("attention", "addon") and not scratch:
+        out["backbone_training."] = "the recipe of training a backbone (stage 'backbone')"
+        if toy:
+            out["model.kernel_init"] = "initialising a backbone that trains from scratch"
+            if not finetune:  # a frozen backbone runs without its dropout
+                out["model.dropout_rate"] = "the dropout of a backbone that trains"
+                out["model.dropout_after"] = "the dropout of a backbone that trains"
+    if stage in ("attention", "both") and not finetune:
+        for field in ("backbone_learning_rate", "backbone_batch_stats"):
+            out[f"attention_training.{field}"] = (
+                "joint fine-tuning (attention_training.finetune_backbone=True)"
+            )
+    if stage in ("attention", "both") and not config.attention.cue_classes:
+        out["attention.cue_weight"] = "top-down cues (attention.cue_classes=True)"
+    if stage == "addon":
+        kind = config.addon.kind
+        if kind != "gala":
+            out["addon.squash"] = "GALA (addon.kind='gala')"
+        if kind not in ("gala", "se"):
+            out["addon.gate"] = "GALA and SE"
+        if kind not in ("gsa", "gsa_conv"):
+            out["addon.heads"] = "GSA (addon.kind='gsa' or 'gsa_conv')"
+        if kind == "gsa_conv":
+            out["addon.reduction"] = "GALA, SE and the residual GSA"
+    if not _sweeping(config):
+        out["sweep.layout"] = "sweeps (a non-empty list in config.sweep)"
+    if config.dataset.pipeline == "memory":
+        for field in ("workers", "resize", "test_split"):
+            out[f"dataset.{field}"] = "the streamed ImageNet pipeline (dataset.pipeline='imagenet')"
+    return out
+
+
+def _sweeping(config) -> bool:
+    sweep = config.get("sweep") or {}
+    return any(sweep.get(k) for k in ("seeds", "learning_rates", "alpha_inits", "lesions",
+                                       "backbones"))  # fmt: skip
+
+
+def check_overrides(config, fields) -> None:
+    """Refuses, in one line, a field set on the command line that this config's stage and modes
+    do not read (it would be ignored)."""
+    rules = unused(config)
+    for field in sorted(fields):
+        for pattern, purpose in rules.items():
+            if field == pattern or (pattern.endswith(".") and field.startswith(pattern)):
+                raise UserError(
+                    f"config.{field} is not used by stage={config.stage!r} with this config "
+                    f"(it is for {purpose}): remove --config.{field}"
+                )
+
+
 def prepare_workdir(workdir: str) -> Path:
     """Creates ``workdir`` and proves it is writable before any training starts."""
     if not workdir:

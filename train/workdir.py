@@ -8,11 +8,13 @@ reads and writes the workdir; the run supplies its state, ``meta`` and managers'
 from __future__ import annotations
 
 import json
+import math
 import time
+from pathlib import Path
 
 import numpy as np
 
-from train import checkpoints, progress
+from train import checkpoints, progress, signals
 from train.errors import UserError
 
 ELAPSED = (
@@ -26,6 +28,7 @@ class WorkdirParts:
     def resume(self):
         """Restores the latest checkpoint, and the within-epoch one if it is later."""
         config, path = self.config, self.path
+        signals.phase("restore")
         self.ckpt = checkpoints.manager(path / "checkpoints", keep=config.keep_checkpoints)
         self.bests = self.best_managers()
         if self._restore_newest_good(self.ckpt, "checkpoint in this workdir"):
@@ -41,7 +44,7 @@ class WorkdirParts:
         self.resume_at = 0
         mid_ahead = self.mid is not None and (self.mid.latest_step() or -1) > self.step_count()
         restored = mid_ahead and self._restore_newest_good(
-            self.mid, "within-epoch checkpoint in this workdir", within_epoch=True
+            self.mid, "within-epoch checkpoint in this workdir", True, after=self.step_count()
         )
         if restored:
             self.epoch_start = {"sums": restored["sums"], "skipped": restored["skipped"]}
@@ -50,6 +53,7 @@ class WorkdirParts:
                 f"[{self.label}] resumed within epoch {self.meta['epoch'] + 1} at its step "
                 f"{self.resume_at} (step {self.step_count()})"
             )
+        self.saved_step = self.step_count()  # the state on disk: nothing new to save yet
         self._check_parts()
         # A crash between a best/ save and the periodic save of the same epoch leaves best/
         # ahead of the state resumed from (or started afresh); the deterministic replay writes
@@ -70,11 +74,11 @@ class WorkdirParts:
             "from_step": self.step_count(),
         } | ({"config_changes": self.config_changes} if self.config_changes else {})
 
-    def _restore_newest_good(self, manager, what: str, within_epoch: bool = False):
-        """Restores the newest undamaged step of ``manager`` (a damaged one is said in one line
-        and set aside as ``<step>.damaged``); returns what was restored, or None if none is
-        left."""
-        for step in sorted(manager.all_steps(), reverse=True):
+    def _restore_newest_good(self, manager, what: str, within_epoch: bool = False, after=-1):
+        """Restores the newest undamaged step of ``manager`` later than ``after`` (a damaged one
+        is said in one line and set aside as ``<step>.damaged``); returns what was restored, or
+        None if none is left."""
+        for step in sorted((s for s in manager.all_steps() if s > after), reverse=True):
             try:
                 return self._restore(manager, what, within_epoch, step)
             except checkpoints.DamagedCheckpoint as e:
@@ -114,10 +118,13 @@ class WorkdirParts:
         self.state, self.meta = restored["state"], self.meta_values(restored["meta"])
         return restored
 
-    def _save(self, manager, step: int, tree: dict):
-        """A checkpoint, and the training time up to it (``results.json``'s ``wall_time_s``
-        counts every process that trained this workdir, up to its last save)."""
-        checkpoints.save(manager, step, tree)
+    def _save(self, manager, step: int, tree: dict, what: str = "save_mid"):
+        """A full checkpoint of the run's state, and the training time up to it
+        (``results.json``'s ``wall_time_s`` counts every process that trained this workdir, up
+        to its last save)."""
+        checkpoints.save(manager, step, tree, what)
+        self.saved_step = self.step_count()
+        signals.unsaved(False)
         self._write_elapsed(trained=True)
 
     def _write_elapsed(self, trained: bool) -> dict:
@@ -149,6 +156,83 @@ class WorkdirParts:
         """Training time of every process that trained this workdir, up to now, and each one's
         code (a rerun of a finished run adds nothing); recorded for the next rerun."""
         return self._write_elapsed(trained=bool(self.epoch_times) or self.step_count() == 0)
+
+
+# What a rerun of a finished run may change in its results.json: the record of time and code.
+NOT_RESULTS = {"wall_time_s", "processes", "environment", "compile", "first_step_s"}
+
+
+def check_record(record: Path, results: dict) -> None:
+    """Before ``results`` replace ``record`` (a finished run's results.json, rerun or resumed):
+    every number it holds, and the backbone's sha256, must be what this process computed
+    (counts exactly, other numbers to 1e-6 relative); else a UserError naming both values,
+    and the record is kept. A record of fewer steps (the run trained on, with more epochs or
+    patience) is kept beside it as ``results.steps<N>.json``; an unreadable one is set aside
+    (``results.json.unreadable``)."""
+    try:
+        old = json.loads(record.read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as e:
+        aside = record.with_name(record.name + ".unreadable")
+        record.replace(aside)
+        progress.log(f"note: {record} was not readable ({e}): set aside as {aside}")
+        return
+    if not isinstance(old, dict):
+        return
+    steps = "steps" if "steps" in results else "steps_per_member"
+    if steps in old and old[steps] != results.get(steps):  # trained on: a longer schedule
+        aside = record.with_name(f"results.{steps}{old[steps]}.json")
+        record.replace(aside)
+        progress.log(f"note: the run trained on from the result in {record}: kept as {aside}")
+        return
+    for field, was, now in _differences(old, results):
+        raise UserError(
+            f"{record} records {field} = {_shown(was)}, but this run computes {_shown(now)} "
+            "from the workdir's checkpoints: the record is kept. If the checkpoints are the ones "
+            f"it was computed from, they were damaged; move {record.name} aside to record the "
+            "new result"
+        )
+
+
+def _differences(old, new, prefix=""):
+    """(field, recorded, computed) for every number (and sha256) both hold that differs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(old.keys() & new.keys()):
+            if key not in NOT_RESULTS:
+                yield from _differences(old[key], new[key], f"{prefix}{key}" if not prefix
+                                        else f"{prefix}.{key}")  # fmt: skip
+    elif isinstance(old, list) and isinstance(new, list):
+        if len(old) != len(new):
+            yield prefix, f"{len(old)} entries", f"{len(new)} entries"
+            return
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            yield from _differences(a, b, f"{prefix}[{i}]")
+    elif isinstance(old, bool) or isinstance(new, bool):
+        if old != new:
+            yield prefix, old, new
+    elif isinstance(old, int | float) and isinstance(new, int | float):
+        if not _same_number(old, new):
+            yield prefix, old, new
+    elif prefix.endswith("sha256") and old != new:
+        yield prefix, old, new
+
+
+def _same_number(a, b) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    a, b = float(a), float(b)
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return abs(a - b) <= 1e-6 * max(abs(a), abs(b)) or a == b
+
+
+def _shown(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, str) and len(value) > 16:
+        return value[:12] + "..."
+    return str(value)
 
 
 def _read_elapsed(path) -> tuple[float, list]:

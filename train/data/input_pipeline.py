@@ -200,7 +200,17 @@ def read_tfds(name: str, data_dir: str) -> tuple[dict[str, Split], tuple[str, ..
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise UserError(f"unknown tfds dataset {name!r}") from None
-    splits = {split: _read_all(open_source(name, split, data_dir)) for split in ("train", "test")}
+    splits = {}
+    for split in ("train", "test"):
+        source = open_source(name, split, data_dir)
+        try:
+            splits[split] = _read_all(source)
+        except (RuntimeError, ValueError, OSError, KeyError) as e:  # array_record, decoding
+            said = " ".join(str(e).split())[:160] or type(e).__name__
+            raise UserError(
+                f"dataset {name!r} split {split!r} in {data_dir} is damaged ({said}); prepare "
+                "it again in a new data directory"
+            ) from None
     return splits, class_names(builder)
 
 
@@ -241,9 +251,9 @@ def open_source(name: str, split: str, data_dir: str):
                 "tfds.data_source cannot read (it needs random access); prepare it again as "
                 f"array_record: {how}"
             ) from None
+        where = data_dir if os.path.isdir(data_dir) else f"{data_dir} (not found)"
         raise UserError(
-            f"dataset {name!r} split {split!r} is not prepared in {data_dir}; "
-            f"prepare it with: {how}"
+            f"dataset {name!r} split {split!r} is not prepared in {where}; prepare it with: {how}"
         ) from None
 
 

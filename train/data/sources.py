@@ -9,10 +9,12 @@ checked as if it were extracted into a target directory, and one that would land
 from __future__ import annotations
 
 import io
+import lzma
 import os
 import pickle
 import posixpath
 import tarfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,10 +173,18 @@ def _unpickle(tar: tarfile.TarFile, member: tarfile.TarInfo) -> dict:
 
 
 def read_source(path: str | os.PathLike) -> tuple[dict, list[str]]:
-    """Any supported local source: a Toronto archive, a folder tree or a tar of one."""
+    """Any supported local source: a Toronto archive, a folder tree or a tar of one. A file that
+    is not a readable archive (another format, cut short, damaged) is one line."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"data source {path} does not exist")
-    if path.is_file() and "python" in path.name and path.name.endswith((".tar.gz", ".tgz")):
-        return read_toronto(path)
-    return read_image_tree(path)
+    try:
+        if path.is_file() and "python" in path.name and path.name.endswith((".tar.gz", ".tgz")):
+            return read_toronto(path)
+        return read_image_tree(path)
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, pickle.UnpicklingError) as e:
+        what = " ".join(str(e).split()) or type(e).__name__
+        raise UserError(
+            f"data source {path} is not a readable tar archive (plain, .gz, .bz2 or .xz) or "
+            f"folder of images: {what[:160]}"
+        ) from None

@@ -33,10 +33,9 @@ agreement with another image's queries), without retraining.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from absl import flags, logging
+from absl import app, flags
 
 from train import compilation, precision
 from train.errors import UserError
@@ -100,6 +99,9 @@ def define_flags() -> dict:
         ),
         "max_examples": flags.DEFINE_integer("max_examples", 0, "First N test images (0: all)."),
         "data_dir": flags.DEFINE_string("data_dir", "", "Override the tfds data directory."),
+        "backbone_checkpoint": flags.DEFINE_string(
+            "backbone_checkpoint", "", "The frozen backbone, where it is not where it was."
+        ),
     }
 
 
@@ -126,7 +128,7 @@ def run(analysis: str, f: dict) -> None:
         load_args = {"data_dir": f["data_dir"], "max_examples": f["max_examples"]}
         paired(Path(f["workdir"]), f["runs"], **load_args)
         return
-    m = load(f["workdir"], f["data_dir"], f["max_examples"])
+    m = load(f["workdir"], f["data_dir"], f["max_examples"], f["backbone_checkpoint"])
     with precision.scope(m.config):  # the precision the workdir trained at
         _single(analysis, m, f)
 
@@ -157,13 +159,10 @@ def _parse(values: list[str], kind, what: str) -> list:
 def main(argv, defined: dict):
     if len(argv) != 2 or argv[1] not in ANALYSES:
         names = "|".join(ANALYSES)
-        print(f"usage: python -m train.analyze {{{names}}} --workdir DIR [...]", file=sys.stderr)
-        sys.exit(2)
-    logging.set_verbosity(logging.WARNING)
-    from train import cli
-
+        got = f"unknown analysis {argv[1]!r}; " if len(argv) == 2 else ""
+        raise app.UsageError(f"{got}usage: python -m train.analyze {{{names}}} --workdir DIR ...")
     # several runs: the default precision
-    with cli.one_line_errors(), compilation.cache(), precision.scope_for("float32"):
+    with compilation.cache(), precision.scope_for("float32"):
         run(argv[1], {k: v.value for k, v in defined.items()})
 
 
@@ -171,7 +170,7 @@ def run_cli():
     """``python -m train.analyze``."""
     from train import cli
 
-    cli.run_tool(main, define_flags)
+    cli.run(main, define_flags, tool="tool")
 
 
 if __name__ == "__main__":

@@ -20,12 +20,12 @@ import contextlib
 import fcntl
 import json
 import os
-import sys
+from pathlib import Path
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from train import compilation, defaults
+from train import compilation, defaults, progress, selection
 from train.errors import UserError
 
 LOCK = ".compare.lock"
@@ -52,7 +52,14 @@ def define_flags() -> dict:
 def run_config(system: str, backbone: str, seed: int, arg: str = "", **overrides):
     from configs import compare_toy_cifar10
 
-    config = compare_toy_cifar10.get_config(",".join(w for w in (system, arg) if w))
+    words = [w for w in arg.split(",") if w]
+    known = ("smoke", "scratch")
+    if unknown := [w for w in words if w not in known]:
+        raise UserError(f"--arg: unknown config argument {unknown[0]!r}; known: {', '.join(known)}")
+    try:
+        config = compare_toy_cifar10.get_config(",".join([system, *words]))
+    except ValueError as e:  # an unknown system
+        raise UserError(f"{e}") from None
     config.backbone_checkpoint = backbone
     config.seed = seed
     t = config.attention_training
@@ -72,6 +79,20 @@ def _as_json(config) -> dict:
     return json.loads(defaults.complete(config).to_json_best_effort())
 
 
+PATHS = ("backbone_checkpoint", "dataset.data_dir")  # where things are, not what is trained
+
+
+def _trained_alike(recorded: dict, config) -> bool:
+    """A recorded config and this one are the same run, wherever its backbone and data are
+    now (the backbone itself is checked by its sha256)."""
+    from train import pin
+
+    a, b = pin.flat(_as_json(recorded)), pin.flat(_as_json(config))
+    return {k: v for k, v in a.items() if k not in PATHS} == {
+        k: v for k, v in b.items() if k not in PATHS
+    }
+
+
 def _finished(run_dir: str, config) -> dict | None:
     """A finished run's results.json (its own wall time kept), if it ran this very config on the
     backbone that is there now."""
@@ -79,7 +100,7 @@ def _finished(run_dir: str, config) -> dict | None:
 
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
-            same = _as_json(json.load(f)) == _as_json(config)
+            same = _trained_alike(json.load(f), config)
         with open(os.path.join(run_dir, "results.json")) as f:
             results = json.load(f) if same else None
     except FileNotFoundError:
@@ -209,20 +230,22 @@ def table(out: dict) -> str:
     n = len(first)
     head = " | ".join(f"seed {s}" for s in out.get("seeds") or range(n))
     lines = [
-        f"| system | trainable params | {head} | mean ± sd | gain (mean ± sd) | epochs (best) |",
-        "|---" * (n + 5) + "|",
+        f"| system | trainable params | {head} | mean ± sd | gain (mean ± sd) | epochs (best) | "
+        "selected on |",
+        "|---" * (n + 6) + "|",
     ]
     base = [r["backbone_test_accuracy"] for r in first]
     cells = " | ".join(f"{100 * b:.2f}" for b in base)
-    lines.append(f"| frozen backbone | 0 | {cells} | {_mean_std(base)} | | |")
+    lines.append(f"| frozen backbone | 0 | {cells} | {_mean_std(base)} | | | |")
     for system, results in runs.items():
         acc = [r["test_accuracy"] for r in results]
         gain = [r["test_accuracy"] - r["backbone_test_accuracy"] for r in results]
         cells = " | ".join(f"{100 * a:.2f}" for a in acc)
         epochs = ", ".join(f"{r['epochs']} ({r['best_epoch']})" for r in results)
+        selected = ", ".join(dict.fromkeys(selection.recorded(r) for r in results))
         lines.append(
             f"| {system} | {results[0]['trainable_params']:,} | {cells} | {_mean_std(acc)} | "
-            f"{_mean_std(gain)} | {epochs} |"
+            f"{_mean_std(gain)} | {epochs} | {selected} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -230,29 +253,23 @@ def table(out: dict) -> str:
 def main(argv, defined: dict):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
     f = {k: v.value for k, v in defined.items()}
     overrides = {k: f[k] for k in ("epochs", "patience", "data_dir", "dataset")}
-    try:
-        compilation.enable_cache()
-        out = compare(
-            f["workdir"], f["backbones"], f["systems"], f["arg"], seeds=f["seeds"], **overrides
-        )
-    except (UserError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    compilation.enable_cache()
+    out = compare(
+        f["workdir"], f["backbones"], f["systems"], f["arg"], seeds=f["seeds"], **overrides
+    )
     text = table(out)
-    with open(os.path.join(f["workdir"], "compare.md"), "w") as fh:
-        fh.write(text)
-    with open(os.path.join(f["workdir"], "compare.json"), "w") as fh:
-        json.dump(out, fh, indent=1, default=str)
+    progress.write_text(Path(f["workdir"]) / "compare.md", text)
+    progress.write_text(Path(f["workdir"]) / "compare.json", json.dumps(out, indent=1, default=str))
     print(text)
 
 
 def run_cli():
     """``python -m train.compare``."""
-    defined = define_flags()
-    app.run(lambda argv: main(argv, defined))
+    from train import cli
+
+    cli.run(main, define_flags)
 
 
 if __name__ == "__main__":

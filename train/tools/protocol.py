@@ -31,7 +31,7 @@ import json
 from pathlib import Path
 
 import ml_collections
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from train.errors import UserError
@@ -126,6 +126,7 @@ def run(base, workdir: str, seeds: int, systems: list[str], **overrides) -> dict
 def write_table(path: Path, results: dict, systems: list[str]) -> dict:
     """protocol.json and protocol.md from the sweeps' results: per seed and column, mean ± sd,
     and each system's gain over the frozen backbone of its seed."""
+    from train.selection import recorded as selected_on
     from train.tools.analyses.seeds import percent_stats as stats
 
     backbone = [r["test_accuracy"] for r in results["backbones"]["members"]]
@@ -141,9 +142,9 @@ def write_table(path: Path, results: dict, systems: list[str]) -> dict:
         "test_accuracy": {k: [float(x) for x in v] for k, v in columns.items()},
         "mean_sd": {k: stats(v) for k, v in columns.items()},
         "gain": {k: stats(v) for k, v in gains.items()},
-        "selected_on": "test"
-        if any(r.get("selected_on") == "test" for r in _member_records(path, systems))
-        else "held-out validation",
+        "selected_on": ", ".join(
+            dict.fromkeys(selected_on(r) for r in _member_records(path, systems))
+        ),
     }
     (path / "protocol.json").write_text(json.dumps(table, indent=2))
     names = list(columns)
@@ -164,7 +165,9 @@ def write_table(path: Path, results: dict, systems: list[str]) -> dict:
         "| mean ± sd | " + " | ".join(cell(table["mean_sd"][n]) for n in names) + " |",
         "| gain | - | " + " | ".join(cell(table["gain"][n], "+") for n in systems) + " |",
     ]
-    if table["selected_on"] == "test":
+    lines += ["", f"Each run's epoch was selected (and its early stopping watched) on: "
+              f"{table['selected_on']}."]  # fmt: skip
+    if "test" in table["selected_on"]:
         lines += ["", "Selected on the test set: these are not held-out figures."]
     text = "\n".join(lines) + "\n"
     (path / "protocol.md").write_text(text)
@@ -196,11 +199,10 @@ def statistics(path: Path, seeds: int, systems: list[str]) -> None:
 def main(argv, defined: dict):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
-    from train import cli, compilation
+    from train import compilation
 
     f = {k: v.value for k, v in defined.items()}
-    with cli.one_line_errors(), compilation.cache():
+    with compilation.cache():
         run(
             f["config"], f["workdir"], f["seeds"], f["systems"], patience=f["patience"],
             attention_patience=f["attention_patience"], epochs=f["epochs"],

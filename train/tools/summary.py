@@ -6,7 +6,6 @@ python -m train.summary --config configs/toy_cifar10.py [--config.attention.d=32
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
 from absl import app, flags
@@ -141,19 +140,19 @@ def dry_run(config) -> dict:
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         print(json.dumps(summarize(flags.FLAGS.config)))
-    except (UserError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except ValueError as e:  # e.g. a site name no module has
+        raise UserError(str(e)) from None
 
 
 def run_cli():
     """``python -m train.summary``; its flag is defined only here (``train.main`` imports this
     module)."""
     config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main, tool="tool", config_flag="config")
 
 
 if __name__ == "__main__":

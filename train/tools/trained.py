@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from train import checkpoints, defaults, models
+from train import checkpoints, defaults, models, pin
 from train.data import input_pipeline
 from train.data.augment import to_float
 from train.errors import UserError
@@ -46,10 +46,14 @@ def read_config(workdir: Path) -> ml_collections.ConfigDict:
     return defaults.complete(json.loads(path.read_text()))
 
 
-def _analysis_config(path: Path, data_dir: str, max_examples: int) -> ml_collections.ConfigDict:
+def _analysis_config(
+    path: Path, data_dir: str, max_examples: int, backbone: str = ""
+) -> ml_collections.ConfigDict:
     """The workdir's config, reading its test split from ``data_dir`` (if given), its first
-    ``max_examples`` images only (if given)."""
+    ``max_examples`` images only (if given), its frozen backbone where it is now
+    (``pin.locate_backbone``; ``backbone``: given elsewhere)."""
     config = read_config(path)
+    config.backbone_checkpoint = pin.locate_backbone(path, config.backbone_checkpoint, backbone)
     if data_dir:
         config.dataset.data_dir = data_dir
     if max_examples:
@@ -73,11 +77,11 @@ def _results(path: Path) -> dict:
     return json.loads(record.read_text()) if record.is_file() else {}
 
 
-def load(workdir: str, data_dir: str = "", max_examples: int = 0) -> Trained:
+def load(workdir: str, data_dir: str = "", max_examples: int = 0, backbone: str = "") -> Trained:
     from train.tasks import attention_task, split_finetuned  # the same loading as training
 
     path = Path(workdir)
-    config = _analysis_config(path, data_dir, max_examples)
+    config = _analysis_config(path, data_dir, max_examples, backbone)
     if config.stage != "attention":
         raise UserError(
             f"{path} holds a {config.stage!r} stage; analyses need an attention workdir "

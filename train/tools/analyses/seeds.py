@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from train import selection
 from train.errors import UserError
 from train.tools import plots
 from train.tools.analyses.common import DEFAULT_SIGMAS, figure_title
@@ -25,8 +26,8 @@ def percent_stats(values) -> dict:
 def table(out: Path, runs: list[str]) -> str:
     """Table 1's columns from the results of a list of attention workdirs."""
     header = (
-        "| backbone | data | base params | base acc. | d | attention params | acc. | gain |\n"
-        "|---|---|---|---|---|---|---|---|\n"
+        "| backbone | data | base params | base acc. | d | attention params | acc. | gain | "
+        "selected on |\n|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for run in runs:
@@ -40,7 +41,7 @@ def table(out: Path, runs: list[str]) -> str:
         lines.append(
             f"| {config.model.backbone} | {config.dataset.name} | {r['frozen_params']:,} | "
             f"{100 * base:.2f} | {config.attention.d} | {r['trainable_params']:,} | "
-            f"{100 * acc:.2f} | {100 * (acc - base):+.2f} |"
+            f"{100 * acc:.2f} | {100 * (acc - base):+.2f} | {selection.recorded(r)} |"
         )
     text = header + "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
