@@ -170,6 +170,18 @@ def test_prepare_without_tensorflow_and_read_back_through_data_source(tmp_path):
     for name in ("train", "test"):  # tfds shuffles on writing: compare the sets of examples
         images, labels = expected[name]
         assert examples(splits[name].images, splits[name].labels) == examples(images, labels)
+    # a prepared split damaged since (a copy cut short, a failing disk): one line, not Riegeli's
+    (record,) = (tmp_path / "tfds").rglob("*-test.array_record*")
+    record.write_bytes(record.read_bytes()[: record.stat().st_size // 2])
+    with pytest.raises(UserError, match=r"split 'test' in .* is damaged \(.*\); prepare it again"):
+        input_pipeline.read_tfds("local_cifar10", data_dir)
+
+
+@pytest.mark.parametrize("content", [b"not an archive", b"\x1f\x8b\x08" + bytes(64)])
+def test_a_source_that_is_not_an_archive_is_one_line(tmp_path, content):
+    (tmp_path / "cifar.tar.gz").write_bytes(content)  # another format; a gzip cut short
+    with pytest.raises(UserError, match=r"is not a readable tar archive .* or folder of images"):
+        sources.read_source(tmp_path / "cifar.tar.gz")
 
 
 def examples(images, labels):
@@ -177,7 +189,7 @@ def examples(images, labels):
 
 
 def test_missing_dataset_names_the_directory_and_the_fix(tmp_path):
-    with pytest.raises(UserError, match=r"not prepared in .*tfds.*train.prepare_data --source"):
+    with pytest.raises(UserError, match=r"not prepared in .*tfds \(not found\).*prepare_data --s"):
         input_pipeline.read_tfds("local_cifar10", str(tmp_path / "tfds"))
     with pytest.raises(UserError, match="unknown tfds dataset 'no_such_set'"):
         input_pipeline.read_tfds("no_such_set", str(tmp_path))

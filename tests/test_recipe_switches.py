@@ -243,3 +243,26 @@ def test_history_drops_the_epochs_a_resumed_run_left_and_a_cut_last_line(tmp_pat
     (tmp_path / history.NAME).write_text('{"epoch": 1}\nnot json\n{"epoch": 2}\n')
     with pytest.raises(UserError, match="line 2 is not an epoch record"):
         history.read(tmp_path)
+
+
+def test_a_run_without_validation_data_says_it_selected_on_the_training_data(tmp_path, capsys):
+    """validation_fraction=0 holds nothing out: early stopping and the best epoch follow the
+    training accuracy, and the record, the sweep's and the final line say so."""
+    config = tiny_config(epochs=2)
+    config.dataset.validation_fraction = 0.0
+    _, results = train.train_and_evaluate(config, str(tmp_path / "b"))
+    assert results["selected_on"] == selection.TRAINING == "training data"
+    out = capsys.readouterr().out
+    assert "(no validation split: epochs are selected on the training data)" in out
+    assert "(selected on the training data: there is no validation split)" in out
+    config.sweep.seeds = (0, 1)
+    _, swept = train.train_and_evaluate(config, str(tmp_path / "s"))
+    assert swept["selected_on"] == "training data"
+    assert all(np.isfinite(r["best_validation_accuracy"]) for r in swept["members"])
+    member = json.loads((tmp_path / "s" / "members" / "1" / "results.json").read_text())
+    assert member["selected_on"] == "training data"
+    assert "best epochs selected on: training data" in (tmp_path / "s" / "sweep.md").read_text()
+    held_out = tiny_config(epochs=1)
+    assert train.train_and_evaluate(held_out, str(tmp_path / "h"))[1]["selected_on"] == (
+        "held-out validation"
+    )

@@ -513,3 +513,110 @@ def test_a_moved_workdir_resumes_and_is_analysed_from_its_new_place(tmp_path):
                        r"it: .*/b; pass its place now with --backbone_checkpoint$"):  # fmt: skip
         trained_tools.load(str(tmp_path / "c"))
     trained_tools.load(str(tmp_path / "c"), backbone=str(moved / "backbone"))
+
+
+CACHE_USE = """
+import sys
+from train import compilation
+compilation.enable_cache()
+import jax, jax.numpy as jnp
+print(float(jax.jit(lambda x: jnp.sin(x) * 2 + 1)(jnp.ones(3)).sum()))
+"""
+
+
+def test_a_damaged_compilation_cache_entry_is_one_note(tmp_path):
+    """An entry cut short (a crash while it was written): skipped and compiled again, said in
+    one note instead of JAX's two warning lines per entry."""
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # fmt: skip
+    first = subprocess.run([sys.executable, "-c", CACHE_USE], capture_output=True, text=True,
+                           env=env, timeout=300)  # fmt: skip
+    entries = [p for p in (tmp_path / "cache").iterdir() if p.is_file()]
+    assert first.returncode == 0 and entries, first.stderr
+    for entry in entries:
+        entry.write_bytes(entry.read_bytes()[:50])
+    again = subprocess.run([sys.executable, "-c", CACHE_USE], capture_output=True, text=True,
+                           env=env, timeout=300)  # fmt: skip
+    assert again.returncode == 0 and again.stdout.splitlines()[-1] == first.stdout.strip()
+    notes = [line for line in again.stdout.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "damaged entry of the compilation cache" in notes[0], again.stdout
+    assert "Warning" not in again.stderr and "Traceback" not in again.stderr, again.stderr
+
+
+def test_damaged_records_of_a_workdir_are_named_or_set_aside(trained, tmp_path, capsys):
+    """A history.jsonl damaged in its middle is set aside with a note (a log, not the run's
+    state); a pinned.json that is not JSON is one line naming it."""
+    workdir = _copy(trained, tmp_path)
+    history = workdir / "history.jsonl"
+    lines = history.read_text().splitlines()
+    history.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    train.train_and_evaluate(tiny_config(), str(workdir))
+    assert "history.jsonl: line 2 is not an epoch record: set aside as" in capsys.readouterr().out
+    assert (workdir / "history.jsonl.damaged").is_file()
+    (workdir / "pinned.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"pinned.json is not readable \(.*\): it pins this run"):
+        train.train_and_evaluate(tiny_config(), str(workdir))
+
+
+# What each stage leaves unread (the toy config's defaults otherwise): set on the command line,
+# each is refused in one line. Sections end in '.'.
+UNUSED = {
+    "backbone": {"backbone_checkpoint", "attention.", "attention_training.", "addon.",
+                 "model.sites", "sweep.alpha_inits", "sweep.lesions", "sweep.layout"},
+    "attention": {"backbone_training.", "addon.", "model.kernel_init", "model.dropout_rate",
+                  "model.dropout_after", "attention_training.backbone_learning_rate",
+                  "attention_training.backbone_batch_stats", "attention.cue_weight",
+                  "sweep.layout"},
+    "both": {"backbone_checkpoint", "addon.", "attention_training.backbone_learning_rate",
+             "attention_training.backbone_batch_stats", "attention.cue_weight", "sweep.layout"},
+    "addon": {"attention.", "model.sites", "sweep.alpha_inits", "sweep.lesions",
+              "backbone_training.", "model.kernel_init", "model.dropout_rate",
+              "model.dropout_after", "addon.heads", "sweep.layout"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", sorted(UNUSED))
+def test_every_field_a_stage_does_not_read_is_refused_when_set(stage):
+    """Every field of the config, set on the command line where the stage ignores it: one line
+    naming it and the stage; every other field accepted."""
+    from configs import toy_cifar10
+    from train import validate
+
+    config = toy_cifar10.get_config()
+    config.stage = stage
+    refused = set()
+    for field, _ in _leaves(config.to_dict()):
+        try:
+            validate.check_overrides(config, {field})
+        except UserError as e:
+            assert f"config.{field} is not used by stage={stage!r}" in str(e), e
+            assert f"remove --config.{field}" in str(e) and "\n" not in str(e)
+            refused.add(field)
+    expected = {
+        field for field, _ in _leaves(config.to_dict())
+        if any(field == p or (p.endswith(".") and field.startswith(p)) for p in UNUSED[stage])
+    }  # fmt: skip
+    assert refused == expected
+
+
+def test_modes_that_read_more_fields_accept_them_and_overrides_are_found_in_both_forms():
+    from configs import toy_cifar10
+    from train import cli, validate
+
+    config = toy_cifar10.get_config()
+    config.attention_training.finetune_backbone = True
+    config.attention.cue_classes = True
+    config.sweep.seeds = (0, 1)
+    validate.check_overrides(config, {"attention_training.backbone_learning_rate",
+                                      "model.dropout_rate", "attention.cue_weight",
+                                      "sweep.layout"})  # fmt: skip
+    config.stage, config.addon.from_scratch, config.addon.kind = "addon", True, "gsa_conv"
+    validate.check_overrides(config, {"backbone_training.learning_rate", "addon.heads"})
+    for field in ("backbone_checkpoint", "attention_training.learning_rate", "addon.reduction"):
+        with pytest.raises(UserError, match=f"config.{field} is not used by stage='addon'"):
+            validate.check_overrides(config, {field})
+    argv = ["x", "--config=configs/toy_cifar10.py", "--config.seed=3", "--config.attention.d",
+            "8", "--config.stage", "backbone"]  # fmt: skip
+    final = toy_cifar10.get_config()
+    final.seed, final.attention.d, final.stage = 3, 8, "backbone"
+    assert cli.overridden_fields(final, argv) == {"seed", "attention.d", "stage"}

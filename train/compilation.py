@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 from typing import ClassVar
 
@@ -49,9 +50,36 @@ def enable_cache() -> str | None:
         progress.log(f"note: no compilation cache: cannot create {directory} ({e.strerror or e})")
         return None
     jax.config.update("jax_compilation_cache_dir", directory)
+    _note_damaged_entries(directory)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
     return directory
+
+
+DAMAGED_ENTRY = "Error reading persistent compilation cache entry"
+
+
+def _note_damaged_entries(directory: str) -> None:
+    """JAX skips a cache entry it cannot read (cut short by a crash, damaged) and compiles the
+    program again, warning with two lines per entry: one note per process says so instead."""
+    previous = warnings.showwarning
+    if getattr(previous, "_notes_damaged_entries", False):
+        return
+    seen = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if DAMAGED_ENTRY not in str(message):
+            return previous(message, category, filename, lineno, file, line)
+        if not seen:
+            progress.log(
+                f"note: a damaged entry of the compilation cache ({directory}) was skipped: its "
+                "program is compiled again"
+            )
+        seen.append(str(message))
+        return None
+
+    show._notes_damaged_entries = True
+    warnings.showwarning = show
 
 
 @contextlib.contextmanager

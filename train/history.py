@@ -40,7 +40,14 @@ def keep_until(workdir: Path, epoch: int) -> None:
     path = Path(workdir) / NAME
     if not progress.is_main() or not path.exists():
         return
-    kept = [r for r in read(workdir) if r["epoch"] <= epoch]
+    try:
+        records = read(workdir)
+    except UserError as e:  # a log, not the run's state: set aside, the run goes on
+        aside = path.with_name(NAME + ".damaged")
+        path.replace(aside)
+        progress.log(f"note: {e}: set aside as {aside}; the epochs from now on are recorded anew")
+        return
+    kept = [r for r in records if r["epoch"] <= epoch]
     tmp = path.with_name(NAME + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     tmp.replace(path)

@@ -19,8 +19,9 @@ import time
 
 from absl import app, flags, logging
 
-from train import cli
+from train import cli, files
 from train.data import tfds_builders
+from train.errors import UserError
 
 _SOURCE = flags.DEFINE_string("source", None, "Archive or folder to read.", required=True)
 _NAME = flags.DEFINE_enum("name", "local_cifar10", sorted(tfds_builders.BUILDERS), "Dataset name.")
@@ -35,7 +36,14 @@ def prepare(source: str, name: str, data_dir: str | None = None) -> str:
     if builder.is_prepared():
         logging.info("%s is already prepared in %s", name, builder.data_dir)
         return str(builder.data_dir)
-    builder.download_and_prepare()
+    try:
+        builder.download_and_prepare()
+    except (UserError, OSError):
+        raise
+    except Exception as e:  # tfds wraps a failed write (a full disk) in its own errors
+        raise UserError(
+            f"could not write {name} into {builder.data_dir}: {files.reason(e)}"
+        ) from None
     return str(builder.data_dir)
 
 
@@ -43,6 +51,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     start = time.time()
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()  # (bars on stderr, where errors go); one line instead
+    print(f"preparing {_NAME.value} from {_SOURCE.value} (about 30 s for CIFAR-10)", flush=True)
     where = prepare(_SOURCE.value, _NAME.value, _DATA_DIR.value)
     print(f"{_NAME.value} prepared in {where} ({time.time() - start:.0f} s)")
 
