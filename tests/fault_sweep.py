@@ -46,21 +46,27 @@ TINY = [
     "--config.dataset.max_test_examples=64",
     "--config.model.features=(4, 8, 8)",
     "--config.model.hidden=16",
-    "--config.backbone_training.num_epochs=2",
-    "--config.backbone_training.patience=2",
-    "--config.attention_training.num_epochs=2",
-    "--config.attention_training.patience=2",
-    "--config.backbone_training.learning_rate=3e-3",
-    "--config.attention_training.learning_rate=3e-3",
     "--config.eval_batch_size=50",
     "--config.keep_checkpoints=1",
 ]
+BACKBONE = [  # each stage's recipe: options a stage does not read are refused
+    "--config.backbone_training.num_epochs=2",
+    "--config.backbone_training.patience=2",
+    "--config.backbone_training.learning_rate=3e-3",
+]
+ATTENTION = [
+    "--config.attention_training.num_epochs=2",
+    "--config.attention_training.patience=2",
+    "--config.attention_training.learning_rate=3e-3",
+]
 SCENARIOS = {
-    "both": [*TINY, "--config.stage=both", "--config.checkpoint_every_steps=2"],
-    "sweep": [*TINY, "--config.stage=backbone", "--config.sweep.seeds=(0, 1)"],
+    "both": [*TINY, *BACKBONE, *ATTENTION, "--config.stage=both",
+             "--config.checkpoint_every_steps=2"],
+    "sweep": [*TINY, *BACKBONE, "--config.stage=backbone", "--config.sweep.seeds=(0, 1)"],
     # the suite's fast subset (tests/test_faults.py): one stage
-    "backbone": [*TINY, "--config.stage=backbone", "--config.checkpoint_every_steps=2"],
-}
+    "backbone": [*TINY, *BACKBONE, "--config.stage=backbone",
+                 "--config.checkpoint_every_steps=2"],
+}  # fmt: skip
 FAULTS = ("TERM", "KILL", "INT2")
 # results.json fields that differ between runs of the same command by design (the checkpoint
 # files' sha256: orbax's metadata holds the time of the save)

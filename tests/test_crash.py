@@ -16,12 +16,15 @@ import pytest
 
 from train import checkpoints
 
-ARGS = [
+COMMON = [
     "--config=configs/toy_cifar10.py:smoke",
-    "--config.stage=backbone",
     "--config.dataset.name=embedded",
     "--config.model.features=(8, 16, 16)",
     "--config.model.hidden=32",
+]
+ARGS = [
+    *COMMON,
+    "--config.stage=backbone",
     "--config.backbone_training.num_epochs=10",
     "--config.backbone_training.patience=10",
     # a model that learns on the smoke data: validation accuracy improves in several epochs
@@ -32,7 +35,10 @@ ARGS = [
 
 
 def command(workdir, *extra):
-    return [sys.executable, "-m", "train.main", f"--workdir={workdir}", *ARGS, *extra]
+    """The backbone run; with ``attention_args``, the attention stage on it (which takes no
+    backbone_training options: they would be refused as unused)."""
+    args = COMMON if "--config.stage=attention" in extra else ARGS
+    return [sys.executable, "-m", "train.main", f"--workdir={workdir}", *args, *extra]
 
 
 def attention_args(backbone_workdir):
