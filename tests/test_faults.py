@@ -9,12 +9,15 @@ from tests import fault_sweep
 
 # (phase, occurrence, fault): a preemption during compilation, before any step (the workdir
 # used to be left unresumable); a kill after a periodic checkpoint was complete but before the
-# epoch's record and the pruning of the one before; a kill after a within-epoch checkpoint was
-# renamed into place but before its digest (the rerun took an older one for it); two Ctrl-C
-# during an evaluation (the second one used to raise inside whatever ran then).
+# pruning of the one before (the epoch's record used to be written after it, and was lost); a
+# kill just before the last epoch's checkpoint, its record written (the rerun drops it and
+# replays the epoch); a kill after a within-epoch checkpoint was renamed into place but before
+# its digest (the rerun took an older one for it and failed); two Ctrl-C during an evaluation
+# (the second one used to raise inside whatever ran then).
 CASES = [
     ("compile", 1, "TERM"),
     ("save_periodic:digest", 1, "KILL"),
+    ("save_periodic", 2, "KILL"),
     ("save_mid:written", 2, "KILL"),
     ("eval", 2, "INT2"),
 ]
