@@ -185,9 +185,13 @@ class Preemption:
     def signum(self) -> int | None:
         return signals.pending()
 
-    def exit(self, stage: str, step: int, saved: bool = True) -> None:
+    def exit(self, stage: str, step: int) -> None:
+        """Exits once the run's state at ``step`` is in a checkpoint (saved here, or by the
+        epoch's own save)."""
         signum = self.signum
         name = signal.Signals(signum).name
-        what = f"checkpoint saved at step {step}" if saved else f"nothing new since step {step}"
-        log(f"[{stage}] {name}: {what}; rerun the same command to resume", flush=True)
+        log(
+            f"[{stage}] {name}: checkpoint saved at step {step}; rerun the same command to resume",
+            flush=True,
+        )
         raise SystemExit(128 + signum)

@@ -198,11 +198,10 @@ class Run(WorkdirParts):
                 if not self.skip:
                     guards.check_finite(finite, first_step, epoch, self.ckpt)
                 self.mid = self.mid or checkpoints.manager(self.path / "checkpoints_mid", keep=1)
-                saved = self.step_count() > self.saved_step  # nothing new: nothing to save
-                if saved:
+                if self.step_count() > self.saved_step:  # (nothing new: nothing to save)
                     self._save_mid(sums, skipped_before)
                 self.writer.close()
-                stop.exit(config.stage, self.step_count(), saved)
+                stop.exit(config.stage, self.step_count())
             if self.first_step_s is None:
                 signals.phase("compile")  # the first call compiles the step, then runs it
             self.state, metrics = self.step_fn(self.state, self.task.frozen, *args)
@@ -260,12 +259,10 @@ class Run(WorkdirParts):
 
     def save_now(self):
         """At a preemption after an epoch's end: its checkpoint, if the schedule did not save
-        one (returns whether anything was saved)."""
-        if self.step_count() <= self.saved_step:
-            return False
-        saved = {"state": self.state, "meta": self.meta_arrays(self.meta)}
-        self._save(self.ckpt, self.meta["epoch"], saved, "save_periodic")
-        return True
+        one."""
+        if self.step_count() > self.saved_step:
+            saved = {"state": self.state, "meta": self.meta_arrays(self.meta)}
+            self._save(self.ckpt, self.meta["epoch"], saved, "save_periodic")
 
     def timing(self, t0: float) -> tuple[float, str]:
         """Steps/s of the epoch that started at ``t0`` (counting only the steps this process ran

@@ -84,9 +84,9 @@ def _train_stage(run: Run, stop: progress.Preemption) -> tuple[dict, dict]:
         run.end_epoch(sums, skipped, t0)
         run.report_compiles()
         if stop.signum is not None:  # came during the epoch's evaluation or saves
-            saved = run.save_now()
+            run.save_now()
             run.writer.close()
-            stop.exit(run.label, run.step_count(), saved)
+            stop.exit(run.label, run.step_count())
     if run.stopped():
         watched = "loss" if run.recipe.monitor == "val_loss" else "accuracy"
         progress.log(
