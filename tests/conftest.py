@@ -8,6 +8,8 @@ persistent cache made fresh for each session: many tests (and the training subpr
 inherit the environment) compile the same steps again. (--xla_backend_optimization_level=0
 would halve the compile time again, but miscompiles: non-finite losses and float64 gradients
 turn into NaN with jaxlib 0.10.2: not used.) Benchmarks and training keep XLA's defaults.
+A flag or option the installed version does not know is not set (the probe below; jaxlib 0.12
+has no switch for the fusion emitters).
 
 Random bits come from the non-partitionable threefry: with jaxlib 0.10.2 on CPU the partitionable
 one (JAX's default) takes several times longer to compile (about 1.9 s against 0.3 s for one
@@ -16,17 +18,35 @@ augmentation in them. Both are the same distribution and neither depends on how 
 sharded; only the bits differ, and no test compares with bits from outside the suite.
 """
 
+import json
 import os
 import shutil
 import tempfile
 
 import pytest
 
-os.environ.setdefault(
-    "XLA_FLAGS",
-    "--xla_force_host_platform_device_count=8 --xla_llvm_disable_expensive_passes=true"
-    " --xla_cpu_use_fusion_emitters=false",
-)
+from train import versions
+
+# What the suite asks of JAX, set only where the installed version knows it (train/versions.py):
+# the process that starts pytest probes once; its workers and subprocesses inherit the result.
+XLA_FLAGS = [
+    "--xla_force_host_platform_device_count=8",
+    "--xla_llvm_disable_expensive_passes=true",
+    "--xla_cpu_use_fusion_emitters=false",  # jaxlib before 0.12 (the fusion emitters' switch)
+]
+OPTIONS = {  # jax.config option: its environment variable's value
+    "jax_persistent_cache_min_compile_time_secs": "0",
+    "jax_threefry_partitionable": "0",
+}
+if "GATTANET_TEST_SETTINGS" not in os.environ:
+    _found = versions.probe(XLA_FLAGS if "XLA_FLAGS" not in os.environ else [], list(OPTIONS))
+    if "XLA_FLAGS" not in os.environ:
+        os.environ["XLA_FLAGS"] = " ".join(_found.flags)
+    for _name in _found.options:
+        os.environ.setdefault(_name.upper(), OPTIONS[_name])
+    os.environ["GATTANET_TEST_SETTINGS"] = json.dumps(
+        {"xla_flags": _found.flags, "refused": _found.refused, "options": _found.options}
+    )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # The session's cache: made by the process that starts pytest (its workers and subprocesses
@@ -35,8 +55,6 @@ _SESSION_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _SESSION_CACHE = tempfile.mkdtemp(prefix="gattanet-jax-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """ResNet18/50: torchvision's architecture, Table 1's parameter counts, weight conversion, the
 ResNet attention variant, ImageNet preprocessing, and the attention stage on mock ImageNet."""
 
+import hashlib
 import json
 import os
 import pickle
@@ -85,24 +86,72 @@ VARIANTS = {
 }
 
 
-@pytest.mark.reference
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_converted_weights_give_the_torch_logits(variant):
-    torch_resnet = pytest.importorskip("tests.torch_resnet")
+# The torch logits of each variant, computed once by tests/torch_resnet.py where torch is
+# installed (`python -m tests.test_resnet`), for the environments without torch.
+STORED = os.path.join(os.path.dirname(__file__), "data", "torch_resnet_logits.npz")
+
+
+def torch_case(variant):
+    """The variant's model, random torchvision-format weights, their sha256, and two images."""
     kw = VARIANTS[variant]
-    model = resnet.ResNet(**kw)
     size = 64 if variant == "resnet50" else 40
+    model = resnet.ResNet(**kw)
     sd = random_state_dict(model, (size, size, 3))
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
-    variables = weights.from_torchvision(sd, abstract, resnet.torch_name)
+    digest = hashlib.sha256(b"".join(sd[k].tobytes() for k in sorted(sd))).hexdigest()
     x = np.random.default_rng(1).uniform(0, 1, (2, size, size, 3)).astype(np.float32)
-    ours = np.asarray(jax.jit(model.apply)(variables, x))
-    ref = torch_resnet.forward(
+    return model, sd, digest, x
+
+
+def converted_logits(model, sd, x):
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *x.shape[1:]))))
+    variables = weights.from_torchvision(sd, abstract, resnet.torch_name)
+    return np.asarray(jax.jit(model.apply)(variables, x))
+
+
+def torch_logits(variant, sd, x):
+    import tests.torch_resnet as torch_resnet
+
+    kw = VARIANTS[variant]
+    return torch_resnet.forward(
         sd, x, kw["stage_sizes"], kw["block"] == "bottleneck", resnet.IMAGENET_MEAN,
         resnet.IMAGENET_STD,
     )  # fmt: skip
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_converted_weights_give_the_torch_logits(variant):
+    pytest.importorskip("torch")
+    model, sd, _, x = torch_case(variant)
+    ours, ref = converted_logits(model, sd, x), torch_logits(variant, sd, x)
     rel = np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
     assert rel < 1e-4, rel
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_converted_weights_give_the_stored_torch_logits(variant):
+    """The same comparison without torch: against the logits torch gave for the same weights
+    (the weights' sha256 is stored with them, so the reference is for these weights)."""
+    model, sd, digest, x = torch_case(variant)
+    with np.load(STORED) as stored:
+        assert str(stored[f"{variant}/weights_sha256"]) == digest, "other weights than stored"
+        ref = stored[f"{variant}/logits"]
+    ours = converted_logits(model, sd, x)
+    rel = np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
+    assert rel < 1e-4, rel
+
+
+def store_torch_logits(path=STORED):
+    """Writes the torch logits of every variant (needs torch)."""
+    arrays = {}
+    for variant in sorted(VARIANTS):
+        _, sd, digest, x = torch_case(variant)
+        arrays[f"{variant}/logits"] = torch_logits(variant, sd, x)
+        arrays[f"{variant}/weights_sha256"] = np.array(digest)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path, **arrays)
+    print(f"wrote {path}")
 
 
 def test_pth_safetensors_and_npz_read_the_same(tmp_path):
@@ -316,3 +365,7 @@ def test_wrong_weights_file_is_one_clear_error(tmp_path):
     fits = r"do not fit the model: 62 missing: bn1\.bias .*conv1\.weight \(8, 3, 7, 7\)"
     with pytest.raises(UserError, match=fits + r".* \| 1 unexpected: conv1 "):
         train.train_and_evaluate(config, str(tmp_path / "wd"))
+
+
+if __name__ == "__main__":
+    store_torch_logits()

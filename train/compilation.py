@@ -20,10 +20,9 @@ import warnings
 from pathlib import Path
 from typing import ClassVar
 
-import jax
 from jax import monitoring
 
-from train import progress
+from train import progress, versions
 
 TRACE = "/jax/core/compile/jaxpr_trace_duration"
 LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
@@ -49,10 +48,11 @@ def enable_cache() -> str | None:
     except OSError as e:
         progress.log(f"note: no compilation cache: cannot create {directory} ({e.strerror or e})")
         return None
-    jax.config.update("jax_compilation_cache_dir", directory)
+    if not versions.update("jax_compilation_cache_dir", directory):
+        return None  # a JAX without the persistent cache
     _note_damaged_entries(directory)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
+        versions.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
     return directory
 
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from train import versions
 from train.errors import UserError
 
 MODES = ("none", "jit", "pmap")
@@ -164,7 +165,7 @@ def initialize(config) -> None:
         return
     if jax.distributed.is_initialized():
         return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    versions.update("jax_cpu_collectives_implementation", "gloo")  # gone in some versions
     try:
         if dist.coordinator_address:
             jax.distributed.initialize(
