@@ -328,3 +328,21 @@ def test_skip_mode_stops_when_a_whole_epoch_is_skipped(tmp_path):
     config.backbone_training.learning_rate = 1e30
     with pytest.raises(UserError, match=r"every update of epoch \d was non-finite and skipped"):
         train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_a_stage_that_ends_in_an_error_closes_its_event_file(tmp_path, monkeypatch):
+    """Closed on the way out, not by tensorboardX's exit hook: that hook starts a thread at
+    interpreter shutdown, which Python 3.12 refuses with a traceback after the error's line."""
+    from train import progress
+
+    closed = []
+    real_close = progress.Writer.close
+    monkeypatch.setattr(progress.Writer, "close", lambda self: closed.append(real_close(self)))
+
+    def fail(self, stop):
+        raise UserError("no space left on the device")
+
+    monkeypatch.setattr(run.Run, "train_epoch", fail)
+    with pytest.raises(UserError, match="no space left"):
+        train.train_and_evaluate(tiny_config(epochs=1), str(tmp_path / "w"))
+    assert closed

@@ -92,8 +92,12 @@ class Writer:
         self._writer.flush()
 
     def close(self):
+        """Flushes and closes the event file (again: nothing). Called on every way out of a
+        stage, errors included: left to tensorboardX's exit hook, the close would start a
+        thread at interpreter shutdown, which Python 3.12 refuses with a traceback."""
         if self._writer is not None:
             self._writer.close()
+            self._writer = None
 
 
 def meta_arrays(meta):

@@ -76,24 +76,26 @@ def _remove_unused(made: list[Path]) -> None:
 
 
 def _train_stage(run: Run, stop: progress.Preemption) -> tuple[dict, dict]:
-    run.resume()
-    run.prepare()
-    while not run.stopped() and run.meta["epoch"] < run.recipe.num_epochs:
-        t0 = time.time()
-        sums, skipped = run.train_epoch(stop)
-        run.end_epoch(sums, skipped, t0)
-        run.report_compiles()
-        if stop.signum is not None:  # came during the epoch's evaluation or saves
-            run.save_now()
-            run.writer.close()
-            stop.exit(run.label, run.step_count())
-    if run.stopped():
-        watched = "loss" if run.recipe.monitor == "val_loss" else "accuracy"
-        progress.log(
-            f"[{run.label}] early stopping: no better validation {watched} for "
-            f"{run.recipe.patience} epochs"
-        )
-    run.writer.close()
+    try:
+        run.resume()
+        run.prepare()
+        while not run.stopped() and run.meta["epoch"] < run.recipe.num_epochs:
+            t0 = time.time()
+            sums, skipped = run.train_epoch(stop)
+            run.end_epoch(sums, skipped, t0)
+            run.report_compiles()
+            if stop.signum is not None:  # came during the epoch's evaluation or saves
+                run.save_now()
+                run.writer.close()
+                stop.exit(run.label, run.step_count())
+        if run.stopped():
+            watched = "loss" if run.recipe.monitor == "val_loss" else "accuracy"
+            progress.log(
+                f"[{run.label}] early stopping: no better validation {watched} for "
+                f"{run.recipe.patience} epochs"
+            )
+    finally:  # an error too: the event file closed now, not by an exit hook
+        run.writer.close()
     return run.finish()
 
 
