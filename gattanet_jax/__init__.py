@@ -4,11 +4,6 @@ The math is in ``agreement`` (pure functions over arrays), sites and the modulat
 ``sites``, the attention system in ``attention``, and the two-pass forward in ``gattanet``.
 """
 
-# First, before NumPy or JAX start threads (see host_memory; E402 is ignored for this file).
-from gattanet_jax.host_memory import keep_freed_host_memory
-
-keep_freed_host_memory()
-
 from gattanet_jax import agreement
 from gattanet_jax.agreement import agreement as agreement_map
 from gattanet_jax.agreement import conv_project, dense_project, global_query, modulate
@@ -21,6 +16,7 @@ from gattanet_jax.attention import (
 )
 from gattanet_jax.backbones import TOY_SITES, ToyCNN
 from gattanet_jax.gattanet import Output, backbone_logits, two_pass
+from gattanet_jax.host_memory import keep_freed_host_memory
 from gattanet_jax.sites import SiteSpec, available_sites, lesion_mask, resolve_sites
 
 __all__ = [
@@ -39,6 +35,7 @@ __all__ = [
     "dense_project",
     "global_query",
     "init_attention",
+    "keep_freed_host_memory",
     "lesion_mask",
     "modulate",
     "resolve_sites",

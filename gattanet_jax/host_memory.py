@@ -12,10 +12,14 @@ threshold and are reused.
 no trimming: a freed buffer stays in the process's heap and the next call reuses it, with no page
 fault. The cost: the process keeps the largest heap it has used (its resident memory does not
 shrink). It acts only with glibc on Linux, and only for threads that have not allocated yet, so
-it must run before NumPy or JAX start threads: ``import gattanet_jax`` calls it before it imports
-either (a script that imports NumPy or JAX first gets part of the gain: 9,800 faults per step).
+it must run before NumPy or JAX start threads. Importing ``gattanet_jax`` does not call it
+(a library changes nothing in the process that imports it): the project's commands
+(``train.main`` and the other tools, the benchmarks) call it first, through ``train.process``,
+which loads this module without the package. In a script of your own, call
+``train.process.keep_freed_host_memory()`` before importing NumPy or JAX, or
+``gattanet_jax.keep_freed_host_memory()`` after (part of the gain: 9,800 faults per step).
 ``GATTANET_KEEP_HOST_MEMORY=0`` in the environment turns it off. This module imports nothing
-from JAX.
+but the standard library.
 """
 
 from __future__ import annotations

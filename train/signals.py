@@ -61,7 +61,11 @@ def _read_environment() -> None:
 
 
 def install(tool: str = "train") -> None:
-    """Handlers for SIGTERM and SIGINT for the whole process (a command's first call)."""
+    """Handlers for SIGTERM and SIGINT for the whole process (a command's first call), and the
+    process's allocator setting (``train.process``)."""
+    from train import process
+
+    process.keep_freed_host_memory()
     _read_environment()
     S.tool = tool
     if threading.current_thread() is threading.main_thread():
