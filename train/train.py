@@ -95,7 +95,8 @@ def _train_stage(run: Run, stop: progress.Preemption) -> tuple[dict, dict]:
                 f"{run.recipe.patience} epochs"
             )
     finally:  # an error too: the event file closed now, not by an exit hook
-        run.writer.close()
+        if getattr(run, "writer", None) is not None:  # (opened by prepare)
+            run.writer.close()
     return run.finish()
 
 
