@@ -115,10 +115,10 @@ def forward(
             out = addons.apply(addon_vars, name, y, train_addons)
         return out if addons.replace else out.astype(y.dtype)
 
-    with sites_lib.intercept_sites(names, apply_addon, replace=addons.replace) as seen:
-        out = backbone.apply(
-            backbone_vars, images, train=train, rngs=rngs or {}, mutable=list(mutable) or False
-        )
+    out, seen = sites_lib.call(
+        backbone, backbone_vars, images, names, apply_addon, replace=addons.replace, train=train,
+        rngs=rngs, mutable=mutable,
+    )  # fmt: skip
     sites_lib.check_seen(seen)
     if not mutable and not update_addons:
         return out

@@ -23,13 +23,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from gattanet_jax import agreement as agr
-from gattanet_jax import dropout
+from gattanet_jax import dropout, nnx_sites
 from gattanet_jax import sites as sites_lib
 from gattanet_jax.attention import Attention, AttentionSystem
 
@@ -57,7 +56,7 @@ def _lesion_factors(lesion, sites: Sequence[sites_lib.SiteSpec]):
 
 
 def two_pass(
-    backbone: nn.Module,
+    backbone,
     attention: AttentionSystem,
     attention_vars,
     backbone_vars,
@@ -76,8 +75,10 @@ def two_pass(
     """GAttANet's two-pass forward.
 
     Args:
-      backbone: a Flax module called as ``backbone.apply(vars, images, train=False)``; it is run
-        in inference mode (frozen: no dropout, stored batch statistics) in both passes.
+      backbone: a Linen module called as ``backbone.apply(vars, images, train=False)``, or an
+        NNX model's graph definition (``graphdef, state = nnx.split(model)``; ``backbone_vars``
+        is then its state, and it is called as ``model(images)`` after ``model.eval()``); it is
+        run in inference mode (frozen: no dropout, stored batch statistics) in both passes.
       attention: the attention system; its ``sites`` are module paths of the backbone.
       attention_vars: the attention system's variables (``init_attention``).
       backbone_vars: the backbone's variables.
@@ -120,18 +121,14 @@ def two_pass(
         backbone_vars = jax.lax.stop_gradient(backbone_vars)
     update_stats = train and train_backbone and backbone_batch_stats == "update"
     if update_stats:
-        run_backbone = functools.partial(
-            _backbone_in_training_mode, backbone, rng, [c for c in backbone_vars if c != "params"]
-        )
+        run_backbone = functools.partial(_backbone_in_training_mode, backbone, rng)
     else:
         run_backbone = functools.partial(_backbone_frozen, backbone)
     backbone_updates = {}
 
     # Pass 1: unmodulated; its activations are constants for the attention system (unless the
     # backbone is fine-tuned with it).
-    (_, backbone_updates), acts = sites_lib.record(
-        lambda: run_backbone(backbone_vars, images, 0), names
-    )
+    (_, backbone_updates), acts = _modulated_pass(run_backbone, backbone_vars, images, {}, names, 0)
     if not train_backbone:
         acts = jax.lax.stop_gradient(acts)
 
@@ -183,24 +180,33 @@ def two_pass(
     )
 
 
-def _backbone_frozen(backbone, variables, images, index):
-    """(logits, {}): inference mode (the paper's frozen backbone)."""
+def _backbone_frozen(backbone, variables, images, index, names, fn):
+    """((logits, {}), seen): inference mode (the paper's frozen backbone)."""
     del index
-    return backbone.apply(variables, images, train=False), {}
+    out, seen = sites_lib.call(backbone, variables, images, names, fn)
+    return (out, {}), seen
 
 
-def _backbone_in_training_mode(backbone, rng, collections, variables, images, index):
-    """(logits, new statistics): training mode, batch statistics; dropout keys per pass (from
-    the first image's key when ``rng`` holds one per image)."""
+def _backbone_in_training_mode(backbone, rng, variables, images, index, names, fn):
+    """((logits, new statistics), seen): training mode, batch statistics. Linen: dropout keys
+    per pass (from the first image's key when ``rng`` holds one per image); NNX: the model's
+    own ``nnx.Rngs``, and the new statistics are its whole state after the pass."""
+    if nnx_sites.is_nnx(backbone):
+        (logits, state), seen = sites_lib.call(
+            backbone, variables, images, names, fn, train=True, mutable=True
+        )
+        return (logits, state), seen
+    collections = [c for c in variables if c != "params"]
     if rng is not None and jnp.ndim(rng) == 1:
         rng = rng[0]
     rngs = {"dropout": jax.random.fold_in(rng, 1000 + index)} if rng is not None else {}
-    if not collections:
-        return backbone.apply(variables, images, train=True, rngs=rngs), {}
-    logits, updates = backbone.apply(
-        variables, images, train=True, rngs=rngs, mutable=list(collections)
+    out, seen = sites_lib.call(
+        backbone, variables, images, names, fn, train=True, rngs=rngs, mutable=collections
     )
-    return logits, dict(updates)
+    if not collections:
+        return (out, {}), seen
+    logits, updates = out
+    return (logits, dict(updates)), seen
 
 
 def _modulated_pass(run_backbone, backbone_vars, images, factors: dict, record, index: int):
@@ -214,12 +220,12 @@ def _modulated_pass(run_backbone, backbone_vars, images, factors: dict, record, 
             acts[name] = out
         return out
 
-    with sites_lib.intercept_sites(list(dict.fromkeys([*factors, *record])), scale) as seen:
-        out = run_backbone(backbone_vars, images, index)
+    names = list(dict.fromkeys([*factors, *record]))
+    out, seen = run_backbone(backbone_vars, images, index, names, scale)
     sites_lib.check_seen(seen)
     return out, acts
 
 
-def backbone_logits(backbone: nn.Module, backbone_vars, images: jax.Array) -> jax.Array:
+def backbone_logits(backbone, backbone_vars, images: jax.Array) -> jax.Array:
     """The plain backbone's logits in inference mode, for comparison with ``two_pass``."""
-    return backbone.apply(backbone_vars, images, train=False)
+    return sites_lib.call(backbone, backbone_vars, images, [], None)[0]

@@ -2,9 +2,11 @@
 
 A site is a submodule of the backbone, named by its module path ('conv1', 'layer2/1', ...).
 Its *output* (the value its ``__call__`` returns) is what the attention system reads and
-modulates. The backbone knows nothing of this: we reach its layers through
-``flax.linen.intercept_methods``, entered inside whatever function is traced, so it works
-under ``jit``, ``grad`` and ``vmap``.
+modulates. The backbone knows nothing of this. One seam reaches its layers, ``call``: for a
+Linen module through ``flax.linen.intercept_methods``, entered inside whatever function is
+traced; for an NNX model (its ``nnx.split`` graph definition and state) by graph surgery on a
+fresh copy (``nnx_sites``). Both work under ``jit``, ``grad`` and ``vmap``; everything above
+the seam (the two passes, add-ons, lesions, site discovery) is written once.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from gattanet_jax import nnx_sites
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +104,40 @@ def intercept_sites(
         yield seen
 
 
+def call(
+    backbone,
+    variables,
+    images: jax.Array,
+    names: Sequence[str],
+    fn: Callable[[str, jax.Array], jax.Array],
+    *,
+    replace: bool = False,
+    train: bool = False,
+    rngs: dict | None = None,
+    mutable: Sequence[str] | bool = (),
+):
+    """The seam: the backbone's forward pass on ``images`` with the output y of every site in
+    ``names`` replaced by ``fn(name, y)`` (``replace``: by ``fn(name, x)`` of the site's input;
+    see ``intercept_sites``). Returns (output, seen), the output being what the backbone returns,
+    or (output, updates) where ``mutable`` asks for its updated statistics: for Linen, the
+    collections it names (``rngs`` feeds its dropout); for NNX, any true value: the copy's
+    state after the call (its dropout draws from the model's own ``nnx.Rngs``).
+
+    ``backbone``: a Linen module (``variables`` its variables, called as ``apply(variables,
+    images, train=train)``) or an NNX graph definition (``variables`` its state, called as
+    ``model(images)`` after ``model.eval()`` or ``model.train()``)."""
+    if nnx_sites.is_nnx(backbone):
+        return nnx_sites.call(
+            backbone, variables, images, names, fn, replace=replace, train=train,
+            mutable=bool(mutable),
+        )  # fmt: skip
+    with intercept_sites(names, fn, replace=replace) as seen:
+        out = backbone.apply(
+            variables, images, train=train, rngs=rngs or {}, mutable=list(mutable) or False
+        )
+    return out, seen
+
+
 def check_seen(seen: Mapping[str, int]) -> None:
     missing = [n for n, c in seen.items() if c == 0]
     if missing:
@@ -151,14 +189,22 @@ def _all_module_io(backbone: nn.Module, variables, images) -> dict[str, tuple]:
     return found
 
 
-def available_sites(backbone: nn.Module, variables, image_shape: Sequence[int]) -> dict[str, tuple]:
+def available_sites(backbone, variables, image_shape: Sequence[int]) -> dict[str, tuple]:
     """Every submodule path that could be a site, with its output shape at batch 1."""
     return {k: out for k, (out, _) in _module_io(backbone, variables, image_shape).items()}
 
 
-def _module_io(backbone: nn.Module, variables, image_shape: Sequence[int]) -> dict[str, tuple]:
+def _module_io(backbone, variables, image_shape: Sequence[int]) -> dict[str, tuple]:
     images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    if nnx_sites.is_nnx(backbone):
+        return nnx_sites.module_io(backbone, variables, images)
     return _all_module_io(backbone, variables, images)
+
+
+def _backbone_name(backbone) -> str:
+    if nnx_sites.is_nnx(backbone):
+        return f"the NNX model {nnx_sites.type_name(backbone)}"
+    return type(backbone).__name__
 
 
 def _expand(names: Sequence[str], available: Sequence[str]) -> list[str]:
@@ -176,7 +222,7 @@ def _expand(names: Sequence[str], available: Sequence[str]) -> list[str]:
 
 
 def resolve_sites(
-    backbone: nn.Module, variables, image_shape: Sequence[int], names: Sequence[str]
+    backbone, variables, image_shape: Sequence[int], names: Sequence[str]
 ) -> tuple[SiteSpec, ...]:
     """SiteSpecs for ``names``, in the order given; a clear error for names that are not modules.
     A name with glob characters ('layer*/*/bn2': every block's last BatchNorm) stands for every
@@ -189,13 +235,21 @@ def resolve_sites(
     if len(set(names)) != len(names):
         raise ValueError(f"attention sites are listed twice: {list(names)}")
     specs = []
+    functions = nnx_sites.plain_functions(backbone, variables) if nnx_sites.is_nnx(backbone) else {}
     for name in names:
+        if name in functions:
+            raise ValueError(
+                f"attention site {name!r} is a plain function ({functions[name]}), not a module: "
+                "its output cannot be reached; name the module whose output it is applied to "
+                "(or make it a module). Available sites (module paths of "
+                f"{_backbone_name(backbone)}): {', '.join(outputs)}"
+            )
         if name not in outputs:
             close = difflib.get_close_matches(name, list(outputs), n=3)
             hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
             raise ValueError(
                 f"unknown attention site {name!r}.{hint} Available sites (module paths of "
-                f"{type(backbone).__name__}): {', '.join(outputs)}"
+                f"{_backbone_name(backbone)}): {', '.join(outputs)}"
             )
         shape = outputs[name][1:]
         if len(shape) == 3:

@@ -1,0 +1,173 @@
+"""NNX backbones through the site seam: the same sites, logits, internals and gradients as the
+Linen toy CNN with the same weights; NNX site names, globs and errors; the user's model never
+touched; a model written the way NNX model collections write theirs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import gattanet_jax as gj
+from gattanet_jax import addon
+from gattanet_jax.backbones import toy_nnx
+from gattanet_jax.systems import GALA
+
+SHAPE = (16, 16, 3)
+KW = dict(features=(4, 8, 8), hidden=16)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """The Linen toy CNN and its NNX twin with the same weights: (linen, variables, graphdef,
+    state, model, images)."""
+    linen = gj.ToyCNN(10, **KW)
+    x = np.random.default_rng(0).uniform(size=(3, *SHAPE)).astype(np.float32)
+    variables = linen.init(jax.random.key(0), x)
+    variables = jax.tree.map(lambda a: a + 0.05 * np.sign(a + 1e-3), variables)  # biases too
+    model = toy_nnx.ToyCNN(10, image_size=SHAPE[0], rngs=nnx.Rngs(0), **KW)
+    toy_nnx.from_linen(model, variables)
+    graphdef, state = nnx.split(model)
+    return linen, variables, graphdef, state, model, x
+
+
+def _numpy(tree):
+    """A copy of every array (random keys as their data)."""
+
+    def one(a):
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a = jax.random.key_data(a)
+        return np.array(a)
+
+    return jax.tree.map(one, tree)
+
+
+def _close(a, b, tol=1e-6):
+    for p, q in zip(jax.tree.leaves(_numpy(a)), jax.tree.leaves(_numpy(b)), strict=True):
+        np.testing.assert_allclose(np.asarray(p), np.asarray(q), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("lesion", [None, "c.cd."])
+def test_nnx_twin_gives_the_linen_logits_internals_and_attention_gradients(pair, lesion):
+    linen, variables, graphdef, state, _, x = pair
+    assert gj.available_sites(graphdef, state, SHAPE) == gj.available_sites(linen, variables, SHAPE)
+    sites = gj.resolve_sites(graphdef, state, SHAPE, gj.TOY_SITES)
+    assert sites == gj.resolve_sites(linen, variables, SHAPE, gj.TOY_SITES)
+    attention = gj.AttentionSystem(sites, d=8)
+    av = jax.tree.map(lambda a: a + 0.2, gj.init_attention(attention, jax.random.key(1)))
+    _close(gj.backbone_logits(graphdef, state, x), gj.backbone_logits(linen, variables, x))
+
+    def run(backbone, bv, av):
+        return gj.two_pass(backbone, attention, av, bv, x, lesion=lesion, return_internals=True)
+
+    ours = jax.jit(lambda av, s: run(graphdef, s, av))(av, state)
+    theirs = run(linen, variables, av)
+    _close(ours.logits, theirs.logits)
+    _close(ours.attention, theirs.attention)
+
+    def loss(backbone, bv, av):
+        return jnp.sum(run(backbone, bv, av).logits ** 2)
+
+    _close(
+        jax.grad(lambda av: loss(graphdef, state, av))(av),
+        jax.grad(lambda av: loss(linen, variables, av))(av),
+        1e-5,
+    )
+
+
+def test_an_add_on_on_the_nnx_twin_equals_the_linen_one(pair):
+    linen, variables, graphdef, state, _, x = pair
+    sites = gj.resolve_sites(graphdef, state, SHAPE, ("conv*",))
+    addons = addon.addon_modules(sites, lambda s, name: GALA(reduction=2, name=name))
+    av = jax.tree.map(lambda a: a + 0.1, addon.init_addons(addons, jax.random.key(2)))
+    ours = jax.jit(lambda av, s: addon.forward(graphdef, addons, av, s, x))(av, state)
+    _close(ours, addon.forward(linen, addons, av, variables, x))
+
+
+def test_the_users_model_is_never_touched(pair):
+    _, _, graphdef, state, model, x = pair
+    before = _numpy(nnx.state(model))
+    modules = {p: id(m) for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
+    sites = gj.resolve_sites(graphdef, state, SHAPE, gj.TOY_SITES)
+    attention = gj.AttentionSystem(sites, d=8)
+    av = gj.init_attention(attention, jax.random.key(1))
+    gj.two_pass(graphdef, attention, av, state, x, train=True, rng=jax.random.key(3))
+    assert {p: id(m) for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)} == modules
+    _close(nnx.state(model), before, 0)
+    assert type(model.conv1) is toy_nnx.ConvReLU
+
+
+class Block(nnx.Module):
+    """As NNX model collections write a block: BatchNorm with running averages, activation as a
+    plain function, keyword arguments in ``__call__``."""
+
+    def __init__(self, c, *, rngs):
+        self.conv = nnx.Conv(c, c, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(c, rngs=rngs)
+        self.act = nnx.relu
+
+    def __call__(self, x, *, scale=1.0):
+        return self.act(self.bn(self.conv(x))) * scale + x
+
+
+class Foreign(nnx.Module):
+    def __init__(self, *, rngs, twice=False):
+        self.stem = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+        self.blocks = nnx.List([Block(8, rngs=rngs) for _ in range(3)])
+        self.head = nnx.Linear(8, 5, rngs=rngs)
+        self.twice = twice
+
+    def __call__(self, x, *, train=False):
+        x = nnx.relu(self.stem(x))
+        for block in self.blocks:
+            x = block(x, scale=0.5)
+            if self.twice:
+                x = self.blocks[0](x)
+        return self.head(x.mean(axis=(1, 2)))
+
+
+def test_nnx_sites_are_graph_paths_with_globs_and_one_line_errors():
+    graphdef, state = nnx.split(Foreign(rngs=nnx.Rngs(0)))
+    sites = gj.resolve_sites(graphdef, state, SHAPE, ("stem", "blocks/*/conv", "head"))
+    assert [s.name for s in sites] == [
+        "stem", "blocks/0/conv", "blocks/1/conv", "blocks/2/conv", "head",
+    ]  # fmt: skip
+    assert [s.kind for s in sites] == ["conv"] * 4 + ["dense"]
+    with pytest.raises(ValueError, match=r"unknown attention site 'blocks/0/cnv'.*'blocks/0/conv'"):
+        gj.resolve_sites(graphdef, state, SHAPE, ("blocks/0/cnv",))
+    with pytest.raises(ValueError, match=r"'blocks/1/act' is a plain function \(relu\), not a mod"):
+        gj.resolve_sites(graphdef, state, SHAPE, ("blocks/1/act",))
+    twice_def, twice_state = nnx.split(Foreign(rngs=nnx.Rngs(0), twice=True))
+    attention = gj.AttentionSystem(sites, d=4)
+    av = gj.init_attention(attention, jax.random.key(0))
+    x = jnp.ones((2, *SHAPE))
+    with pytest.raises(ValueError, match=r"'blocks/0/conv' ran more than once"):
+        gj.two_pass(twice_def, attention, av, twice_state, x)
+
+
+def test_gattanet_trains_on_a_foreign_nnx_model_and_its_state_stays_as_it_was():
+    graphdef, state = nnx.split(Foreign(rngs=nnx.Rngs(0)))
+    sites = gj.resolve_sites(graphdef, state, SHAPE, ("blocks/*/bn", "head"))
+    attention = gj.AttentionSystem(sites, d=4)
+    av = gj.init_attention(attention, jax.random.key(0))
+    x = jax.random.uniform(jax.random.key(1), (4, *SHAPE))
+    labels = jnp.arange(4) % 5
+    before = _numpy(state)
+
+    @jax.jit
+    def step(av, state):
+        def loss(av):
+            logits = gj.two_pass(graphdef, attention, av, state, x, lesion="c.cd").logits
+            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
+
+        value, grads = jax.value_and_grad(loss)(av)
+        return jax.tree.map(lambda p, g: p - 0.5 * g, av, grads), value
+
+    losses = []
+    for _ in range(4):
+        av, value = step(av, state)
+        losses.append(float(value))
+    assert losses[-1] < losses[0]
+    _close(state, before, 0)
+    internals = gj.two_pass(graphdef, attention, av, state, x, return_internals=True).attention
+    assert internals.gatta["blocks/1/bn"].shape == (4, 16, 16)
