@@ -17,12 +17,15 @@ from gattanet_jax.attention import (
 from gattanet_jax.backbones import TOY_SITES, ToyCNN
 from gattanet_jax.gattanet import Output, backbone_logits, two_pass
 from gattanet_jax.host_memory import keep_freed_host_memory
+from gattanet_jax.nnx_module import AttentionParam, GAttANet
 from gattanet_jax.sites import SiteSpec, available_sites, lesion_mask, resolve_sites
 
 __all__ = [
     "TOY_SITES",
     "Attention",
+    "AttentionParam",
     "AttentionSystem",
+    "GAttANet",
     "Output",
     "SiteSpec",
     "ToyCNN",

@@ -45,8 +45,10 @@ def plain_functions(graphdef, state) -> dict[str, str]:
     found = {}
     for path, value in nnx.iter_graph(model):
         private = any(str(p).startswith("_") for p in path)
-        plain = inspect.isfunction(value) or inspect.isbuiltin(value) or isinstance(
-            value, functools.partial | jax.custom_jvp | jax.custom_vjp
+        plain = (
+            inspect.isfunction(value)
+            or inspect.isbuiltin(value)
+            or isinstance(value, functools.partial | jax.custom_jvp | jax.custom_vjp)
         )
         if path and not private and plain:
             found[_name(path)] = getattr(value, "__name__", type(value).__name__)

@@ -5,6 +5,7 @@ touched; a model written the way NNX model collections write theirs."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -171,3 +172,31 @@ def test_gattanet_trains_on_a_foreign_nnx_model_and_its_state_stays_as_it_was():
     _close(state, before, 0)
     internals = gj.two_pass(graphdef, attention, av, state, x, return_internals=True).attention
     assert internals.gatta["blocks/1/bn"].shape == (4, 16, 16)
+
+
+def test_the_nnx_module_trains_its_attention_alone_with_nnx_optimizer():
+    backbone = Foreign(rngs=nnx.Rngs(0))
+    model = gj.GAttANet(backbone, ["blocks/*/bn", "head"], SHAPE, d=4, rngs=nnx.Rngs(1))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=gj.AttentionParam)
+    x = jax.random.uniform(jax.random.key(1), (4, *SHAPE))
+    labels = jnp.arange(4) % 5
+    frozen = _numpy(nnx.state(model.backbone))
+    start = _numpy(model.variables())
+    graphdef, state = nnx.split(backbone)  # the functional call gives the module's numbers
+    _close(model(x), gj.two_pass(graphdef, model.attention, model.variables(), state, x).logits, 0)
+
+    @nnx.jit
+    def step(model, optimizer):
+        def loss(model):
+            logits = model(x, train=True)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, gj.AttentionParam))(model)
+        optimizer.update(model, grads)
+        return value
+
+    losses = [float(step(model, optimizer)) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    _close(nnx.state(model.backbone), frozen, 0)  # bit-identical
+    trained = jax.tree.leaves(_numpy(model.variables()))
+    assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(start), trained, strict=True))
