@@ -12,6 +12,7 @@ from flax import nnx
 import gattanet_jax as gj
 from gattanet_jax import addon
 from gattanet_jax.backbones import toy_nnx
+from gattanet_jax.backbones.nnx_weights import load_linen_variables
 from gattanet_jax.systems import GALA
 
 SHAPE = (16, 16, 3)
@@ -27,7 +28,7 @@ def pair():
     variables = linen.init(jax.random.key(0), x)
     variables = jax.tree.map(lambda a: a + 0.05 * np.sign(a + 1e-3), variables)  # biases too
     model = toy_nnx.ToyCNN(10, image_size=SHAPE[0], rngs=nnx.Rngs(0), **KW)
-    toy_nnx.from_linen(model, variables)
+    load_linen_variables(model, variables)
     graphdef, state = nnx.split(model)
     return linen, variables, graphdef, state, model, x
 
@@ -200,3 +201,34 @@ def test_the_nnx_module_trains_its_attention_alone_with_nnx_optimizer():
     _close(nnx.state(model.backbone), frozen, 0)  # bit-identical
     trained = jax.tree.leaves(_numpy(model.variables()))
     assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(start), trained, strict=True))
+
+
+@pytest.mark.parametrize("variant", ["basic", "bottleneck"])
+def test_nnx_resnets_load_torchvision_weights_and_give_the_linen_numbers(variant):
+    from gattanet_jax.backbones import resnet, resnet_nnx
+    from gattanet_jax.backbones.nnx_weights import linen_variables
+    from tests.test_resnet import VARIANTS, random_state_dict
+
+    kw = VARIANTS[variant]
+    linen = resnet.ResNet(**kw)
+    sd = random_state_dict(linen, (32, 32, 3))
+    abstract = jax.eval_shape(lambda: linen.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    variables = gj.weights.from_torchvision(sd, abstract, resnet.torch_name)
+    model = resnet_nnx.ResNet(**kw, rngs=nnx.Rngs(0))
+    resnet_nnx.load_torchvision(model, sd, image_size=32)
+    _close(linen_variables(model), variables, 0)  # the same names, the same values
+    graphdef, state = nnx.split(model)
+    x = np.random.default_rng(4).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+    _close(gj.backbone_logits(graphdef, state, x), linen.apply(variables, x), 1e-5)
+    sites = gj.resolve_sites(graphdef, state, (32, 32, 3), resnet.RESNET_SITES)
+    assert sites == gj.resolve_sites(linen, variables, (32, 32, 3), resnet.RESNET_SITES)
+    attention = gj.AttentionSystem(sites, d=4)
+    av = jax.tree.map(lambda a: a + 0.1, gj.init_attention(attention, jax.random.key(1)))
+    ours = gj.two_pass(graphdef, attention, av, state, x, return_internals=True)
+    theirs = gj.two_pass(linen, attention, av, variables, x, return_internals=True)
+    _close(ours.logits, theirs.logits, 1e-5)
+    _close(ours.attention, theirs.attention, 1e-5)
+    del sd["fc.bias"]
+    sd["layer1.0.conv1.weight"] = sd["layer1.0.conv1.weight"][:1]
+    with pytest.raises(gj.weights.WeightsError, match=r"fc\.bias.*layer1\.0\.conv1\.weight"):
+        resnet_nnx.load_torchvision(model, sd, image_size=32)

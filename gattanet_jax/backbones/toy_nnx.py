@@ -2,7 +2,8 @@
 ``backbones.toy.ToyCNN`` (Linen), so the same weights load into either and give the same
 logits. Sites: ``conv1``, ``conv2``, ``conv3``, ``dense1`` (post-ReLU), ``logits``.
 
-``from_linen(variables)`` / ``to_linen(state)`` move the parameters between the two.
+``backbones.nnx_weights`` moves the parameters between the two (``load_linen_variables``,
+``linen_variables``).
 """
 
 from __future__ import annotations
@@ -115,24 +116,3 @@ def _fast_conv(*args, out_sharding=None, **kwargs):
     if out_sharding is not None:
         return jax.lax.conv_general_dilated(*args, out_sharding=out_sharding, **kwargs)
     return fast_conv(*args, **kwargs)
-
-
-LAYERS = ("conv1", "conv2", "conv3", "dense1", "logits")
-
-
-def from_linen(model: ToyCNN, variables) -> None:
-    """Copies the Linen toy CNN's parameters (``variables['params']``) into ``model``."""
-    for name, leaves in variables["params"].items():
-        layer = getattr(model, name)
-        layer.kernel[...] = jnp.asarray(leaves["kernel"])
-        layer.bias[...] = jnp.asarray(leaves["bias"])
-
-
-def to_linen(model: ToyCNN) -> dict:
-    """The model's parameters as the Linen toy CNN's variables."""
-    params = {}
-    for path, _ in nnx.iter_graph(model):
-        if len(path) == 1 and isinstance(getattr(model, str(path[0]), None), nnx.Linear | nnx.Conv):
-            layer = getattr(model, str(path[0]))
-            params[str(path[0])] = {"kernel": layer.kernel[...], "bias": layer.bias[...]}
-    return {"params": params}
