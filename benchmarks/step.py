@@ -3,6 +3,7 @@ r"""Times GAttANet's steps against the backbone's own, on the default device.
   python -m benchmarks.step --backbone toy --batch 128 [--dtype float32|bfloat16] \
       [--precision float32|tensorfloat32] [--peer torch] [--json]
   python -m benchmarks.step --backbone resnet50 --batch 256 --dtype bfloat16 [--image_size 224]
+  python -m benchmarks.step --backbone toy --batch 128 --nnx   # the NNX twin beside it
 
 Every time is a median over ``--repeats`` runs after ``--warmup`` runs of the same compiled
 functions the training loop uses, each compiled once ahead of time (its ``compile_s`` apart).
@@ -47,6 +48,9 @@ if __name__ == "__main__":  # flags only when run as a program (the suite import
         "kq_dropout", None, "Key/query dropout rate of the attention step (default: the paper's)."
     )
     _PEER = flags.DEFINE_enum("peer", None, ["torch"], "Also time a peer implementation.")
+    _NNX = flags.DEFINE_bool(
+        "nnx", False, "Also time the attention step on the backbone's NNX twin (same weights)."
+    )
     _REPEATS = flags.DEFINE_integer(
         "repeats", 20, "Timed runs per measurement (0: compile only, times are NaN)."
     )
@@ -127,6 +131,67 @@ def train_steps(
     return results, (backbone, bv, attention, av, images)
 
 
+def nnx_twin(backbone, backbone_vars, image_size: int):
+    """The backbone's NNX twin with the same weights: (graph definition, state)."""
+    from flax import nnx
+
+    from gattanet_jax.backbones import resnet_nnx, toy_nnx
+    from gattanet_jax.backbones.nnx_weights import load_linen_variables
+
+    if isinstance(backbone, gj.ToyCNN):
+        model = toy_nnx.ToyCNN(
+            backbone.num_classes, tuple(backbone.features), backbone.hidden,
+            dtype=backbone.dtype, image_size=image_size, rngs=nnx.Rngs(0),
+        )  # fmt: skip
+    else:
+        model = resnet_nnx.ResNet(
+            backbone.stage_sizes, backbone.block, backbone.num_classes, backbone.width,
+            backbone.mean, backbone.std, backbone.dtype, rngs=nnx.Rngs(0),
+        )  # fmt: skip
+    load_linen_variables(model, backbone_vars)
+    return nnx.split(model)
+
+
+def nnx_steps(results, built, batch, repeats, warmup) -> None:
+    """The attention step and the two-pass forward on the NNX twin, compiled and timed as the
+    Linen ones (the same batch and attention variables), and their ratios to Linen's."""
+    backbone, bv, attention, av, images = built
+    graphdef, state = nnx_twin(backbone, bv, int(images.shape[1]))
+    labels = jnp.zeros((batch,), jnp.int32)
+    data = ({"backbone": state}, images, labels, jnp.arange(batch))
+    tx = optax.adam(1e-3, eps=1e-7)
+    fn = jax.jit(
+        functools.partial(
+            steps.train_step, attention_loss_fn(graphdef, attention, 1e-5), tx, False, batch,
+            jax.random.key(0),
+        ),
+        donate_argnums=(0,),
+    )  # fmt: skip
+    extra = {k: v for k, v in av.items() if k != "params"}
+    t = time.perf_counter()
+    state0 = steps.init_state(jax.tree.map(jnp.copy, av["params"]), tx, extra)
+    fn, results["nnx_attention_step"] = aot(fn, state0, *data, jnp.int32(0))
+    jax.block_until_ready(fn(state0, *data, jnp.int32(0)))
+    results["nnx_attention_time_to_first_step_s"] = time.perf_counter() - t
+    state0 = steps.init_state(jax.tree.map(jnp.copy, av["params"]), tx, extra)
+    results["nnx_attention_step_s"] = time_step(fn, state0, data, repeats, warmup)
+    x = images.astype(jnp.float32) / 255.0
+    eval_fn = jax.jit(lambda av, s, x: gj.two_pass(graphdef, attention, av, s, x).logits)
+    eval_fn, results["nnx_eval_forward"] = aot(eval_fn, av, state, x)
+    results["nnx_eval_forward_s"] = median_seconds(
+        eval_fn, av, state, x, repeats=repeats, warmup=warmup
+    )
+    results["nnx_over_linen_attention_step"] = (
+        results["nnx_attention_step_s"] / results["attention_step_s"]
+    )
+    results["nnx_over_linen_eval_forward"] = (
+        results["nnx_eval_forward_s"] / results["eval_forward_s"]
+    )
+    results["nnx_over_linen_attention_compile"] = (
+        results["nnx_attention_step"]["compile_s"] / results["attention_step"]["compile_s"]
+    )
+
+
 def run(
     batch: int,
     dtype: str,
@@ -137,6 +202,7 @@ def run(
     backbone_name: str = "toy",
     image_size: int = 0,
     kq_dropout: float | None = None,
+    nnx: bool = False,
 ) -> dict:
     if peer and backbone_name != "toy":
         raise app.UsageError("--peer torch times the toy model only")
@@ -153,6 +219,8 @@ def run(
         results["eval_forward"]["compile_s"] + results["backbone_forward"]["compile_s"]
     )
 
+    if nnx:
+        nnx_steps(results, (backbone, bv, attention, av, images), batch, repeats, warmup)
     results["attention_images_per_s"] = batch / results["attention_step_s"]
     results["eval_images_per_s"] = batch / results["eval_forward_s"]
     results["attention_over_backbone_train"] = (
@@ -218,6 +286,7 @@ def main(argv):
             _BACKBONE.value,
             _IMAGE_SIZE.value,
             _KQ_DROPOUT.value,
+            _NNX.value,
         )
     results["config"]["precision"] = precision.policy(_DTYPE.value, _PRECISION.value) or "default"
     report(results, _JSON.value)
