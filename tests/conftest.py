@@ -86,6 +86,10 @@ LONGEST_FIRST = (
     "test_protocol.py",
     "test_bfloat16.py",
     "test_workdir_trust.py",
+    "test_errors.py",
+    "test_faults.py",
+    "test_nnx.py",
+    "test_reliability.py",
 )
 
 

@@ -346,3 +346,27 @@ def test_a_stage_that_ends_in_an_error_closes_its_event_file(tmp_path, monkeypat
     with pytest.raises(UserError, match="no space left"):
         train.train_and_evaluate(tiny_config(epochs=1), str(tmp_path / "w"))
     assert closed
+
+
+def test_after_a_failed_read_orbax_futures_never_retrieved_are_not_logged():
+    """A damaged checkpoint's other arrays fail in orbax's gathering futures, which asyncio
+    logs when they are collected: after the one-line error, those logs are dropped; others
+    still reach the terminal."""
+    import logging
+
+    def raised(filename):
+        try:
+            exec(compile("raise ValueError('OUT_OF_RANGE: Error reading')", filename, "exec"))
+        except ValueError as e:
+            return (ValueError, e, e.__traceback__)
+
+    def logged(exc_info):
+        record = logging.LogRecord(
+            "asyncio", logging.ERROR, "base_events.py", 1, "%s exception was never retrieved",
+            ("_GatheringFuture",), exc_info,
+        )  # fmt: skip
+        return logging.getLogger("asyncio").filter(record)
+
+    checkpoints._drop_abandoned_reads()
+    assert not logged(raised("/site-packages/orbax/checkpoint/serialization.py"))
+    assert logged(raised("/work/project/code.py"))

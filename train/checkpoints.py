@@ -317,6 +317,7 @@ def _drop_abandoned_reads() -> None:
 
     hook._drops_abandoned_reads = True
     sys.unraisablehook = hook
+    _drop_writer_errors()  # their gathering futures' never-retrieved exceptions, likewise
 
 
 def _drop_writer_errors() -> None:
@@ -335,7 +336,22 @@ class _WriterErrors(logging.Filter):
         if "orbax" in record.pathname and "raised an exception" in message:
             return False
         never_retrieved = "exception was never retrieved" in message
-        return not (never_retrieved and ("orbax" in message or "RESOURCE_EXHAUSTED" in message))
+        named = "orbax" in message or "RESOURCE_EXHAUSTED" in message
+        return not (never_retrieved and (named or _raised_in_orbax(record)))
+
+
+def _raised_in_orbax(record: logging.LogRecord) -> bool:
+    """Whether the record's exception (or one it was raised from) passed through orbax."""
+    error = record.exc_info[1] if record.exc_info else None
+    seen = 0
+    while error is not None and seen < 8:
+        tb = error.__traceback__
+        while tb is not None:
+            if "orbax" in tb.tb_frame.f_code.co_filename:
+                return True
+            tb = tb.tb_next
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
 
 
 def _out_of_space(e: Exception) -> bool:
