@@ -63,6 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     # Backbone architecture: 'toy' (the paper's 5-layer CNN).
     config.model.backbone = "toy"
+    # The Flax API the backbone is written in: 'linen', or 'nnx' (its NNX twin: the same
+    # architecture, parameter names and checkpoints; attention sites reached by graph surgery).
+    config.model.api = "linen"
     # Channels of the toy model's conv layers and units of its hidden dense layer.
     config.model.features = (32, 64, 128)
     config.model.hidden = 256

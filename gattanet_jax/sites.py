@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gattanet_jax import nnx_sites
+from gattanet_jax.nnx_backbone import NNXBackbone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +126,13 @@ def call(
 
     ``backbone``: a Linen module (``variables`` its variables, called as ``apply(variables,
     images, train=train)``) or an NNX graph definition (``variables`` its state, called as
-    ``model(images)`` after ``model.eval()`` or ``model.train()``)."""
+    ``model(images)`` after ``model.eval()`` or ``model.train()``), or an ``NNXBackbone`` (an
+    NNX model driven with Linen's variables, as a Linen module is)."""
+    if isinstance(backbone, NNXBackbone):
+        return backbone.call(
+            variables, images, names, fn, replace=replace, train=train, rngs=rngs,
+            mutable=mutable,
+        )  # fmt: skip
     if nnx_sites.is_nnx(backbone):
         return nnx_sites.call(
             backbone, variables, images, names, fn, replace=replace, train=train,
@@ -196,12 +203,23 @@ def available_sites(backbone, variables, image_shape: Sequence[int]) -> dict[str
 
 def _module_io(backbone, variables, image_shape: Sequence[int]) -> dict[str, tuple]:
     images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    backbone, variables = _graph(backbone, variables)
     if nnx_sites.is_nnx(backbone):
         return nnx_sites.module_io(backbone, variables, images)
     return _all_module_io(backbone, variables, images)
 
 
+def _graph(backbone, variables):
+    """An ``NNXBackbone`` and its Linen variables as an NNX graph definition and state; any
+    other backbone as it is."""
+    if isinstance(backbone, NNXBackbone):
+        return backbone.graphdef, backbone.state(variables)
+    return backbone, variables
+
+
 def _backbone_name(backbone) -> str:
+    if isinstance(backbone, NNXBackbone):
+        backbone = backbone.graphdef
     if nnx_sites.is_nnx(backbone):
         return f"the NNX model {nnx_sites.type_name(backbone)}"
     return type(backbone).__name__
@@ -235,7 +253,8 @@ def resolve_sites(
     if len(set(names)) != len(names):
         raise ValueError(f"attention sites are listed twice: {list(names)}")
     specs = []
-    functions = nnx_sites.plain_functions(backbone, variables) if nnx_sites.is_nnx(backbone) else {}
+    graphdef, state = _graph(backbone, variables)
+    functions = nnx_sites.plain_functions(graphdef, state) if nnx_sites.is_nnx(graphdef) else {}
     for name in names:
         if name in functions:
             raise ValueError(

@@ -22,6 +22,9 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     config = tiny_config("both", epochs=1)
     config.dataset.max_test_examples = 96
+    # the NNX twin of the backbone (model.api): every analysis on it (the Linen one: the
+    # shipped models, tests/test_pretrained.py)
+    config.model.api = "nnx"
     train.train_and_evaluate(config, str(root))
     return root / "attention"
 

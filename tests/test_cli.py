@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 CONFIGS = sorted(p.stem for p in Path("configs").glob("[a-z]*.py"))
@@ -45,3 +46,24 @@ def test_dry_run_prints_the_run_and_writes_nothing(tmp_path):
     assert out["frozen_params"] == 620_362 and out["splits"]["test"] == 256
     assert out["sites"][0] == "conv1 conv (32, 32, 32)"
     assert "addon:" in r.stdout  # the resolved config comes first
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_builds_the_same_model_with_either_flax_api(name):
+    """model.api='nnx' gives the NNX twin of the config's backbone: the same variables (names
+    and shapes) and the same attention or add-on sites."""
+    from train import defaults, models
+
+    module = importlib.import_module(f"configs.{name}")
+    built = {}
+    for api in ("linen", "nnx"):
+        config = defaults.complete(module.get_config())
+        config.model.api = api
+        backbone = models.build_backbone(config)
+        shapes = models.backbone_shapes(backbone, config)
+        built[api] = (
+            jax.tree.map(lambda a: (a.shape, a.dtype), shapes),
+            models.build_attention(config, backbone, shapes).sites,
+            models.build_addons(config, backbone, shapes).sites,
+        )
+    assert built["nnx"] == built["linen"]

@@ -42,8 +42,11 @@ def command(workdir, *extra):
 
 
 def attention_args(backbone_workdir):
+    """The attention stage, on the NNX twin of the Linen-trained backbone (model.api): exact
+    resume on the NNX path, with a checkpoint of the other API."""
     return [
         "--config.stage=attention",
+        "--config.model.api=nnx",
         f"--config.backbone_checkpoint={backbone_workdir}",
         "--config.attention_training.num_epochs=10",
         "--config.attention_training.patience=10",

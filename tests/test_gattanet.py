@@ -10,6 +10,8 @@ import pytest
 from jax.test_util import check_grads
 
 import gattanet_jax as gj
+from gattanet_jax.backbones import toy_nnx
+from gattanet_jax.nnx_backbone import NNXBackbone
 from tests import reference as ref
 
 
@@ -27,12 +29,21 @@ def make(
     seed=0,
     alpha=0.3,
     dtype=jnp.float32,
+    api="linen",
 ):
     """A toy backbone with non-zero biases and an attention system whose alphas alternate in
-    sign across sites (magnitudes around ``alpha``), with random biases."""
+    sign across sites (magnitudes around ``alpha``), with random biases. ``api='nnx'``: the
+    backbone is the NNX twin with the same variables (reached through the NNX side of the
+    site seam)."""
     backbone = gj.ToyCNN(num_classes, features=features, hidden=hidden, dtype=dtype)
     x = jnp.zeros((1, size, size, 3))
     bv = jax.jit(backbone.init)(jax.random.key(seed), x)
+    if api == "nnx":
+        backbone = NNXBackbone(
+            lambda rngs: toy_nnx.ToyCNN(
+                num_classes, features, hidden, dtype=dtype, image_size=size, rngs=rngs
+            )
+        )
     rng = np.random.default_rng(seed + 3)  # the backbone's zero-initialised biases too
     bv = jax.tree_util.tree_map_with_path(
         lambda p, a: (
@@ -73,9 +84,9 @@ def images(batch, size=32, seed=3):
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize(("batch", "d"), [(2, 16), (3, 5)])
-def test_two_pass_matches_numpy_step_by_step(batch, d):
-    backbone, bv, attention, av = make(d=d)
+@pytest.mark.parametrize(("batch", "d", "api"), [(2, 16, "linen"), (3, 5, "linen"), (3, 5, "nnx")])
+def test_two_pass_matches_numpy_step_by_step(batch, d, api):
+    backbone, bv, attention, av = make(d=d, api=api)
     x = images(batch)
     out = jitted(backbone, attention, return_internals=True)(av, bv, x)
     sites = [(s.name, s.kind) for s in attention.sites]
@@ -99,8 +110,9 @@ def test_inference_without_internals_takes_the_shortcut_and_agrees():
 
 
 @pytest.mark.reference
-def test_lesions_match_numpy():
-    backbone, bv, attention, av = make()
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_lesions_match_numpy(api):
+    backbone, bv, attention, av = make(api=api)
     x = images(2)
     sites = [(s.name, s.kind) for s in attention.sites]
     att_np = {k: v for k, v in to_numpy(av["params"]).items()}
@@ -335,9 +347,11 @@ def test_bad_lesion_strings(lesion, match):
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize(("iterations", "bounded"), [(2, False), (3, True)])
-def test_several_iterations_match_numpy(iterations, bounded):
-    backbone, bv, attention, av = make(d=5, features=(4, 8, 8), hidden=16, size=16)
+@pytest.mark.parametrize(
+    ("iterations", "bounded", "api"), [(2, False, "linen"), (3, True, "linen"), (3, True, "nnx")]
+)
+def test_several_iterations_match_numpy(iterations, bounded, api):
+    backbone, bv, attention, av = make(d=5, features=(4, 8, 8), hidden=16, size=16, api=api)
     attention = attention.clone(bounded=bounded)
     x = images(2, size=16)
     run = jitted(backbone, attention, return_internals=True, iterations=iterations)
@@ -370,8 +384,9 @@ def test_one_iteration_and_no_cue_are_the_papers_model_exactly():
 
 
 @pytest.mark.reference
-def test_a_cue_mixes_into_the_global_query_as_numpy_does():
-    backbone, bv, attention, av = make(d=5, features=(4, 8, 8), hidden=16, size=16)
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_a_cue_mixes_into_the_global_query_as_numpy_does(api):
+    backbone, bv, attention, av = make(d=5, features=(4, 8, 8), hidden=16, size=16, api=api)
     x = images(3, size=16)
     cue = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
     weight = np.array([0.0, 0.5, 1.0], np.float32)  # one weight per example

@@ -175,6 +175,55 @@ def test_gattanet_trains_on_a_foreign_nnx_model_and_its_state_stays_as_it_was():
     assert internals.gatta["blocks/1/bn"].shape == (4, 16, 16)
 
 
+def test_gsa_in_place_of_a_foreign_models_convolutions_trains_and_leaves_its_state():
+    """The add-on that replaces modules (GSA in place of each block's convolution, its own
+    BatchNorm statistics updated in training mode) trained a few steps on the foreign model."""
+    from gattanet_jax.systems import GSAConv
+
+    graphdef, state = nnx.split(Foreign(rngs=nnx.Rngs(0)))
+    sites = gj.resolve_sites(graphdef, state, SHAPE, ("blocks/*/conv",))
+    addons = addon.addon_modules(
+        sites, lambda s, name: GSAConv(s.channels, 2, 1, name=name), replace=True
+    )
+    av = addon.init_addons(addons, jax.random.key(0))
+    x = jax.random.uniform(jax.random.key(1), (4, *SHAPE))
+    labels = jnp.arange(4) % 5
+    before = _numpy(state)
+
+    @jax.jit
+    def step(av, state):
+        def loss(params):
+            logits, updates = addon.forward(
+                graphdef, addons, {**av, "params": params}, state, x, train_addons=True
+            )
+            ce = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
+            return ce, updates["addon"]
+
+        (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(av["params"])
+        params = jax.tree.map(lambda p, g: p - 0.2 * g, av["params"], grads)
+        return {**av, **stats, "params": params}, value
+
+    losses, first = [], av
+    for _ in range(4):
+        av, value = step(av, state)
+        losses.append(float(value))
+    assert losses[-1] < losses[0]
+    stats = [jax.tree.leaves({k: v for k, v in t.items() if k != "params"}) for t in (av, first)]
+    assert stats[0] and any(  # the modules' running averages moved
+        not np.allclose(a, b) for a, b in zip(*stats, strict=True)
+    )
+    _close(state, before, 0)
+    # the replaced convolutions are not run: their kernels change nothing
+    zeroed = jax.tree_util.tree_map_with_path(
+        lambda p, a: a * 0 if "conv" in jax.tree_util.keystr(p) else a, state
+    )
+    _close(
+        addon.forward(graphdef, addons, av, zeroed, x),
+        addon.forward(graphdef, addons, av, state, x),
+        0,
+    )
+
+
 def test_the_nnx_module_trains_its_attention_alone_with_nnx_optimizer():
     backbone = Foreign(rngs=nnx.Rngs(0))
     model = gj.GAttANet(backbone, ["blocks/*/bn", "head"], SHAPE, d=4, rngs=nnx.Rngs(1))

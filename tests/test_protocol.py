@@ -17,7 +17,10 @@ SYSTEMS = ["gattanet", "shifted_q", "se"]
 
 
 def base_config():
+    """A tiny toy recipe on the NNX twin of the backbone (model.api; the Linen path of every
+    step here is tested by the sweeps, seeds and compare tests)."""
     config = tiny_config("attention", epochs=2, max_train_examples=320)
+    config.model.api = "nnx"
     config.attention.d = 4
     config.addon.reduction = 2
     return config

@@ -129,15 +129,27 @@ def test_converted_weights_give_the_torch_logits(variant):
 
 
 @pytest.mark.reference
+@pytest.mark.parametrize("api", ["linen", "nnx"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_converted_weights_give_the_stored_torch_logits(variant):
+def test_converted_weights_give_the_stored_torch_logits(variant, api):
     """The same comparison without torch: against the logits torch gave for the same weights
-    (the weights' sha256 is stored with them, so the reference is for these weights)."""
+    (the weights' sha256 is stored with them, so the reference is for these weights); on the
+    Linen ResNet and on its NNX twin (``resnet_nnx.load_torchvision``)."""
     model, sd, digest, x = torch_case(variant)
     with np.load(STORED) as stored:
         assert str(stored[f"{variant}/weights_sha256"]) == digest, "other weights than stored"
         ref = stored[f"{variant}/logits"]
-    ours = converted_logits(model, sd, x)
+    if api == "nnx":
+        from flax import nnx
+
+        from gattanet_jax.backbones import resnet_nnx
+
+        twin = resnet_nnx.ResNet(**VARIANTS[variant], rngs=nnx.Rngs(0))
+        resnet_nnx.load_torchvision(twin, sd, x.shape[1])
+        twin.eval()
+        ours = np.asarray(nnx.jit(lambda m, x: m(x))(twin, x))
+    else:
+        ours = converted_logits(model, sd, x)
     rel = np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
     assert rel < 1e-4, rel
 

@@ -125,9 +125,11 @@ def test_a_stopped_member_keeps_its_state():
     assert float(new["params"]["w"][1]) == 1.0 and int(new["step"][1]) == 0  # the stopped one not
 
 
-@pytest.mark.parametrize("layout", ["vmap", "loop"])
+# the looped members run the NNX twin of the backbone (model.api): the same numbers as the
+# plain Linen run
+@pytest.mark.parametrize("layout, api", [("vmap", "linen"), ("loop", "nnx")])
 def test_attention_on_each_members_backbone_equals_plain_runs(
-    backbones, plain_attention, tmp_path, layout
+    backbones, plain_attention, tmp_path, layout, api
 ):
     path = backbones[0]
     dirs = [str(path / "members" / str(m)) for m in range(len(SEEDS))]
@@ -136,6 +138,7 @@ def test_attention_on_each_members_backbone_equals_plain_runs(
     config.sweep.seeds = SEEDS
     config.sweep.backbones = tuple(dirs)
     config.sweep.layout = layout
+    config.model.api = api
     state, results = train.train_and_evaluate(config, str(tmp_path / "attention"))
     rows = results["members"]
     assert len({r["backbone_test_accuracy"] for r in rows}) > 1  # three different backbones

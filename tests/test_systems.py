@@ -193,13 +193,20 @@ def test_gsa_module_is_the_papers_equations(train):
 
 
 @pytest.mark.reference
-def test_gala_add_on_on_the_toy_cnn_equals_the_reference_forward_with_gala_by_hand():
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_gala_add_on_on_the_toy_cnn_equals_the_reference_forward_with_gala_by_hand(api):
     import gattanet_jax as gj
     from gattanet_jax import addon
+    from gattanet_jax.backbones import toy_nnx
+    from gattanet_jax.nnx_backbone import NNXBackbone
     from tests import reference as ref
 
     backbone = gj.ToyCNN(10, features=(4, 8, 8), hidden=16)
     bv = backbone.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    if api == "nnx":  # the NNX twin, with the same variables
+        backbone = NNXBackbone(
+            lambda rngs: toy_nnx.ToyCNN(10, (4, 8, 8), 16, image_size=16, rngs=rngs)
+        )
     sites = gj.resolve_sites(backbone, bv, (16, 16, 3), ("conv1", "conv2", "conv3"))
     addons = addon.addon_modules(sites, lambda s, name: GALA(reduction=2, name=name))
     av = randomize(addon.init_addons(addons, jax.random.key(1)))

@@ -336,11 +336,13 @@ def test_attention_stage_without_a_backbone_checkpoint(tmp_path):
     assert (tmp_path / "mine").is_dir()
 
 
-def test_checkpoint_of_an_incompatible_config_lists_the_mismatches(backbone_run, tmp_path):
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_checkpoint_of_an_incompatible_config_lists_the_mismatches(backbone_run, tmp_path, api):
     backbone_dir, _, _ = backbone_run
     config = tiny_config("attention")
     config.backbone_checkpoint = str(backbone_dir)
     config.model.hidden = 24
+    config.model.api = api
     with pytest.raises(
         UserError,
         match=r"does not fit this config: .*dense1/kernel: checkpoint "
@@ -360,6 +362,10 @@ def test_rerun_with_an_incompatible_config_overwrites_nothing(backbone_run):
         r"a resume may not change what is trained: model\.features: \[4, 8, 8\] -> \[4, 8, 12\]"
     )
     with pytest.raises(UserError, match=changed):
+        train.train_and_evaluate(config, str(workdir))
+    config = tiny_config()
+    config.model.api = "nnx"  # the same variables, another implementation: pinned too
+    with pytest.raises(UserError, match=r"model\.api: 'linen' -> 'nnx'"):
         train.train_and_evaluate(config, str(workdir))
     after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
     assert after == before

@@ -8,10 +8,12 @@ import ml_collections
 
 from gattanet_jax import AttentionSystem, ToyCNN, resolve_sites
 from gattanet_jax.backbones import resnet
+from gattanet_jax.nnx_backbone import NNXBackbone
 from gattanet_jax.sites import SiteSpec
 from train.errors import UserError
 
 BACKBONES = ("toy", "resnet18", "resnet50")
+APIS = ("linen", "nnx")  # model.api: the Flax API the backbone is written in
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -21,9 +23,16 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 
 def build_backbone(config: ml_collections.ConfigDict):
+    """The backbone of ``config.model``: a Linen module, or (``model.api='nnx'``) the NNX twin
+    of the same architecture and parameter names driven through Linen's functional interface
+    (``NNXBackbone``), so that every loop, checkpoint and weight file serves both."""
     m = config.model
     if m.dtype not in DTYPES:
         raise UserError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}")
+    if m.api == "nnx":
+        return _nnx_backbone(config)
+    if m.api != "linen":
+        raise UserError(f"config.model.api must be one of {APIS}, got {m.api!r}")
     if m.backbone == "toy":
         return ToyCNN(
             num_classes=config.dataset.num_classes,
@@ -42,6 +51,43 @@ def build_backbone(config: ml_collections.ConfigDict):
             width=m.width,
             dtype=DTYPES[m.dtype],
             **overrides,
+        )
+    raise UserError(f"config.model.backbone must be one of {BACKBONES}, got {m.backbone!r}")
+
+
+def _nnx_backbone(config: ml_collections.ConfigDict) -> NNXBackbone:
+    from gattanet_jax.backbones import resnet_nnx, toy_nnx
+
+    m = config.model
+    height, _, channels = image_shape(config)
+    if m.backbone == "toy":
+        return NNXBackbone(
+            lambda rngs: toy_nnx.ToyCNN(
+                num_classes=config.dataset.num_classes,
+                features=tuple(m.features),
+                hidden=m.hidden,
+                dropout_rate=m.dropout_rate,
+                dropout_after=m.dropout_after,
+                dtype=DTYPES[m.dtype],
+                kernel_init=m.kernel_init,
+                pixel_scale=float(m.pixel_scale),
+                image_size=height,
+                in_channels=channels,
+                rngs=rngs,
+            )
+        )
+    if m.backbone in resnet.ARCHITECTURES:
+        linen = resnet.ARCHITECTURES[m.backbone](num_classes=1)  # the architecture's fields
+        stage_sizes = tuple(m.stage_sizes) if m.stage_sizes else linen.stage_sizes
+        return NNXBackbone(
+            lambda rngs: resnet_nnx.ResNet(
+                stage_sizes,
+                linen.block,
+                config.dataset.num_classes,
+                m.width,
+                dtype=DTYPES[m.dtype],
+                rngs=rngs,
+            )
         )
     raise UserError(f"config.model.backbone must be one of {BACKBONES}, got {m.backbone!r}")
 

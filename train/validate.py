@@ -14,7 +14,7 @@ from pathlib import Path
 from gattanet_jax.backbones.toy import DROPOUT_PLACES
 from train import models
 from train.errors import UserError
-from train.models import ADDON_KINDS, BACKBONES, DTYPES
+from train.models import ADDON_KINDS, APIS, BACKBONES, DTYPES
 from train.precision import PRECISIONS
 from train.selection import MONITORS, RESTORES
 
@@ -107,6 +107,7 @@ def check_config(config) -> None:
     _number(c, "attention.dropout_rate", 0.0, 1.0, high_open=True)
     _number(c, "attention.alpha_init", -1e6, 1e6)
     _choice(c, "model.backbone", BACKBONES)
+    _choice(c, "model.api", APIS)
     _choice(c, "model.dtype", tuple(DTYPES))
     _choice(c, "model.precision", PRECISIONS)
     if c["model.backbone"] == "toy":

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gattanet_jax.nnx_backbone import variables_of
+
 
 def _child(module, key: str):
     if isinstance(module, nnx.List):
@@ -45,16 +47,4 @@ def load_linen_variables(model: nnx.Module, variables) -> None:
 
 def linen_variables(model: nnx.Module) -> dict:
     """The model's parameters and batch statistics nested as Linen's ('params', 'batch_stats')."""
-    out: dict = {}
-    for path, variable in nnx.iter_graph(model):
-        if isinstance(variable, nnx.BatchStat):
-            collection = "batch_stats"
-        elif isinstance(variable, nnx.Param):
-            collection = "params"
-        else:
-            continue
-        node = out.setdefault(collection, {})
-        for key in path[:-1]:
-            node = node.setdefault(str(key), {})
-        node[str(path[-1])] = variable[...]
-    return out
+    return variables_of(nnx.state(model))
