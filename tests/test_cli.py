@@ -51,8 +51,9 @@ def test_dry_run_prints_the_run_and_writes_nothing(tmp_path):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_builds_the_same_model_with_either_flax_api(name):
     """model.api='nnx' gives the NNX twin of the config's backbone: the same variables (names
-    and shapes) and the same attention or add-on sites."""
+    and shapes), the same attention and add-on sites, the same summary (train.summary)."""
     from train import defaults, models
+    from train.tools import summary
 
     module = importlib.import_module(f"configs.{name}")
     built = {}
@@ -65,5 +66,6 @@ def test_every_config_builds_the_same_model_with_either_flax_api(name):
             jax.tree.map(lambda a: (a.shape, a.dtype), shapes),
             models.build_attention(config, backbone, shapes).sites,
             models.build_addons(config, backbone, shapes).sites,
+            summary.summarize(config),
         )
     assert built["nnx"] == built["linen"]

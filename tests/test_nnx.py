@@ -77,6 +77,28 @@ def test_nnx_twin_gives_the_linen_logits_internals_and_attention_gradients(pair)
     )
 
 
+def test_vmap_over_attention_systems_on_the_nnx_twin_equals_a_loop(pair):
+    """jax.vmap over stacked attention variables (a sweep's members) through the NNX seam."""
+    _, _, graphdef, state, _, x = pair
+    sites = gj.resolve_sites(graphdef, state, SHAPE, gj.TOY_SITES)
+    attention = gj.AttentionSystem(sites, d=4)
+    members = [
+        jax.tree.map(
+            lambda a, i=i: a + 0.1 * (i + 1), gj.init_attention(attention, jax.random.key(i))
+        )
+        for i in range(3)
+    ]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *members)
+
+    def logits(av):
+        return gj.two_pass(graphdef, attention, av, state, x, lesion="cc.dd").logits
+
+    together = jax.jit(jax.vmap(logits))(stacked)
+    for i, av in enumerate(members):
+        _close(together[i], logits(av))
+    assert not np.allclose(together[0], together[1])
+
+
 def test_an_add_on_on_the_nnx_twin_equals_the_linen_one(pair):
     linen, variables, graphdef, state, _, x = pair
     sites = gj.resolve_sites(graphdef, state, SHAPE, ("conv*",))
