@@ -72,7 +72,7 @@ def _reference_precision(request):
 
 
 # The modules that take longest (seconds of work each, measured with --durations=0 on a 2-core
-# machine), dispatched first: the two workers take whole modules (--dist loadscope) in collection
+# machine), dispatched first: the workers take whole modules (--dist loadscope) in collection
 # order, so a long module collected last would run alone at the end while the other worker idles.
 LONGEST_FIRST = (
     "test_crash.py",
