@@ -348,6 +348,31 @@ def test_a_stage_that_ends_in_an_error_closes_its_event_file(tmp_path, monkeypat
     assert closed
 
 
+_WRITER = """
+import importlib.util, sys
+from pathlib import Path
+from train import progress
+writer = progress.Writer(Path(sys.argv[1]))
+writer.scalars(1, {"loss": 0.5})
+writer.close()
+assert "torch" not in sys.modules, "the event writer imported torch"
+if importlib.util.find_spec("torch"):
+    import torch  # still importable afterwards
+    assert torch.zeros(1).shape == (1,)
+print("ok")
+"""
+
+
+def test_the_event_writer_does_not_import_torch_and_leaves_it_importable(tmp_path):
+    """tensorboardX imports torch where it is installed (a second and a few hundred MB per
+    training process) unless kept from it; torch stays importable for whoever needs it."""
+    r = subprocess.run([sys.executable, "-c", _WRITER, str(tmp_path)], capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    (event,) = (tmp_path / "tensorboard").iterdir()
+    assert b"loss" in event.read_bytes()
+
+
 def test_after_a_failed_read_orbax_futures_never_retrieved_are_not_logged():
     """A damaged checkpoint's other arrays fail in orbax's gathering futures, which asyncio
     logs when they are collected: after the one-line error, those logs are dropped; others

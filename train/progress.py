@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -74,15 +75,29 @@ def write_text(path: Path, text: str) -> None:
         files.write_atomic(path, text)
 
 
+def _summary_writer():
+    """tensorboardX's SummaryWriter, imported without PyTorch: where torch is installed and not
+    yet imported, tensorboardX imports it (about a second and a few hundred MB per process) to
+    convert torch tensors, and scalars need none of it."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class Writer:
     """TensorBoard event files in the workdir (written by process 0 only)."""
 
     def __init__(self, path: Path):
         self._writer = None
         if is_main():
-            from tensorboardX import SummaryWriter
-
-            self._writer = SummaryWriter(str(path / "tensorboard"))
+            self._writer = _summary_writer()(str(path / "tensorboard"))
 
     def scalars(self, step: int, values: dict) -> None:
         if self._writer is None:
