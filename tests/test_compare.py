@@ -63,16 +63,22 @@ def test_a_system_on_two_backbones_makes_one_table(tmp_path, capsys):
             compare.compare(str(tmp_path / "bad"), backbones, ["se"], "smoke", seeds=bad)
 
 
+def small_nnx(config):
+    small(config)
+    config.model.api = "nnx"
+
+
 def test_a_run_another_process_holds_is_left_to_it_and_waited_for(tmp_path):
     """Two compare processes on one workdir: a run claimed by the other (its lock held here) is
     not trained twice: this one trains the rest first, then waits for the lock; the holder
-    gone without results, it trains the run itself."""
+    gone without results, it trains the run itself. (The runs on the NNX twin of the
+    Linen-trained backbone: train.compare with model.api='nnx'.)"""
     train.train_and_evaluate(tiny_config(epochs=1), str(tmp_path / "b0"))
     backbones, cmp = [str(tmp_path / "b0")] * 2, tmp_path / "cmp"
     (cmp / "se" / "0").mkdir(parents=True)
     worker = threading.Thread(
         target=lambda: box.update(out=compare.compare(str(cmp), backbones, ["se"], "smoke",
-                                                      configure=small))
+                                                      configure=small_nnx))
     )  # fmt: skip
     box = {}
     with open(cmp / "se" / "0" / compare.LOCK, "a") as held:
@@ -90,6 +96,7 @@ def test_a_run_another_process_holds_is_left_to_it_and_waited_for(tmp_path):
     runs = box["out"]["systems"]["se"]
     assert len(runs) == 2 and runs[0]["steps"] == runs[1]["steps"]
     assert json.loads((cmp / "se" / "0" / "results.json").read_text())["steps"] == runs[0]["steps"]
+    assert json.loads((cmp / "se" / "1" / "config.json").read_text())["model"]["api"] == "nnx"
 
 
 def test_the_comparison_budgets_are_within_ten_percent_of_gattanet():
