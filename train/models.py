@@ -34,16 +34,7 @@ def build_backbone(config: ml_collections.ConfigDict):
     if m.api != "linen":
         raise UserError(f"config.model.api must be one of {APIS}, got {m.api!r}")
     if m.backbone == "toy":
-        return ToyCNN(
-            num_classes=config.dataset.num_classes,
-            features=tuple(m.features),
-            hidden=m.hidden,
-            dropout_rate=m.dropout_rate,
-            dropout_after=m.dropout_after,
-            dtype=DTYPES[m.dtype],
-            kernel_init=m.kernel_init,
-            pixel_scale=float(m.pixel_scale),
-        )
+        return ToyCNN(**_toy_fields(config))
     if m.backbone in resnet.ARCHITECTURES:
         overrides = {"stage_sizes": tuple(m.stage_sizes)} if m.stage_sizes else {}
         return resnet.ARCHITECTURES[m.backbone](
@@ -55,25 +46,31 @@ def build_backbone(config: ml_collections.ConfigDict):
     raise UserError(f"config.model.backbone must be one of {BACKBONES}, got {m.backbone!r}")
 
 
+def _toy_fields(config: ml_collections.ConfigDict) -> dict:
+    """The toy CNN's fields from the config (the Linen module's and its NNX twin's)."""
+    m = config.model
+    return dict(
+        num_classes=config.dataset.num_classes,
+        features=tuple(m.features),
+        hidden=m.hidden,
+        dropout_rate=m.dropout_rate,
+        dropout_after=m.dropout_after,
+        dtype=DTYPES[m.dtype],
+        kernel_init=m.kernel_init,
+        pixel_scale=float(m.pixel_scale),
+    )
+
+
 def _nnx_backbone(config: ml_collections.ConfigDict) -> NNXBackbone:
     from gattanet_jax.backbones import resnet_nnx, toy_nnx
 
     m = config.model
     height, _, channels = image_shape(config)
     if m.backbone == "toy":
+        fields = _toy_fields(config)
         return NNXBackbone(
             lambda rngs: toy_nnx.ToyCNN(
-                num_classes=config.dataset.num_classes,
-                features=tuple(m.features),
-                hidden=m.hidden,
-                dropout_rate=m.dropout_rate,
-                dropout_after=m.dropout_after,
-                dtype=DTYPES[m.dtype],
-                kernel_init=m.kernel_init,
-                pixel_scale=float(m.pixel_scale),
-                image_size=height,
-                in_channels=channels,
-                rngs=rngs,
+                **fields, image_size=height, in_channels=channels, rngs=rngs
             )
         )
     if m.backbone in resnet.ARCHITECTURES:
